@@ -1,0 +1,112 @@
+//! The implicit backward of the streaming path: cotangent pass, adjoint
+//! solve, weight-gradient pass. Each step maps onto one kernel launch (or a
+//! few per solver step) on CUDA.
+
+use super::config::{Method, Solver};
+use super::solve::{self, SolveReport};
+use super::streaming::{self as pass, Geometry, Real};
+
+/// The settings of the backward pass.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BackwardConfig {
+    /// `Idkm` solves the adjoint system; `IdkmJfb` takes `u = h`.
+    pub method: Method,
+    /// Which solver IDKM uses.
+    pub solver: Solver,
+    /// Relative residual at which the solver stops.
+    pub tol: f64,
+    /// Maximum solver steps (passes over the weights).
+    pub max_steps: usize,
+}
+
+/// How the adjoint `u` was obtained.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Adjoint {
+    /// JFB by request: no solve.
+    JacobianFree,
+    /// The solver reached its tolerance.
+    Solved(SolveReport),
+    /// The solver missed its tolerance; its best iterate was used.
+    BestIterate(SolveReport),
+    /// The solver missed its tolerance and did worse than nothing: JFB was used.
+    FellBackToJfb(SolveReport),
+}
+
+/// Computes `dL/dW` (m x d) into `out` for upstream gradient `g` (m x d) at the
+/// fixed point `c` (k x d). `name` labels the log lines.
+pub fn implicit_backward<T: Real>(
+    w: &[T],
+    c: &[T],
+    g: &[T],
+    geo: &Geometry,
+    cfg: &BackwardConfig,
+    name: &str,
+    out: &mut [T],
+) -> Adjoint {
+    let d = geo.d;
+    let moments = pass::soft_assign_reduce(w, c, geo);
+    let inv_mass = moments.inverse_mass();
+    // F(C): C itself at an exact fixed point; the Jacobians are taken at F.
+    let mut f = c.to_vec();
+    moments.update(c, &mut f, d);
+    let h = pass::centroid_cotangent(w, c, g, geo);
+    let jt = |u: &[f64]| pass::adjoint_matvec(w, c, &f, &inv_mass, u, geo);
+    let (u, adjoint) = match cfg.method {
+        Method::IdkmJfb | Method::Dkm => (h, Adjoint::JacobianFree),
+        Method::Idkm => {
+            let (u, report) = match cfg.solver {
+                Solver::Cg => {
+                    // Symmetrised system B v = h, B v = D v - J^T (D v), u = D v,
+                    // with D = diag(S_j) (1 for a dead centroid, which decouples).
+                    let scale: Vec<f64> = moments
+                        .mass
+                        .iter()
+                        .zip(&inv_mass)
+                        .flat_map(|(&s, &inv)| std::iter::repeat_n(if inv > 0.0 { s } else { 1.0 }, d))
+                        .collect();
+                    let apply = |v: &[f64]| {
+                        let dv: Vec<f64> = v.iter().zip(&scale).map(|(v, s)| v * s).collect();
+                        let jtdv = jt(&dv);
+                        dv.iter().zip(jtdv).map(|(a, b)| a - b).collect()
+                    };
+                    let (v, report) = solve::conjugate_gradient(apply, &h, cfg.tol, cfg.max_steps);
+                    (v.iter().zip(&scale).map(|(v, s)| v * s).collect(), report)
+                }
+                Solver::Gmres => {
+                    let apply = |u: &[f64]| {
+                        let jtu = jt(u);
+                        u.iter().zip(jtu).map(|(a, b)| a - b).collect()
+                    };
+                    solve::gmres(apply, &h, cfg.tol, cfg.max_steps, GMRES_RESTART)
+                }
+                Solver::Neumann => solve::neumann(jt, &h, cfg.tol, cfg.max_steps),
+            };
+            if report.converged {
+                tracing::debug!(layer = name, steps = report.steps, residual = report.rel_residual, "adjoint solved");
+                (u, Adjoint::Solved(report))
+            } else if report.rel_residual < 1.0 {
+                tracing::warn!(
+                    layer = name,
+                    steps = report.steps,
+                    residual = report.rel_residual,
+                    tol = cfg.tol,
+                    "adjoint solver missed its tolerance: using its best iterate"
+                );
+                (u, Adjoint::BestIterate(report))
+            } else {
+                tracing::warn!(
+                    layer = name,
+                    steps = report.steps,
+                    residual = report.rel_residual,
+                    "adjoint solver diverged: falling back to the Jacobian-free (JFB) gradient"
+                );
+                (h, Adjoint::FellBackToJfb(report))
+            }
+        }
+    };
+    pass::weight_grad(w, c, &f, g, &inv_mass, &u, geo, out);
+    adjoint
+}
+
+/// GMRES restart length: the Krylov basis is kept in memory, so it is capped.
+pub const GMRES_RESTART: usize = 64;

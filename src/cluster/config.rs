@@ -1,0 +1,207 @@
+//! Configuration of one clustered layer: how many centroids, which distance,
+//! which gradient and which adjoint solver.
+
+use crate::error::{Error, Result};
+
+/// The distance between a weight vector and a centroid in the attention logits
+/// `z_ij = -dist(w_i, c_j) / tau`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Distance {
+    /// `||w - c||^2`, as in coremltools. The adjoint system is symmetric: CG applies.
+    #[default]
+    Squared,
+    /// `||w - c||`, as in the DKM paper. The adjoint system is not symmetric.
+    Euclidean,
+}
+
+/// How the gradient through the k-means fixed point is obtained.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Method {
+    /// Autograd through every k-means iteration (memory grows with the iterations).
+    Dkm,
+    /// Implicit function theorem: exact gradient from a small adjoint solve.
+    #[default]
+    Idkm,
+    /// Jacobian-free backpropagation: the adjoint solve is skipped (`u = h`).
+    IdkmJfb,
+}
+
+/// The Krylov or fixed-point method for the adjoint system `(I - J)^T u = h`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Solver {
+    /// Conjugate gradient on the symmetrised system (squared distance only).
+    #[default]
+    Cg,
+    /// Restarted GMRES (any distance).
+    Gmres,
+    /// Plain fixed-point iteration `u <- h + J^T u` (any distance).
+    Neumann,
+}
+
+/// How the centroids are chosen before the first k-means iteration.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Init {
+    /// k-means++ seeding, deterministic for a given seed.
+    #[default]
+    KmeansPlusPlus,
+    /// Optimal 1-D k-means by dynamic programming on a quantile histogram (d = 1 only).
+    Optimal1d,
+}
+
+/// Configuration of train-time clustering of one weight tensor.
+#[derive(Clone, Debug, PartialEq)]
+pub struct KmeansConfig {
+    /// Bits per index: `k = 2^bits` centroids, `1..=8`.
+    pub bits: u32,
+    /// Number of consecutive weights that share one index: 1, 2, 4 or 8.
+    pub cluster_dim: usize,
+    /// Softmax temperature, `> 0`.
+    pub tau: f64,
+    /// Maximum number of k-means iterations per forward pass.
+    pub max_iter: usize,
+    /// Stop when no centroid moves by more than this (Euclidean norm).
+    pub tol: f64,
+    /// Distance in the attention logits.
+    pub distance: Distance,
+    /// Gradient method.
+    pub method: Method,
+    /// Adjoint solver of IDKM.
+    pub solver: Solver,
+    /// Relative residual at which the adjoint solver stops.
+    pub solver_tol: f64,
+    /// Maximum number of solver steps (each is one pass over the weights).
+    pub solver_max_steps: usize,
+    /// Centroid initialisation on the first forward pass.
+    pub init: Init,
+    /// Seed of the initialisation.
+    pub seed: u64,
+}
+
+impl Default for KmeansConfig {
+    fn default() -> Self {
+        Self {
+            bits: 4,
+            cluster_dim: 1,
+            tau: 1e-4,
+            max_iter: 30,
+            tol: 1e-6,
+            distance: Distance::Squared,
+            method: Method::Idkm,
+            solver: Solver::Cg,
+            solver_tol: 1e-6,
+            solver_max_steps: 100,
+            init: Init::KmeansPlusPlus,
+            seed: 0,
+        }
+    }
+}
+
+impl KmeansConfig {
+    /// Number of centroids, `2^bits`.
+    pub fn k(&self) -> usize {
+        1usize << self.bits
+    }
+
+    /// Checks every value's range, and that the solver fits the distance.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |msg: String| Err(Error::Config(msg));
+        if !(1..=8).contains(&self.bits) {
+            return bad(format!("bits must be in 1..=8, got {}", self.bits));
+        }
+        if ![1, 2, 4, 8].contains(&self.cluster_dim) {
+            return bad(format!("cluster dimension must be 1, 2, 4 or 8, got {}", self.cluster_dim));
+        }
+        if !(self.tau > 0.0 && self.tau.is_finite()) {
+            return bad(format!("temperature tau must be positive and finite, got {}", self.tau));
+        }
+        if self.max_iter == 0 {
+            return bad("max_iter must be at least 1".into());
+        }
+        if !(self.tol >= 0.0 && self.tol.is_finite()) {
+            return bad(format!("tolerance must be non-negative and finite, got {}", self.tol));
+        }
+        if !(self.solver_tol > 0.0 && self.solver_tol < 1.0) {
+            return bad(format!("solver tolerance must be in (0, 1), got {}", self.solver_tol));
+        }
+        if self.solver_max_steps == 0 {
+            return bad("solver_max_steps must be at least 1".into());
+        }
+        if self.method == Method::Idkm
+            && self.solver == Solver::Cg
+            && self.distance == Distance::Euclidean
+        {
+            return bad(
+                "conjugate gradient needs the symmetric system of the squared distance; \
+                 use the gmres or neumann solver with the euclidean distance"
+                    .into(),
+            );
+        }
+        if self.init == Init::Optimal1d && self.cluster_dim != 1 {
+            return bad("optimal 1-D initialisation needs cluster dimension 1".into());
+        }
+        Ok(())
+    }
+}
+
+/// Implements `FromStr` and `Display` with the CLI spelling of each variant.
+macro_rules! cli_names {
+    ($ty:ident, $what:literal, $($variant:ident => $name:literal),+) => {
+        impl std::str::FromStr for $ty {
+            type Err = Error;
+            fn from_str(s: &str) -> Result<Self> {
+                match s.to_ascii_lowercase().as_str() {
+                    $($name => Ok(Self::$variant),)+
+                    _ => Err(Error::Config(format!(
+                        concat!("unknown ", $what, " `{}` (expected one of: {})"),
+                        s,
+                        [$($name),+].join(", ")
+                    ))),
+                }
+            }
+        }
+
+        impl std::fmt::Display for $ty {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(match self { $(Self::$variant => $name,)+ })
+            }
+        }
+    };
+}
+
+cli_names!(Distance, "distance", Squared => "squared", Euclidean => "euclidean");
+cli_names!(Method, "method", Dkm => "dkm", Idkm => "idkm", IdkmJfb => "idkm-jfb");
+cli_names!(Solver, "solver", Cg => "cg", Gmres => "gmres", Neumann => "neumann");
+cli_names!(Init, "initialisation", KmeansPlusPlus => "kmeans++", Optimal1d => "optimal-1d");
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validate_rejects_out_of_range_values() {
+        let ok = KmeansConfig::default();
+        assert!(ok.validate().is_ok());
+        for bad in [
+            KmeansConfig { bits: 0, ..ok.clone() },
+            KmeansConfig { bits: 9, ..ok.clone() },
+            KmeansConfig { cluster_dim: 3, ..ok.clone() },
+            KmeansConfig { tau: 0.0, ..ok.clone() },
+            KmeansConfig { tau: -1.0, ..ok.clone() },
+            KmeansConfig { tau: f64::NAN, ..ok.clone() },
+            KmeansConfig { max_iter: 0, ..ok.clone() },
+            KmeansConfig { distance: Distance::Euclidean, ..ok.clone() },
+            KmeansConfig { init: Init::Optimal1d, cluster_dim: 2, ..ok.clone() },
+        ] {
+            assert!(matches!(bad.validate(), Err(Error::Config(_))), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn names_round_trip() {
+        for m in [Method::Dkm, Method::Idkm, Method::IdkmJfb] {
+            assert_eq!(m.to_string().parse::<Method>().unwrap(), m);
+        }
+        let err = "lbfgs".parse::<Solver>().unwrap_err().to_string();
+        assert!(err.contains("cg, gmres, neumann"), "{err}");
+    }
+}

@@ -1,0 +1,41 @@
+//! Typed errors of the library. The binary adds context with `anyhow`.
+
+/// Everything that can go wrong while configuring or running the clustering.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A configuration value is out of its valid range.
+    #[error("invalid clustering config: {0}")]
+    Config(String),
+
+    /// The tensor cannot be split into vectors of the cluster dimension.
+    #[error("tensor `{tensor}` has {numel} elements, which is not divisible by the cluster dimension {dim}")]
+    NotDivisible { tensor: String, numel: usize, dim: usize },
+
+    /// Fewer weight vectors than centroids.
+    #[error("tensor `{tensor}` has {vectors} weight vectors of dimension {dim}, fewer than the k = {k} centroids asked for (lower --bits or --cluster-dim)")]
+    TooFewVectors { tensor: String, vectors: usize, dim: usize, k: usize },
+
+    /// NaN or infinity in an input.
+    #[error("tensor `{tensor}` holds a non-finite value ({value}) at flat index {index}")]
+    NonFinite { tensor: String, index: usize, value: f64 },
+
+    /// Shapes that do not fit together.
+    #[error("shape mismatch for `{tensor}`: expected {expected}, got {got}")]
+    Shape { tensor: String, expected: String, got: String },
+
+    /// An error from candle.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+/// Result alias of the library.
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl From<Error> for candle_core::Error {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::Candle(e) => e,
+            other => candle_core::Error::wrap(other),
+        }
+    }
+}

@@ -1,0 +1,79 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use candle_core::{DType, Device, Tensor};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// `n` standard normal samples, seeded (Box-Muller).
+pub fn normal(n: usize, seed: u64) -> Vec<f64> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    (0..n)
+        .map(|_| {
+            let (u, v): (f64, f64) = (rng.random::<f64>().max(1e-300), rng.random());
+            (-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()
+        })
+        .collect()
+}
+
+/// An m x d tensor of standard normal samples in `dtype`.
+pub fn randn(m: usize, d: usize, seed: u64, dtype: DType) -> Tensor {
+    Tensor::from_vec(normal(m * d, seed), (m, d), &Device::Cpu)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap()
+}
+
+/// A flat f64 copy of a tensor.
+pub fn flat(t: &Tensor) -> Vec<f64> {
+    t.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+}
+
+/// `max |a - b| / max |b|`.
+pub fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
+    let (a, b) = (flat(a), flat(b));
+    assert_eq!(a.len(), b.len());
+    let scale = b.iter().fold(0f64, |m, x| m.max(x.abs())).max(1e-300);
+    a.iter().zip(&b).fold(0f64, |m, (x, y)| m.max((x - y).abs())) / scale
+}
+
+/// A temperature that keeps the attention soft but not uniform for k
+/// centroids spread over standard normal data of dimension d (squared
+/// distance): about the squared spacing between neighbouring centroids.
+pub fn soft_tau(k: usize, d: usize) -> f64 {
+    let spacing = 3.0 / (k as f64).powf(1.0 / d as f64);
+    0.5 * spacing * spacing
+}
+
+/// m vectors of dimension d drawn around k well-spread centres (a shuffled
+/// grid in [-1, 1]^d, jittered), with within-group spread `spread` times the
+/// centre spacing; returns the data and a temperature at which the
+/// attention is soft across each group but not across the whole range.
+pub fn mixture(m: usize, d: usize, k: usize, seed: u64, spread: f64) -> (Tensor, f64) {
+    let per_axis = (k as f64).powf(1.0 / d as f64).ceil() as usize;
+    let spacing = 2.0 / per_axis as f64;
+    let noise = normal(m * d, seed);
+    let mut rng = StdRng::seed_from_u64(seed ^ 0x5eed);
+    let v: Vec<f64> = (0..m)
+        .flat_map(|i| {
+            let mut cell = rng.random_range(0..k);
+            let noise = &noise;
+            (0..d).map(move |e| {
+                let coord = cell % per_axis;
+                cell /= per_axis;
+                -1.0 + spacing * (coord as f64 + 0.5) + spread * spacing * noise[i * d + e]
+            })
+        })
+        .collect();
+    let t = Tensor::from_vec(v, (m, d), &Device::Cpu).unwrap();
+    (t, (spread * spacing).powi(2))
+}
+
+/// `||a - b||_2 / ||b||_2`.
+pub fn rel_l2(a: &Tensor, b: &Tensor) -> f64 {
+    let (a, b) = (flat(a), flat(b));
+    assert_eq!(a.len(), b.len());
+    let diff: f64 = a.iter().zip(&b).map(|(x, y)| (x - y).powi(2)).sum();
+    let norm: f64 = b.iter().map(|y| y * y).sum();
+    (diff / norm.max(1e-300)).sqrt()
+}
