@@ -7,9 +7,14 @@
 //
 // Notation (shared/DESIGN.md): e_ij = w_i - c_j, coef_ij with
 // dz_ij/dw_i = coef_ij e_ij, centred weights xc_ij = a_ij (x_ij - sum_l a_il x_il),
-// q_ij = g_i . c_j, r_ij = (u_j / S_j) . e_ij. The host passes inv_mass[j] =
-// 1/S_j (0 for a dead centroid); the kernels form v_j = u_j * inv_mass_j in
-// double and round it to float, as the twins' scale_rows + to_real.
+// q_ij = g_i . c_j, r_ij = (u_j / S_j) . (w_i - f_j). Here f = F(C) (k x d) is
+// the k-means map at the centroids c, computed by the host from the moments
+// (f_j = sum_i a_ij w_i / S_j, or c_j for a dead centroid; the twins'
+// Moments::update); it equals c at an exact fixed point. Only the r-terms use
+// f: the logits, a_ij, coef_ij, q_ij and the e_ij multiplying coef_ij use c.
+// The host passes inv_mass[j] = 1/S_j (0 for a dead centroid); the kernels
+// form v_j = u_j * inv_mass_j in double and round it to float, as the twins'
+// scale_rows + to_real.
 //
 // Entry points. Those with a row dimension are instantiated once per weight
 // dimension d in {1, 2, 4, 8} (name suffix _d1, _d2, _d4, _d8; the host picks
@@ -17,6 +22,7 @@
 //
 //   centroid_cotangent_f32_dD  h_j = sum_i a_ij g_i - sum_i qc_ij coef_ij e_ij, per-block partials
 //   adjoint_matvec_f32_dD      (J^T u)_j = -sum_i rc_ij coef_ij e_ij, per-block partials
+//                              (r_ij from f, e_ij from c)
 //   cg_matvec_f32_dD           the same pass for u = D p, D p formed on device from the CG
 //                              search direction p (no-op once the CG has stopped)
 //   weight_grad_f32_dD         dL/dw_i = sum_j (qc_ij + rc_ij) coef_ij e_ij + sum_j a_ij v_j
@@ -61,6 +67,10 @@
 //   6 CG_STATUS    0 running, 1 converged, 2 breakdown (p.Bp <= 0 or NaN),
 //                  3 max_steps reached, 4 h = 0 (trivial: u = 0, converged)
 //   7 (unused)
+//
+// Arguments of the _dD kernels, in order: w (m x D), c (k x D), then for
+// adjoint_matvec, cg_matvec and weight_grad f (k x D, F(C) as above), then the
+// rest as in each kernel's parameter list below.
 //
 // Launch configurations (BLOCK = 256; all shared memory is static: launch
 // with 0 bytes of dynamic shared memory):
@@ -208,7 +218,7 @@ CENTROID_COTANGENT(8)
 //             (backward.rs: jt(D p)), `u` = p; no-op once the CG has stopped.
 template <int D, bool CG>
 __device__ __forceinline__ void adjoint_matvec_body(const float* __restrict__ w_in, const float* __restrict__ c_in,
-                                                    const double* __restrict__ mass,
+                                                    const float* __restrict__ f_in, const double* __restrict__ mass,
                                                     const double* __restrict__ inv_mass,
                                                     const double* __restrict__ u, const double* __restrict__ state,
                                                     int m, int k, float inv_tau, bool euclidean,
@@ -218,7 +228,8 @@ __device__ __forceinline__ void adjoint_matvec_body(const float* __restrict__ w_
     constexpr int TILE_BYTES = (2 * TILE_ELEMS + TILE_ROWS_MAX * D) * 4;
     constexpr int RED_BYTES = SLOTS * BLOCK * 8;
     constexpr int SCRATCH = TILE_BYTES > RED_BYTES ? TILE_BYTES : RED_BYTES;
-    __shared__ __align__(16) float cs[KMAX * D];
+    __shared__ __align__(16) float cs[KMAX * D];  // c: logits and e_ij
+    __shared__ __align__(16) float fs[KMAX * D];  // f = F(C): r_ij only
     __shared__ __align__(16) float vs[KMAX * D];
     __shared__ __align__(16) unsigned char scratch[SCRATCH];
     float* as = reinterpret_cast<float*>(scratch);  // R x k: a_ij
@@ -234,6 +245,7 @@ __device__ __forceinline__ void adjoint_matvec_body(const float* __restrict__ w_
     for (int x = tid; x < k * D; x += BLOCK) {
         const int j = x / D;
         cs[x] = c_in[x];
+        fs[x] = f_in[x];
         if constexpr (CG) {
             vs[x] = (float)((u[x] * cg_scale(mass, inv_mass, j)) * inv_mass[j]);
         } else {
@@ -259,19 +271,19 @@ __device__ __forceinline__ void adjoint_matvec_body(const float* __restrict__ w_
             float* a = as + r * k;
             float* t = ts + r * k;
             attend_row<D, true>(w, cs, k, G, lane, inv_tau, euclidean, a, t);
-            float mean = 0.f;  // sum_l a_il r_il
+            float mean = 0.f;  // sum_l a_il r_il, r_il = (w_i - f_l) . v_l
             for (int j = lane; j < k; j += G) {
-                float cj[D], vj[D];
-                load_vec<D>(cs + j * D, cj);
+                float fj[D], vj[D];
+                load_vec<D>(fs + j * D, fj);
                 load_vec<D>(vs + j * D, vj);
-                mean += a[j] * dot_e<D>(w, cj, vj);
+                mean += a[j] * dot_e<D>(w, fj, vj);
             }
             mean = group_sum(mean, G);
             for (int j = lane; j < k; j += G) {
-                float cj[D], vj[D];
-                load_vec<D>(cs + j * D, cj);
+                float fj[D], vj[D];
+                load_vec<D>(fs + j * D, fj);
                 load_vec<D>(vs + j * D, vj);
-                const float rc = a[j] * (dot_e<D>(w, cj, vj) - mean);
+                const float rc = a[j] * (dot_e<D>(w, fj, vj) - mean);
                 t[j] = rc * t[j];
             }
             if (lane == 0) {
@@ -280,7 +292,7 @@ __device__ __forceinline__ void adjoint_matvec_body(const float* __restrict__ w_
             }
         }
         __syncthreads();
-        // Accumulator x = j * D + e: out_je -= t_ij (w_ie - c_je).
+        // Accumulator x = j * D + e: out_je -= t_ij (w_ie - c_je) (e_ij from c, not f).
 #pragma unroll
         for (int s = 0; s < SLOTS; ++s) {
             const int v = tid + s * BLOCK;
@@ -300,17 +312,19 @@ __device__ __forceinline__ void adjoint_matvec_body(const float* __restrict__ w_
     extern "C" __global__ void __launch_bounds__(BLOCK, MIN_BLOCKS) adjoint_matvec_f32_d##D(                  \
         const float* __restrict__ w,          /* m x D weights */                                 \
         const float* __restrict__ c,          /* k x D centroids */                               \
+        const float* __restrict__ f,          /* k x D F(C): k-means map at c (r-terms only) */   \
         const double* __restrict__ inv_mass,  /* k: 1/S_j, 0 for a dead centroid */               \
         const double* __restrict__ u,         /* k x D vector to multiply */                      \
         const int m, const int k, const float inv_tau, const int euclidean,                       \
         double* __restrict__ partials         /* gridDim.x x k*D: per block partial J^T u */      \
     ) {                                                                                           \
-        adjoint_matvec_body<D, false>(w, c, nullptr, inv_mass, u, nullptr, m, k, inv_tau,         \
+        adjoint_matvec_body<D, false>(w, c, f, nullptr, inv_mass, u, nullptr, m, k, inv_tau,      \
                                       euclidean != 0, partials);                                  \
     }                                                                                             \
     extern "C" __global__ void __launch_bounds__(BLOCK, MIN_BLOCKS) cg_matvec_f32_d##D(                       \
         const float* __restrict__ w,          /* m x D weights */                                 \
         const float* __restrict__ c,          /* k x D centroids */                               \
+        const float* __restrict__ f,          /* k x D F(C): k-means map at c (r-terms only) */   \
         const double* __restrict__ mass,      /* k: S_j */                                        \
         const double* __restrict__ inv_mass,  /* k: 1/S_j, 0 for a dead centroid */               \
         const double* __restrict__ p,         /* k x D CG search direction */                     \
@@ -318,7 +332,7 @@ __device__ __forceinline__ void adjoint_matvec_body(const float* __restrict__ w_
         const int m, const int k, const float inv_tau, const int euclidean,                       \
         double* __restrict__ partials         /* gridDim.x x k*D: per block partial J^T (D p) */  \
     ) {                                                                                           \
-        adjoint_matvec_body<D, true>(w, c, mass, inv_mass, p, state, m, k, inv_tau,               \
+        adjoint_matvec_body<D, true>(w, c, f, mass, inv_mass, p, state, m, k, inv_tau,            \
                                      euclidean != 0, partials);                                   \
     }
 ADJOINT_MATVEC(1)
@@ -331,23 +345,26 @@ ADJOINT_MATVEC(8)
 
 template <int D>
 __device__ __forceinline__ void weight_grad_body(const float* __restrict__ w_in, const float* __restrict__ c_in,
-                                                 const float* __restrict__ g_in, const double* __restrict__ inv_mass,
+                                                 const float* __restrict__ f_in, const float* __restrict__ g_in,
+                                                 const double* __restrict__ inv_mass,
                                                  const double* __restrict__ u, int m, int k, float inv_tau,
                                                  bool euclidean, float* __restrict__ out) {
-    __shared__ __align__(16) float cs[KMAX * D];
+    __shared__ __align__(16) float cs[KMAX * D];  // c: logits, q_ij and e_ij
+    __shared__ __align__(16) float fs[KMAX * D];  // f = F(C): r_ij only
     __shared__ __align__(16) float vs[KMAX * D];
-    __shared__ __align__(16) float as[TILE_ELEMS];  // (BLOCK / G) x k: a_ij, one row per group
-    __shared__ __align__(16) float fs[TILE_ELEMS];  // (BLOCK / G) x k: coef_ij
+    __shared__ __align__(16) float as[TILE_ELEMS];     // (BLOCK / G) x k: a_ij, one row per group
+    __shared__ __align__(16) float coefs[TILE_ELEMS];  // (BLOCK / G) x k: coef_ij
     check_launch(k);
     const int tid = threadIdx.x;
     for (int x = tid; x < k * D; x += BLOCK) {
         cs[x] = c_in[x];
+        fs[x] = f_in[x];
         vs[x] = (float)(u[x] * inv_mass[x / D]);
     }
     __syncthreads();
     const int G = group_lanes(k), lane = tid & (G - 1), group = tid / G, ngroups = BLOCK / G;
     float* a = as + group * k;
-    float* coef = fs + group * k;
+    float* coef = coefs + group * k;
     // base is uniform over the block: every warp runs the same iterations.
     for (long long base = (long long)blockIdx.x * ngroups; base < m; base += (long long)gridDim.x * ngroups) {
         const int i = (int)base + group;
@@ -356,13 +373,14 @@ __device__ __forceinline__ void weight_grad_body(const float* __restrict__ w_in,
         load_row<D>(w_in, i, valid, w);
         load_row<D>(g_in, i, valid, g);
         attend_row<D, true>(w, cs, k, G, lane, inv_tau, euclidean, a, coef);
-        float mq = 0.f, mr = 0.f;  // sum_l a_il q_il, sum_l a_il r_il
+        float mq = 0.f, mr = 0.f;  // sum_l a_il q_il, sum_l a_il r_il (r_il = (w_i - f_l) . v_l)
         for (int j = lane; j < k; j += G) {
-            float cj[D], vj[D];
+            float cj[D], fj[D], vj[D];
             load_vec<D>(cs + j * D, cj);
+            load_vec<D>(fs + j * D, fj);
             load_vec<D>(vs + j * D, vj);
             mq += a[j] * dot_gc<D>(g, cj);
-            mr += a[j] * dot_e<D>(w, cj, vj);
+            mr += a[j] * dot_e<D>(w, fj, vj);
         }
         mq = group_sum(mq, G);
         mr = group_sum(mr, G);
@@ -370,13 +388,14 @@ __device__ __forceinline__ void weight_grad_body(const float* __restrict__ w_in,
 #pragma unroll
         for (int e = 0; e < D; ++e) o[e] = 0.f;
         for (int j = lane; j < k; j += G) {
-            float cj[D], vj[D];
+            float cj[D], fj[D], vj[D];
             load_vec<D>(cs + j * D, cj);
+            load_vec<D>(fs + j * D, fj);
             load_vec<D>(vs + j * D, vj);
             const float aj = a[j];
             const float qc = aj * (dot_gc<D>(g, cj) - mq);
-            const float rc = aj * (dot_e<D>(w, cj, vj) - mr);
-            const float t = (qc + rc) * coef[j];
+            const float rc = aj * (dot_e<D>(w, fj, vj) - mr);
+            const float t = (qc + rc) * coef[j];  // times e_ij = w_i - c_j
 #pragma unroll
             for (int e = 0; e < D; ++e) o[e] += t * (w[e] - cj[e]) + aj * vj[e];
         }
@@ -392,13 +411,14 @@ __device__ __forceinline__ void weight_grad_body(const float* __restrict__ w_in,
     extern "C" __global__ void __launch_bounds__(BLOCK, MIN_BLOCKS) weight_grad_f32_d##D(                 \
         const float* __restrict__ w,          /* m x D weights */                             \
         const float* __restrict__ c,          /* k x D centroids (the fixed point) */         \
+        const float* __restrict__ f,          /* k x D F(C) at c: r-terms only */             \
         const float* __restrict__ g,          /* m x D upstream gradient dL/dWt */            \
         const double* __restrict__ inv_mass,  /* k: 1/S_j, 0 for a dead centroid */           \
         const double* __restrict__ u,         /* k x D adjoint (u = h for JFB) */             \
         const int m, const int k, const float inv_tau, const int euclidean,                   \
         float* __restrict__ out               /* m x D: dL/dW */                              \
     ) {                                                                                       \
-        weight_grad_body<D>(w, c, g, inv_mass, u, m, k, inv_tau, euclidean != 0, out);        \
+        weight_grad_body<D>(w, c, f, g, inv_mass, u, m, k, inv_tau, euclidean != 0, out);     \
     }
 WEIGHT_GRAD(1)
 WEIGHT_GRAD(2)

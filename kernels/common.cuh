@@ -209,7 +209,8 @@ __device__ __forceinline__ float dot_gc(const float (&g)[D], const float (&cj)[D
     return s;
 }
 
-// r_ij numerator (w_i - c_j) . v_j (streaming.rs: dot_e).
+// r_ij = (w_i - f_j) . v_j with f = F(C), v_j = u_j / S_j (streaming.rs: dot_e;
+// adjoint.cu passes f_j, not c_j, as the second argument).
 template <int D>
 __device__ __forceinline__ float dot_e(const float (&w)[D], const float (&cj)[D], const float (&vj)[D]) {
     float s = 0.f;

@@ -55,22 +55,25 @@ fn dkm_from_the_fixed_point_converges_to_idkm() {
 
 #[test]
 fn jfb_tends_to_idkm_as_tau_vanishes() {
-    // Three well separated groups: the assignment hardens as tau -> 0.
-    let base = randn(90, 1, 3, DType::F64);
-    let offsets: Vec<f64> = (0..90).map(|i| [-6.0, 0.0, 6.0][i % 3]).collect();
-    let w = (base * 0.5).unwrap().add(&Tensor::from_vec(offsets, (90, 1), &Device::Cpu).unwrap()).unwrap();
-    let g = randn(90, 1, 4, DType::F64);
+    // Four well separated groups, one per centroid, so that no decision
+    // boundary runs through the data: the assignment hardens as tau -> 0 and
+    // J vanishes. (Where a boundary cuts through dense data, J keeps a
+    // boundary term even for hard k-means, and JFB stays approximate.)
+    let base = randn(120, 1, 3, DType::F64);
+    let offsets: Vec<f64> = (0..120).map(|i| [-9.0, -3.0, 3.0, 9.0][i % 4]).collect();
+    let w = (base * 0.5).unwrap().add(&Tensor::from_vec(offsets, (120, 1), &Device::Cpu).unwrap()).unwrap();
+    let g = randn(120, 1, 4, DType::F64);
     let mut gaps = Vec::new();
-    for tau in [4.0, 1.0, 0.25, 0.05] {
+    for tau in [16.0, 8.0, 4.0, 2.0, 1.0] {
         let cfg = |m| KmeansConfig { bits: 2, init: idkm::cluster::Init::Optimal1d, ..tight(m, tau, Distance::Squared, Solver::Cg) };
         let exact = grad_of(&ClusteredWeight::new("w", cfg(Method::Idkm)).unwrap(), &w, &g);
         let jfb = grad_of(&ClusteredWeight::new("w", cfg(Method::IdkmJfb)).unwrap(), &w, &g);
         gaps.push(rel_err(&jfb, &exact));
     }
     for pair in gaps.windows(2) {
-        assert!(pair[1] < pair[0], "JFB does not approach IDKM: {gaps:?}");
+        assert!(pair[1] < pair[0] || pair[1] < 1e-12, "JFB does not approach IDKM: {gaps:?}");
     }
-    assert!(gaps[0] > 1e-2 && gaps[3] < 1e-4, "{gaps:?}");
+    assert!(gaps[0] > 1e-2 && gaps[4] < 1e-8, "{gaps:?}");
 }
 
 #[test]

@@ -57,7 +57,7 @@ fn streaming_idkm_stays_within_three_weight_copies_while_dkm_grows_with_t() {
     let w = randn(m, 1, 1, DType::F32);
     let g = randn(m, 1, 2, DType::F32);
     let weight_bytes = m * 4;
-    let cfg = KmeansConfig { bits: 8, tau: 1e-4, max_iter: 5, solver_max_steps: 10, ..Default::default() };
+    let cfg = KmeansConfig { bits: 8, tau: 1e-4, max_iter: 2, solver_max_steps: 4, ..Default::default() };
     let layer = ClusteredWeight::new("big", cfg).unwrap();
     let ((), idkm_peak) = peak_extra(|| {
         let out = layer.forward(&w).unwrap();
@@ -77,7 +77,7 @@ fn streaming_idkm_stays_within_three_weight_copies_while_dkm_grows_with_t() {
         let t = 5;
         let w = randn(m, 1, 3, DType::F32);
         let g = randn(m, 1, 4, DType::F32);
-        let cfg = KmeansConfig { bits, tau: 1e-4, max_iter: t, tol: -1.0, method: Method::Dkm, ..Default::default() };
+        let cfg = KmeansConfig { bits, tau: 1e-4, max_iter: t, tol: 0.0, method: Method::Dkm, ..Default::default() };
         let layer = ClusteredWeight::new("dkm", cfg).unwrap();
         let ((), dkm_peak) = peak_extra(|| {
             let var = candle_core::Var::from_tensor(&w).unwrap();
@@ -104,5 +104,6 @@ fn streaming_idkm_stays_within_three_weight_copies_while_dkm_grows_with_t() {
         .1
     };
     let (p1, p5) = (peak_at(1), peak_at(5));
-    assert!(p5 as f64 > 3.0 * p1 as f64, "DKM t=5 ({p5}) should need several times t=1 ({p1})");
+    // Each further recorded iteration keeps at least one m x k attention.
+    assert!(p5 > 2 * p1 && p5 - p1 > 4 * m * k * 4, "DKM t=5 ({p5}) vs t=1 ({p1})");
 }

@@ -1,0 +1,115 @@
+//! Layer benchmark: forward + backward of one clustered layer with reference
+//! DKM (t = 1, 5, 10, 30), streaming IDKM and IDKM-JFB (t = 30), d = 1.
+//! Prints a table of seconds, peak extra bytes (counting allocator) and
+//! solver steps. A DKM configuration predicted not to fit the memory budget
+//! (`IDKM_BENCH_BUDGET_GIB`, default 16) is reported, not run.
+//!
+//! `cargo bench --bench layer` (all sizes) or
+//! `IDKM_BENCH_SIZES=65536 cargo bench --bench layer` (a quick look).
+
+use candle_core::{DType, Device, Tensor, Var};
+use idkm::cluster::backward::Adjoint;
+use idkm::cluster::{ClusteredWeight, KmeansConfig, Method};
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+use std::time::Instant;
+
+struct Counting;
+static CURRENT: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let p = unsafe { System.alloc(layout) };
+        if !p.is_null() {
+            let now = CURRENT.fetch_add(layout.size(), SeqCst) + layout.size();
+            PEAK.fetch_max(now, SeqCst);
+        }
+        p
+    }
+    unsafe fn dealloc(&self, p: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(p, layout) };
+        CURRENT.fetch_sub(layout.size(), SeqCst);
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+/// Seconds and peak extra bytes of `f`.
+fn measure(f: impl FnOnce() -> candle_core::Result<()>) -> candle_core::Result<(f64, usize)> {
+    let base = CURRENT.load(SeqCst);
+    PEAK.store(base, SeqCst);
+    let start = Instant::now();
+    f()?;
+    Ok((start.elapsed().as_secs_f64(), PEAK.load(SeqCst) - base))
+}
+
+/// One training-like step: forward, loss <g, Wt>, backward to the weight.
+fn step(layer: &ClusteredWeight, w: &Tensor, g: &Tensor) -> candle_core::Result<()> {
+    let var = Var::from_tensor(w)?;
+    let out = layer.forward(&var)?;
+    let grads = (out * g)?.sum_all()?.backward()?;
+    assert!(grads.get(&var).is_some());
+    Ok(())
+}
+
+fn config(bits: u32, method: Method, t: usize) -> KmeansConfig {
+    // tol = 0: (almost) every configuration runs exactly t iterations.
+    KmeansConfig { bits, method, max_iter: t, tol: 0.0, tau: 1e-4, ..Default::default() }
+}
+
+fn gib(bytes: f64) -> f64 {
+    bytes / (1u64 << 30) as f64
+}
+
+fn main() -> candle_core::Result<()> {
+    let sizes: Vec<usize> = std::env::var("IDKM_BENCH_SIZES")
+        .map(|s| s.split(',').filter_map(|x| x.trim().parse().ok()).collect())
+        .unwrap_or_else(|_| vec![65_536, 589_824, 2_359_296]);
+    let budget: f64 = std::env::var("IDKM_BENCH_BUDGET_GIB").ok().and_then(|s| s.parse().ok()).unwrap_or(16.0);
+    println!("| m | k | method | t | fwd+bwd s | peak extra MiB | x weight bytes | solver steps |");
+    println!("|---:|---:|---|---:|---:|---:|---:|---:|");
+    for &m in &sizes {
+        let weight_bytes = (m * 4) as f64;
+        let w = Tensor::randn(0f32, 0.05, (m, 1), &Device::Cpu)?;
+        let g = Tensor::randn(0f32, 1.0, (m, 1), &Device::Cpu)?;
+        for bits in [2u32, 4, 8] {
+            let k = 1usize << bits;
+            // Calibrate DKM's bytes per attention element per iteration on a small slice.
+            let probe = 16_384.min(m);
+            let dkm_per_elem = {
+                let layer = ClusteredWeight::new("probe", config(bits, Method::Dkm, 2))?;
+                let wp = w.narrow(0, 0, probe)?;
+                let gp = g.narrow(0, 0, probe)?;
+                step(&layer, &wp, &gp)?;
+                let (_, peak) = measure(|| step(&layer, &wp, &gp))?;
+                peak as f64 / (2 * probe * k) as f64
+            };
+            let runs = [(Method::Dkm, 1), (Method::Dkm, 5), (Method::Dkm, 10), (Method::Dkm, 30), (Method::Idkm, 30), (Method::IdkmJfb, 30)];
+            for (method, t) in runs {
+                let name = method.to_string();
+                if method == Method::Dkm {
+                    let predicted = dkm_per_elem * (t * m * k) as f64;
+                    if gib(predicted) > budget {
+                        println!("| {m} | {k} | {name} | {t} | does not fit | ~{:.0} (predicted) | {:.0} | - |", predicted / 1048576.0, predicted / weight_bytes);
+                        continue;
+                    }
+                }
+                let layer = ClusteredWeight::new("bench", config(bits, method, t))?;
+                step(&layer, &w, &g)?; // initialise and warm start, as in training
+                let (secs, peak) = measure(|| step(&layer, &w, &g))?;
+                let steps = match layer.last_adjoint() {
+                    Some(Adjoint::Solved(r) | Adjoint::BestIterate(r) | Adjoint::FellBackToJfb(r)) => r.steps.to_string(),
+                    _ => "-".into(),
+                };
+                println!(
+                    "| {m} | {k} | {name} | {t} | {secs:.2} | {:.1} | {:.2} | {steps} |",
+                    peak as f64 / 1048576.0,
+                    peak as f64 / weight_bytes
+                );
+            }
+        }
+    }
+    Ok(())
+}
