@@ -3,24 +3,27 @@
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
+use idkm::cluster::backward::Adjoint;
 use idkm::cluster::{ClusteredWeight, Distance, KmeansConfig, Method, Solver};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 #[derive(clap::Args, Debug)]
 pub struct ClusterArgs {
-    /// Safetensors file holding the weight.
+    /// Safetensors file holding the weight [default: a built-in example
+    /// layer, 64x64x3x3 seeded normal weights with a seeded gradient].
     #[arg(long)]
-    input: PathBuf,
+    input: Option<PathBuf>,
     /// Name of the weight tensor (needed when the file holds several).
     #[arg(long)]
     tensor: Option<String>,
     /// Safetensors file holding the upstream gradient dL/dWt (same shape).
     #[arg(long)]
     grad: Option<PathBuf>,
-    /// Where to write weight_clustered, centroids, indices [and grad_weight].
+    /// Where to write weight_clustered, centroids, indices [and grad_weight]
+    /// as safetensors (nothing is written without it).
     #[arg(long)]
-    output: PathBuf,
+    output: Option<PathBuf>,
     /// Bits per index (k = 2^bits centroids), 1..=8.
     #[arg(long, default_value_t = 4)]
     bits: u32,
@@ -99,20 +102,18 @@ pub fn run(a: ClusterArgs) -> Result<()> {
         init: a.init,
         seed: a.seed,
     };
-    let (name, w) = read_tensor(&a.input, a.tensor.as_deref())?;
-    let grad = match &a.grad {
-        None => None,
-        Some(path) => {
-            let (gname, g) = read_tensor(path, a.tensor.as_deref())?;
-            if g.dims() != w.dims() {
-                bail!(
-                    "gradient `{gname}` in {} has shape {:?}, expected the weight's shape {:?}",
-                    path.display(),
-                    g.dims(),
-                    w.dims()
-                );
-            }
-            Some(g)
+    let (name, w, grad) = match &a.input {
+        Some(input) => {
+            let (name, w) = read_tensor(input, a.tensor.as_deref())?;
+            let grad = match &a.grad {
+                None => None,
+                Some(path) => Some(read_grad(path, a.tensor.as_deref(), &w)?),
+            };
+            (name, w, grad)
+        }
+        None => {
+            let (w, g) = example_layer()?;
+            ("example.conv.weight".to_string(), w, Some(g))
         }
     };
     let layer = ClusteredWeight::new(name.clone(), config)?;
@@ -127,20 +128,85 @@ pub fn run(a: ClusterArgs) -> Result<()> {
     }
     let (indices, centroids) = layer.palettize(&w)?;
     let seconds = start.elapsed().as_secs_f64();
+    let hard = centroids.index_select(&indices, 0)?.reshape(w.shape())?;
+    out.insert("weight_hard".to_string(), hard.to_dtype(DType::F32)?);
     out.insert("weight_clustered".to_string(), soft.detach());
     out.insert("centroids".to_string(), centroids.to_dtype(DType::F32)?);
     out.insert("indices".to_string(), indices);
-    idkm::io::save_safetensors(&out, &a.output)
-        .with_context(|| format!("writing {}", a.output.display()))?;
-    let fwd = layer.last_forward();
-    tracing::info!(
-        tensor = %name,
-        k = layer.config().k(),
-        kmeans_steps = fwd.map(|r| r.steps),
-        adjoint = ?layer.last_adjoint(),
-        seconds,
-        output = %a.output.display(),
-        "clustered"
-    );
+    print_summary(&name, &layer, &out, seconds)?;
+    if let Some(path) = &a.output {
+        idkm::io::save_safetensors(&out, path).with_context(|| format!("writing {}", path.display()))?;
+        tracing::info!(path = %path.display(), "wrote results");
+    }
+    Ok(())
+}
+
+/// Reads the upstream gradient and checks it has the weight's shape.
+fn read_grad(path: &Path, tensor: Option<&str>, w: &Tensor) -> Result<Tensor> {
+    let (name, g) = read_tensor(path, tensor)?;
+    if g.dims() != w.dims() {
+        bail!(
+            "gradient `{name}` in {} has shape {:?}, expected the weight's shape {:?}",
+            path.display(),
+            g.dims(),
+            w.dims()
+        );
+    }
+    Ok(g)
+}
+
+/// The built-in example: a 64x64x3x3 conv weight (std 0.05) and a gradient, seeded.
+fn example_layer() -> Result<(Tensor, Tensor)> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(2312);
+    let mut normal = |n: usize, std: f32| -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                let (u, v): (f32, f32) = (rng.random::<f32>().max(1e-12), rng.random());
+                std * (-2.0 * u.ln()).sqrt() * (std::f32::consts::TAU * v).cos()
+            })
+            .collect()
+    };
+    let shape = (64, 64, 3, 3);
+    let w = Tensor::from_vec(normal(36_864, 0.05), shape, &Device::Cpu)?;
+    let g = Tensor::from_vec(normal(36_864, 1.0), shape, &Device::Cpu)?;
+    Ok((w, g))
+}
+
+/// Prints what was computed, for a person at a terminal.
+fn print_summary(name: &str, layer: &ClusteredWeight, out: &HashMap<String, Tensor>, seconds: f64) -> Result<()> {
+    use std::io::Write;
+    let mut o = std::io::stdout().lock();
+    let cfg = layer.config();
+    let soft = &out["weight_clustered"];
+    let (numel, k) = (soft.elem_count(), cfg.k());
+    let vectors = numel / cfg.cluster_dim;
+    let packed = (vectors * cfg.bits as usize).div_ceil(8) + k * cfg.cluster_dim * 4;
+    writeln!(o, "tensor          {name} {:?} ({numel} weights)", soft.dims())?;
+    writeln!(o, 
+        "clustering      {} | {} bits, k = {k}, d = {} | tau = {} | {} distance",
+        cfg.method, cfg.bits, cfg.cluster_dim, cfg.tau, cfg.distance
+    )?;
+    if let Some(r) = layer.last_forward() {
+        let shift = if r.shift.is_nan() { "recorded by autograd".to_string() } else { format!("last centroid move {:.2e}", r.shift) };
+        writeln!(o, "k-means         {} steps ({shift})", r.steps)?;
+    }
+    match layer.last_adjoint() {
+        Some(Adjoint::JacobianFree) => writeln!(o, "adjoint         u = h (Jacobian-free)")?,
+        Some(Adjoint::Solved(r)) => writeln!(o, "adjoint         {} solved in {} steps (relative residual {:.1e})", cfg.solver, r.steps, r.rel_residual)?,
+        Some(Adjoint::BestIterate(r)) => writeln!(o, "adjoint         {} missed its tolerance: best iterate after {} steps (residual {:.1e})", cfg.solver, r.steps, r.rel_residual)?,
+        Some(Adjoint::FellBackToJfb(r)) => writeln!(o, "adjoint         {} diverged after {} steps (residual {:.1e}): JFB used", cfg.solver, r.steps, r.rel_residual)?,
+        None if out.contains_key("grad_weight") => writeln!(o, "adjoint         autograd through the recorded iterations")?,
+        None => {}
+    }
+    if let Some(g) = out.get("grad_weight") {
+        writeln!(o, "grad norm       {:.4e}", g.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt())?;
+    }
+    writeln!(o, 
+        "size            {} B fp32 -> {packed} B palettized ({:.1}x smaller)",
+        numel * 4,
+        (numel * 4) as f64 / packed as f64
+    )?;
+    writeln!(o, "time            {seconds:.3} s")?;
     Ok(())
 }
