@@ -45,12 +45,23 @@ fn measure(f: impl FnOnce() -> candle_core::Result<()>) -> candle_core::Result<(
     Ok((start.elapsed().as_secs_f64(), PEAK.load(SeqCst) - base))
 }
 
-/// One training-like step: forward, loss <g, Wt>, backward to the weight.
+/// One step of the layer: forward, then the gradient of <g, Wt> with respect
+/// to the weight. DKM backpropagates through candle's autograd (its
+/// recorded iterations are what it costs); IDKM and IDKM-JFB run the
+/// streaming backward directly (`weight_grad`, what their `bwd` computes),
+/// so the table shows the clustering's own memory, not candle's gradient
+/// bookkeeping, which is the same for every method.
 fn step(layer: &ClusteredWeight, w: &Tensor, g: &Tensor) -> candle_core::Result<()> {
-    let var = Var::from_tensor(w)?;
-    let out = layer.forward(&var)?;
-    let grads = (out * g)?.sum_all()?.backward()?;
-    assert!(grads.get(&var).is_some());
+    if layer.config().method == Method::Dkm {
+        let var = Var::from_tensor(w)?;
+        let out = layer.forward(&var)?;
+        let grads = (out * g)?.sum_all()?.backward()?;
+        assert!(grads.get(&var).is_some());
+    } else {
+        let out = layer.forward(w)?;
+        let grad = layer.weight_grad(w, g)?;
+        assert_eq!(out.dims(), grad.dims());
+    }
     Ok(())
 }
 
