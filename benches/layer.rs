@@ -7,42 +7,20 @@
 //! `cargo bench --bench layer` (all sizes) or
 //! `IDKM_BENCH_SIZES=65536 cargo bench --bench layer` (a quick look).
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{Device, Tensor, Var};
 use idkm::cluster::backward::Adjoint;
 use idkm::cluster::{ClusteredWeight, KmeansConfig, Method};
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::time::Instant;
 
-struct Counting;
-static CURRENT: AtomicUsize = AtomicUsize::new(0);
-static PEAK: AtomicUsize = AtomicUsize::new(0);
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let p = unsafe { System.alloc(layout) };
-        if !p.is_null() {
-            let now = CURRENT.fetch_add(layout.size(), SeqCst) + layout.size();
-            PEAK.fetch_max(now, SeqCst);
-        }
-        p
-    }
-    unsafe fn dealloc(&self, p: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(p, layout) };
-        CURRENT.fetch_sub(layout.size(), SeqCst);
-    }
-}
-
 #[global_allocator]
-static GLOBAL: Counting = Counting;
+static GLOBAL: idkm::alloc::Counting = idkm::alloc::Counting;
 
 /// Seconds and peak extra bytes of `f`.
 fn measure(f: impl FnOnce() -> candle_core::Result<()>) -> candle_core::Result<(f64, usize)> {
-    let base = CURRENT.load(SeqCst);
-    PEAK.store(base, SeqCst);
     let start = Instant::now();
-    f()?;
-    Ok((start.elapsed().as_secs_f64(), PEAK.load(SeqCst) - base))
+    let (result, peak) = idkm::alloc::peak_extra(f);
+    result?;
+    Ok((start.elapsed().as_secs_f64(), peak))
 }
 
 /// One step of the layer: forward, then the gradient of <g, Wt> with respect

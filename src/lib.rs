@@ -1,6 +1,7 @@
 //! idkm: compress neural networks by train-time weight clustering with
 //! implicit, differentiable k-means, on candle.
 
+pub mod alloc;
 pub mod cluster;
 pub mod error;
 

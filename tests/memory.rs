@@ -8,42 +8,13 @@ mod common;
 
 use candle_core::{DType, Tensor};
 use common::randn;
+use idkm::alloc::peak_extra;
 use idkm::cluster::reference;
 use idkm::cluster::streaming::Geometry;
 use idkm::cluster::{ClusteredWeight, Distance, KmeansConfig, Method};
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
-
-struct Counting;
-
-static CURRENT: AtomicUsize = AtomicUsize::new(0);
-static PEAK: AtomicUsize = AtomicUsize::new(0);
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let p = unsafe { System.alloc(layout) };
-        if !p.is_null() {
-            let now = CURRENT.fetch_add(layout.size(), SeqCst) + layout.size();
-            PEAK.fetch_max(now, SeqCst);
-        }
-        p
-    }
-    unsafe fn dealloc(&self, p: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(p, layout) };
-        CURRENT.fetch_sub(layout.size(), SeqCst);
-    }
-}
 
 #[global_allocator]
-static GLOBAL: Counting = Counting;
-
-/// Runs `f` and returns the peak bytes allocated beyond what was live before.
-fn peak_extra<R>(f: impl FnOnce() -> R) -> (R, usize) {
-    let base = CURRENT.load(SeqCst);
-    PEAK.store(base, SeqCst);
-    let r = f();
-    (r, PEAK.load(SeqCst) - base)
-}
+static GLOBAL: idkm::alloc::Counting = idkm::alloc::Counting;
 
 #[test]
 fn streaming_idkm_stays_within_three_weight_copies_while_dkm_grows_with_t() {
