@@ -1,7 +1,7 @@
 //! A counting global allocator: live and peak bytes, for memory tests,
 //! benchmarks and profiles (counts, not timings).
 //!
-//! ```ignore
+//! ```text
 //! #[global_allocator]
 //! static ALLOC: idkm::alloc::Counting = idkm::alloc::Counting;
 //! let (result, peak_extra_bytes) = idkm::alloc::peak_extra(|| work());
