@@ -4,8 +4,8 @@
 //! solver steps. A DKM configuration predicted not to fit the memory budget
 //! (`IDKM_BENCH_BUDGET_GIB`, default 16) is reported, not run.
 //!
-//! `cargo bench --bench layer` (all sizes) or
-//! `IDKM_BENCH_SIZES=65536 cargo bench --bench layer` (a quick look).
+//! `cargo bench --bench layer` (all sizes), or a subset with
+//! `IDKM_BENCH_SIZES=65536,589824 IDKM_BENCH_BITS=4 cargo bench --bench layer`.
 
 use candle_core::{Device, Tensor, Var};
 use idkm::cluster::backward::Adjoint;
@@ -56,6 +56,9 @@ fn main() -> candle_core::Result<()> {
     let sizes: Vec<usize> = std::env::var("IDKM_BENCH_SIZES")
         .map(|s| s.split(',').filter_map(|x| x.trim().parse().ok()).collect())
         .unwrap_or_else(|_| vec![65_536, 589_824, 2_359_296]);
+    let bits: Vec<u32> = std::env::var("IDKM_BENCH_BITS")
+        .map(|s| s.split(',').filter_map(|x| x.trim().parse().ok()).collect())
+        .unwrap_or_else(|_| vec![2, 4, 8]);
     let budget: f64 = std::env::var("IDKM_BENCH_BUDGET_GIB").ok().and_then(|s| s.parse().ok()).unwrap_or(16.0);
     println!("| m | k | method | t | fwd+bwd s | peak extra MiB | x weight bytes | solver steps |");
     println!("|---:|---:|---|---:|---:|---:|---:|---:|");
@@ -63,7 +66,7 @@ fn main() -> candle_core::Result<()> {
         let weight_bytes = (m * 4) as f64;
         let w = Tensor::randn(0f32, 0.05, (m, 1), &Device::Cpu)?;
         let g = Tensor::randn(0f32, 1.0, (m, 1), &Device::Cpu)?;
-        for bits in [2u32, 4, 8] {
+        for &bits in &bits {
             let k = 1usize << bits;
             // Calibrate DKM's bytes per attention element per iteration on a small slice.
             let probe = 16_384.min(m);
