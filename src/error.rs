@@ -23,9 +23,29 @@ pub enum Error {
     #[error("shape mismatch for `{tensor}`: expected {expected}, got {got}")]
     Shape { tensor: String, expected: String, got: String },
 
+    /// A file could not be read or written.
+    #[error("{}: {source}", path.display())]
+    Io { path: std::path::PathBuf, #[source] source: std::io::Error },
+
+    /// A file's contents are not what its format requires.
+    #[error("{}: {msg}", path.display())]
+    Format { path: std::path::PathBuf, msg: String },
+
+    /// A checkpoint does not fit the model (the message lists the tensors).
+    #[error("checkpoint {} does not fit the model:\n{details}", path.display())]
+    Checkpoint { path: std::path::PathBuf, details: String },
+
+    /// A model or data set could not be resolved through the Hugging Face hub.
+    #[error("hub: {0}")]
+    Hub(String),
+
     /// An error from candle.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+
+    /// A data set or batching request that cannot be served (not a file's fault).
+    #[error("data: {0}")]
+    Data(String),
 }
 
 /// Result alias of the library.

@@ -4,7 +4,8 @@
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use idkm::cluster::backward::Adjoint;
-use idkm::cluster::{ClusteredWeight, Distance, KmeansConfig, Method, Solver};
+use super::common::KmeansArgs;
+use idkm::cluster::ClusteredWeight;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -24,42 +25,8 @@ pub struct ClusterArgs {
     /// as safetensors (nothing is written without it).
     #[arg(long)]
     output: Option<PathBuf>,
-    /// Bits per index (k = 2^bits centroids), 1..=8.
-    #[arg(long, default_value_t = 4)]
-    bits: u32,
-    /// Consecutive weights per vector: 1, 2, 4 or 8.
-    #[arg(long, default_value_t = 1)]
-    cluster_dim: usize,
-    /// Softmax temperature.
-    #[arg(long, default_value_t = KmeansConfig::default().tau)]
-    tau: f64,
-    /// squared | euclidean.
-    #[arg(long, default_value_t = Distance::Squared)]
-    distance: Distance,
-    /// dkm | idkm | idkm-jfb.
-    #[arg(long, default_value_t = Method::Idkm)]
-    method: Method,
-    /// Adjoint solver: cg | gmres | neumann.
-    #[arg(long, default_value_t = Solver::Cg)]
-    solver: Solver,
-    /// Maximum k-means iterations.
-    #[arg(long, default_value_t = KmeansConfig::default().max_iter)]
-    max_iter: usize,
-    /// k-means tolerance (largest centroid move).
-    #[arg(long, default_value_t = KmeansConfig::default().tol)]
-    tol: f64,
-    /// Relative residual of the adjoint solve.
-    #[arg(long, default_value_t = KmeansConfig::default().solver_tol)]
-    solver_tol: f64,
-    /// Maximum adjoint solver steps.
-    #[arg(long, default_value_t = KmeansConfig::default().solver_max_steps)]
-    solver_max_steps: usize,
-    /// Initialisation: kmeans++ | optimal-1d.
-    #[arg(long, default_value_t = idkm::cluster::Init::KmeansPlusPlus)]
-    init: idkm::cluster::Init,
-    /// Seed of the initialisation.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
+    #[command(flatten)]
+    kmeans: KmeansArgs,
 }
 
 /// Reads the tensor `name` (or the only tensor) of a safetensors file, as f32.
@@ -88,20 +55,7 @@ fn read_tensor(path: &Path, name: Option<&str>) -> Result<(String, Tensor)> {
 }
 
 pub fn run(a: ClusterArgs) -> Result<()> {
-    let config = KmeansConfig {
-        bits: a.bits,
-        cluster_dim: a.cluster_dim,
-        tau: a.tau,
-        max_iter: a.max_iter,
-        tol: a.tol,
-        distance: a.distance,
-        method: a.method,
-        solver: a.solver,
-        solver_tol: a.solver_tol,
-        solver_max_steps: a.solver_max_steps,
-        init: a.init,
-        seed: a.seed,
-    };
+    let config = a.kmeans.config();
     let (name, w, grad) = match &a.input {
         Some(input) => {
             let (name, w) = read_tensor(input, a.tensor.as_deref())?;

@@ -143,6 +143,50 @@ impl KmeansConfig {
     }
 }
 
+impl KmeansConfig {
+    /// The configuration as JSON, enums by their CLI names (stored in checkpoints).
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "bits": self.bits,
+            "cluster_dim": self.cluster_dim,
+            "tau": self.tau,
+            "max_iter": self.max_iter,
+            "tol": self.tol,
+            "distance": self.distance.to_string(),
+            "method": self.method.to_string(),
+            "solver": self.solver.to_string(),
+            "solver_tol": self.solver_tol,
+            "solver_max_steps": self.solver_max_steps,
+            "init": self.init.to_string(),
+            "seed": self.seed,
+        })
+    }
+
+    /// Reads what [`to_json`](Self::to_json) wrote; every field is required.
+    pub fn from_json(value: &serde_json::Value) -> Result<Self> {
+        let field = |key: &str| value.get(key).ok_or_else(|| Error::Config(format!("clustering config lacks `{key}`")));
+        let number = |key: &str| field(key)?.as_f64().ok_or_else(|| Error::Config(format!("`{key}` is not a number")));
+        let count = |key: &str| field(key)?.as_u64().ok_or_else(|| Error::Config(format!("`{key}` is not a whole number")));
+        let name = |key: &str| field(key)?.as_str().ok_or_else(|| Error::Config(format!("`{key}` is not a string")));
+        let config = Self {
+            bits: count("bits")? as u32,
+            cluster_dim: count("cluster_dim")? as usize,
+            tau: number("tau")?,
+            max_iter: count("max_iter")? as usize,
+            tol: number("tol")?,
+            distance: name("distance")?.parse()?,
+            method: name("method")?.parse()?,
+            solver: name("solver")?.parse()?,
+            solver_tol: number("solver_tol")?,
+            solver_max_steps: count("solver_max_steps")? as usize,
+            init: name("init")?.parse()?,
+            seed: count("seed")?,
+        };
+        config.validate()?;
+        Ok(config)
+    }
+}
+
 /// Implements `FromStr` and `Display` with the CLI spelling of each variant.
 macro_rules! cli_names {
     ($ty:ident, $what:literal, $($variant:ident => $name:literal),+) => {
@@ -194,6 +238,15 @@ mod tests {
         ] {
             assert!(matches!(bad.validate(), Err(Error::Config(_))), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn json_round_trip() {
+        let config = KmeansConfig { bits: 3, method: Method::IdkmJfb, init: Init::Optimal1d, tau: 0.25, ..Default::default() };
+        assert_eq!(KmeansConfig::from_json(&config.to_json()).unwrap(), config);
+        let mut json = config.to_json();
+        json.as_object_mut().unwrap().remove("tau");
+        assert!(KmeansConfig::from_json(&json).unwrap_err().to_string().contains("tau"));
     }
 
     #[test]

@@ -225,6 +225,22 @@ impl ClusteredWeight {
         self.state.lock().expect("state lock").centroids.clone()
     }
 
+    /// Sets the fixed point (k x d), as a checkpoint restores it: the next
+    /// forward pass starts from it and [`palettize`](Self::palettize) uses it.
+    pub fn set_centroids(&self, centroids: Tensor) -> Result<()> {
+        let (k, d) = (self.config.k(), self.config.cluster_dim);
+        if centroids.dims() != [k, d] {
+            return Err(Error::Shape {
+                tensor: format!("centroids of {}", self.name),
+                expected: format!("[{k}, {d}]"),
+                got: format!("{:?}", centroids.dims()),
+            });
+        }
+        let mut state = self.state.lock().expect("state lock");
+        state.centroids = Some(centroids.detach());
+        Ok(())
+    }
+
     /// Steps and final shift of the last forward k-means run.
     pub fn last_forward(&self) -> Option<FixedPointReport> {
         self.state.lock().expect("state lock").report

@@ -1,0 +1,252 @@
+//! Arguments and steps shared by several commands.
+
+use anyhow::{bail, Context, Result};
+use candle_core::Device;
+use idkm::checkpoint::{self, LoadOptions};
+use idkm::cluster::{Distance, Init, KmeansConfig, Method, Solver};
+use idkm::data::{self, DataSplit};
+use idkm::hub::{self, ModelSource};
+use idkm::model::{Arch, Model};
+use idkm::quantize::{snapshot, Clustering};
+use idkm::train::{OptimizerKind, SgdConfig};
+use std::path::PathBuf;
+
+/// How one weight tensor is clustered.
+#[derive(clap::Args, Debug, Clone)]
+pub struct KmeansArgs {
+    /// Bits per index (k = 2^bits centroids), 1..=8.
+    #[arg(long, default_value_t = 4)]
+    pub bits: u32,
+    /// Consecutive weights per vector: 1, 2, 4 or 8.
+    #[arg(long, default_value_t = 1)]
+    pub cluster_dim: usize,
+    /// Softmax temperature.
+    #[arg(long, default_value_t = KmeansConfig::default().tau)]
+    pub tau: f64,
+    /// squared | euclidean.
+    #[arg(long, default_value_t = Distance::Squared)]
+    pub distance: Distance,
+    /// dkm | idkm | idkm-jfb.
+    #[arg(long, default_value_t = Method::Idkm)]
+    pub method: Method,
+    /// Adjoint solver: cg | gmres | neumann.
+    #[arg(long, default_value_t = Solver::Cg)]
+    pub solver: Solver,
+    /// Maximum k-means iterations.
+    #[arg(long, default_value_t = KmeansConfig::default().max_iter)]
+    pub max_iter: usize,
+    /// k-means tolerance (largest centroid move).
+    #[arg(long, default_value_t = KmeansConfig::default().tol)]
+    pub tol: f64,
+    /// Relative residual of the adjoint solve.
+    #[arg(long, default_value_t = KmeansConfig::default().solver_tol)]
+    pub solver_tol: f64,
+    /// Maximum adjoint solver steps.
+    #[arg(long, default_value_t = KmeansConfig::default().solver_max_steps)]
+    pub solver_max_steps: usize,
+    /// Initialisation: kmeans++ | optimal-1d.
+    #[arg(long, default_value_t = Init::KmeansPlusPlus)]
+    pub init: Init,
+    /// Seed of the initialisation.
+    #[arg(long = "kmeans-seed", default_value_t = 0)]
+    pub seed: u64,
+}
+
+impl KmeansArgs {
+    /// The clustering configuration these arguments describe.
+    pub fn config(&self) -> KmeansConfig {
+        KmeansConfig {
+            bits: self.bits,
+            cluster_dim: self.cluster_dim,
+            tau: self.tau,
+            max_iter: self.max_iter,
+            tol: self.tol,
+            distance: self.distance,
+            method: self.method,
+            solver: self.solver,
+            solver_tol: self.solver_tol,
+            solver_max_steps: self.solver_max_steps,
+            init: self.init,
+            seed: self.seed,
+        }
+    }
+}
+
+/// Which data set, and how much of it.
+#[derive(clap::Args, Debug, Clone)]
+pub struct DataArgs {
+    /// Data set directory: CIFAR-10 (binary or the hub's parquet files) or
+    /// (Fashion-)MNIST IDX files [default: Debian's Fashion-MNIST in
+    /// /usr/share/datasets/fashion-mnist].
+    #[arg(long, env = "IDKM_DATA")]
+    pub data: Option<PathBuf>,
+    /// Use only the first N training samples.
+    #[arg(long)]
+    pub train_limit: Option<usize>,
+    /// Use only the first N test samples.
+    #[arg(long)]
+    pub test_limit: Option<usize>,
+}
+
+impl DataArgs {
+    /// Loads the data set and applies the limits.
+    pub fn load(&self) -> Result<DataSplit> {
+        let dir = match &self.data {
+            Some(dir) => dir.clone(),
+            None => data::fashion_mnist_dir().context(
+                "no --data given and Fashion-MNIST is not installed: \
+                 run `sudo apt-get install dataset-fashion-mnist` or pass --data DIR",
+            )?,
+        };
+        let mut split = data::load(&dir).with_context(|| format!("loading the data set in {}", dir.display()))?;
+        if let Some(n) = self.train_limit {
+            split.train = split.train.take(n)?;
+        }
+        if let Some(n) = self.test_limit {
+            split.test = split.test.take(n)?;
+        }
+        if split.train.is_empty() || split.test.is_empty() {
+            bail!("the data set in {} has an empty training or test part", dir.display());
+        }
+        Ok(split)
+    }
+}
+
+/// Which model to start from.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// Checkpoint to start from: a local file or directory, or a Hugging
+    /// Face hub repo id `owner/name[@revision]` [default: a fresh,
+    /// seeded initialisation].
+    #[arg(long)]
+    pub model: Option<String>,
+    /// File inside the hub repo (with a repo id in --model).
+    #[arg(long)]
+    pub model_file: Option<String>,
+    /// Architecture: resnet18-cifar | resnet18 | small-cnn [default:
+    /// small-cnn for 28x28 grey images, resnet18-cifar otherwise, or what
+    /// an idkm checkpoint records].
+    #[arg(long)]
+    pub arch: Option<String>,
+    /// Leave checkpoint tensors with these name prefixes out (for example
+    /// `fc.` to train a new head for another number of classes).
+    #[arg(long, value_delimiter = ',')]
+    pub skip: Vec<String>,
+}
+
+/// A model and, when the checkpoint was written by `idkm quantize`, its clustering.
+pub struct Loaded {
+    pub model: Model,
+    pub clustering: Option<Clustering>,
+}
+
+impl ModelArgs {
+    /// Builds the model for `data`, from the checkpoint if one is given.
+    pub fn load(&self, data: &DataSplit, seed: u64, device: &Device) -> Result<Loaded> {
+        let channels = data.train.channels();
+        let requested: Option<Arch> = self.arch.as_deref().map(str::parse).transpose()?;
+        let default = || {
+            if channels == 1 && data.train.height() == 28 { Arch::SmallCnn } else { Arch::ResNet18Cifar }
+        };
+        let Some(spec) = &self.model else {
+            let model = Model::new(requested.unwrap_or_else(default), channels, data.classes, seed, device)?;
+            return Ok(Loaded { model, clustering: None });
+        };
+        let mut source: ModelSource = spec.parse()?;
+        if let (ModelSource::Hub { file, .. }, Some(f)) = (&mut source, &self.model_file) {
+            *file = Some(f.clone());
+        }
+        let path = hub::resolve(&source).with_context(|| format!("resolving --model {spec}"))?;
+        if snapshot::is_snapshot(&path) {
+            let s = snapshot::load(&path, device).with_context(|| format!("loading {}", path.display()))?;
+            if let Some(arch) = requested.filter(|a| *a != s.model.arch()) {
+                bail!("{} holds a {} model, not {arch}", path.display(), s.model.arch());
+            }
+            if s.model.classes() != data.classes || s.model.channels() != channels {
+                bail!(
+                    "{} is a model for {} channels and {} classes; the data has {channels} and {}",
+                    path.display(),
+                    s.model.channels(),
+                    s.model.classes(),
+                    data.classes
+                );
+            }
+            return Ok(Loaded { model: s.model, clustering: s.clustering });
+        }
+        let model = Model::new(requested.unwrap_or_else(default), channels, data.classes, seed, device)?;
+        let options = LoadOptions { skip_prefixes: self.skip.clone(), allow_unexpected: false };
+        let report = checkpoint::load_into(model.varmap(), &path, &options)?;
+        tracing::info!(path = %path.display(), loaded = report.loaded, skipped = report.skipped.len(), "loaded checkpoint");
+        Ok(Loaded { model, clustering: None })
+    }
+}
+
+/// The optimiser and its schedule.
+#[derive(clap::Args, Debug, Clone)]
+pub struct OptimArgs {
+    /// Epochs.
+    #[arg(long, default_value_t = 1)]
+    pub epochs: usize,
+    /// Samples per batch.
+    #[arg(long, default_value_t = 64)]
+    pub batch_size: usize,
+    /// Initial learning rate (cosine decay to 0).
+    #[arg(long, default_value_t = 0.05)]
+    pub lr: f64,
+    /// sgd | adamw.
+    #[arg(long, default_value = "sgd")]
+    pub optimizer: String,
+    /// SGD momentum.
+    #[arg(long, default_value_t = 0.9)]
+    pub momentum: f64,
+    /// Nesterov momentum.
+    #[arg(long)]
+    pub nesterov: bool,
+    /// Weight decay.
+    #[arg(long, default_value_t = 5e-4)]
+    pub weight_decay: f64,
+    /// Seed of the initialisation, shuffling and augmentation.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+impl OptimArgs {
+    /// The optimiser these arguments describe.
+    pub fn kind(&self) -> Result<OptimizerKind> {
+        Ok(match self.optimizer.as_str() {
+            "sgd" => OptimizerKind::Sgd(SgdConfig {
+                momentum: self.momentum,
+                nesterov: self.nesterov,
+                weight_decay: self.weight_decay,
+            }),
+            "adamw" => OptimizerKind::AdamW { weight_decay: self.weight_decay },
+            other => bail!("unknown optimizer `{other}` (expected sgd or adamw)"),
+        })
+    }
+}
+
+/// `cpu`, `cuda` or `cuda:N`.
+pub fn device(name: &str) -> Result<Device> {
+    match name {
+        "cpu" => Ok(Device::Cpu),
+        cuda if cuda == "cuda" || cuda.starts_with("cuda:") => {
+            let ordinal = cuda.strip_prefix("cuda:").map(str::parse).transpose().context("device ordinal")?;
+            Device::new_cuda(ordinal.unwrap_or(0))
+                .context("opening the CUDA device (is this binary built with --features cuda?)")
+        }
+        other => bail!("unknown device `{other}` (expected cpu, cuda or cuda:N)"),
+    }
+}
+
+/// Peak resident memory of this process (VmHWM), in bytes.
+pub fn peak_rss() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Bytes as MiB with one decimal.
+pub fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
+}

@@ -1,0 +1,131 @@
+//! `idkm demo`: the whole pipeline on Fashion-MNIST in a few minutes: float
+//! training of the small CNN, 2-bit IDKM fine-tuning, export, evaluation of
+//! the export, and a summary table.
+
+use super::common::{mib, peak_rss, DataArgs, OptimArgs};
+use super::fit::{eval_batches, fit};
+use anyhow::{bail, Context, Result};
+use candle_core::Device;
+use idkm::cluster::{KmeansConfig, Method};
+use idkm::data;
+use idkm::model::{Arch, Model, Weights};
+use idkm::quantize::{Clustering, LutDType, Palettized, QuantizePlan};
+use idkm::train::evaluate;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(clap::Args, Debug)]
+pub struct DemoArgs {
+    /// Directory for the checkpoints and the exported model.
+    #[arg(long, default_value = "idkm-demo")]
+    out_dir: PathBuf,
+    /// Training samples used (of 60,000).
+    #[arg(long, default_value_t = 12_000)]
+    train_limit: usize,
+    /// Test samples used (of 10,000).
+    #[arg(long, default_value_t = 10_000)]
+    test_limit: usize,
+    /// Float epochs.
+    #[arg(long, default_value_t = 2)]
+    float_epochs: usize,
+    /// Clustering epochs.
+    #[arg(long, default_value_t = 1)]
+    quantize_epochs: usize,
+    /// Bits per weight of the clustered layers.
+    #[arg(long, default_value_t = 2)]
+    bits: u32,
+    /// Softmax temperature of the clustering.
+    #[arg(long, default_value_t = 2e-4)]
+    tau: f64,
+    /// Seed of everything.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+/// Finds Fashion-MNIST, installing Debian's package when possible.
+fn fashion_mnist() -> Result<PathBuf> {
+    if let Some(dir) = data::fashion_mnist_dir() {
+        return Ok(dir);
+    }
+    let how = "install it with `sudo apt-get install dataset-fashion-mnist` (Debian/Ubuntu) \
+               or pass a directory of IDX files with `idkm quantize --data DIR`";
+    let root = std::process::Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.trim_ascii() == b"0");
+    if !root {
+        bail!("Fashion-MNIST is not installed: {how}");
+    }
+    eprintln!("Fashion-MNIST is not installed; running `apt-get install -y dataset-fashion-mnist`");
+    let status = std::process::Command::new("apt-get")
+        .args(["install", "-y", "-q", "dataset-fashion-mnist"])
+        .status()
+        .context("running apt-get")?;
+    match data::fashion_mnist_dir() {
+        Some(dir) if status.success() => Ok(dir),
+        _ => bail!("apt-get could not install Fashion-MNIST ({status}): {how}"),
+    }
+}
+
+pub fn run(a: DemoArgs) -> Result<()> {
+    let start = Instant::now();
+    let device = Device::Cpu;
+    let data_args = DataArgs { data: Some(fashion_mnist()?), train_limit: Some(a.train_limit), test_limit: Some(a.test_limit) };
+    let split = data_args.load()?;
+    std::fs::create_dir_all(&a.out_dir).with_context(|| format!("creating {}", a.out_dir.display()))?;
+    let path = |name: &str| a.out_dir.join(name);
+
+    println!("== float training: small CNN on {} ({} samples)", split.name, split.train.len());
+    let model = Model::new(Arch::SmallCnn, 1, split.classes, a.seed, &device)?;
+    let optim = OptimArgs {
+        epochs: a.float_epochs,
+        batch_size: 64,
+        lr: 0.05,
+        optimizer: "sgd".into(),
+        momentum: 0.9,
+        nesterov: true,
+        weight_decay: 5e-4,
+        seed: a.seed,
+    };
+    let t = Instant::now();
+    let float = fit(&model, None, &split, &optim, LutDType::F32, &path("float.safetensors"), &device)?;
+    let float_secs = t.elapsed().as_secs_f64();
+    let float_acc = float.last().map_or(0.0, |r| r.test.accuracy);
+
+    println!("\n== {}-bit IDKM fine-tuning", a.bits);
+    let config = KmeansConfig { bits: a.bits, tau: a.tau, method: Method::Idkm, ..Default::default() };
+    let clustering = Clustering::new(&model, &QuantizePlan::new(config))?;
+    for (name, layer) in clustering.layers() {
+        println!("  {name}: {} bits, k = {}", layer.config().bits, layer.config().k());
+    }
+    let optim = OptimArgs { epochs: a.quantize_epochs, lr: 0.01, ..optim };
+    let t = Instant::now();
+    let quantized = fit(&model, Some(&clustering), &split, &optim, LutDType::F32, &path("clustered.safetensors"), &device)?;
+    let quantize_secs = t.elapsed().as_secs_f64();
+    let last = quantized.last().context("no clustering epoch ran")?;
+    let hard_acc = last.hard.map_or(0.0, |h| h.accuracy);
+
+    println!("\n== export and evaluation of the export");
+    let export_path = path("palettized.safetensors");
+    let palettized = clustering.palettize(&model, LutDType::F32)?;
+    palettized.save(&export_path)?;
+    let exported = evaluate_export(&export_path, &split, &device)?;
+
+    let (before, after) = (palettized.float_bytes(), palettized.bytes());
+    println!("\n                      accuracy      size");
+    println!("fp32                  {:>7.2}%   {:>9} B", 100.0 * float_acc, before);
+    println!("{}-bit IDKM (soft)      {:>7.2}%", a.bits, 100.0 * last.test.accuracy);
+    println!("{}-bit IDKM (hard)      {:>7.2}%   {:>9} B  ({:.1}x smaller)", a.bits, 100.0 * hard_acc, after, before as f64 / after as f64);
+    println!("exported, evaluated   {:>7.2}%   {}", 100.0 * exported, export_path.display());
+    println!("time                  float {float_secs:.0} s, clustering {quantize_secs:.0} s, total {:.0} s", start.elapsed().as_secs_f64());
+    println!("peak memory           {}", peak_rss().map(mib).unwrap_or_else(|| "?".into()));
+    if exported != hard_acc {
+        bail!("the exported model's accuracy {exported} differs from the hard-weight accuracy {hard_acc}");
+    }
+    Ok(())
+}
+
+/// Test accuracy of the palettized model in `path`.
+fn evaluate_export(path: &Path, split: &data::DataSplit, device: &Device) -> Result<f64> {
+    let p = Palettized::load(path)?;
+    let model = Model::new(p.arch, p.channels, p.classes, 0, device)?;
+    model.assign(p.tensors()?, path)?;
+    Ok(evaluate(&model, &Weights::Float, eval_batches(&split.test, split, 256, device), "export")?.accuracy)
+}

@@ -1,0 +1,64 @@
+//! `idkm quantize`: fine-tunes a float model with clustering on its conv and
+//! linear weights.
+
+use super::common::{device, DataArgs, KmeansArgs, ModelArgs, OptimArgs};
+use super::fit::fit;
+use anyhow::{Context, Result};
+use idkm::quantize::{Clustering, LutDType, QuantizePlan};
+use std::path::PathBuf;
+
+#[derive(clap::Args, Debug)]
+pub struct QuantizeArgs {
+    #[command(flatten)]
+    data: DataArgs,
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    optim: OptimArgs,
+    #[command(flatten)]
+    kmeans: KmeansArgs,
+    /// Layers with fewer weights stay in float.
+    #[arg(long, default_value_t = QuantizePlan::MIN_WEIGHTS)]
+    min_weights: usize,
+    /// TOML file of per-layer overrides (bits, cluster_dim, tau, method,
+    /// skip), e.g. `[layers.conv1]\nbits = 8`.
+    #[arg(long)]
+    layers: Option<PathBuf>,
+    /// Float type of the exported lookup tables (f32 | f16); the hard-weight
+    /// accuracy is measured with it.
+    #[arg(long, default_value = "f32")]
+    lut: LutDType,
+    /// cpu | cuda | cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Checkpoint written after every epoch: the float weights with every
+    /// clustered layer's centroids and config (input of `idkm export`).
+    #[arg(long, short, default_value = "idkm-clustered.safetensors")]
+    output: PathBuf,
+}
+
+pub fn run(a: QuantizeArgs) -> Result<()> {
+    let device = device(&a.device)?;
+    let split = a.data.load()?;
+    let loaded = a.model.load(&split, a.optim.seed, &device)?;
+    let model = loaded.model;
+    let clustering = match loaded.clustering {
+        // Continue a clustered checkpoint with its own per-layer configs.
+        Some(c) => c,
+        None => {
+            let mut plan = QuantizePlan::new(a.kmeans.config());
+            plan.min_weights = a.min_weights;
+            if let Some(path) = &a.layers {
+                plan = plan.with_overrides_file(path)?;
+            }
+            Clustering::new(&model, &plan).context("planning the clustering")?
+        }
+    };
+    println!("{} on {} ({} train / {} test)", model.arch(), split.name, split.train.len(), split.test.len());
+    for (name, layer) in clustering.layers() {
+        let c = layer.config();
+        println!("  {name}: {} bits, d = {}, {}, tau {}", c.bits, c.cluster_dim, c.method, c.tau);
+    }
+    fit(&model, Some(&clustering), &split, &a.optim, a.lut, &a.output, &device)?;
+    Ok(())
+}

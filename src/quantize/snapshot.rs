@@ -1,0 +1,101 @@
+//! idkm's own checkpoints: a model's tensors, and for a clustered model the
+//! centroids of every clustered layer (`NAME.centroids`) with its
+//! configuration, so that training resumes and export reproduces exactly
+//! the hard weights that were evaluated.
+//!
+//! Metadata: `idkm.arch`, `idkm.channels`, `idkm.classes`, optionally
+//! `idkm.clustering` (JSON: weight name -> clustering config) and whatever
+//! the caller adds (epoch, accuracy).
+
+use super::Clustering;
+use crate::cluster::{ClusteredWeight, KmeansConfig};
+use crate::error::{Error, Result};
+use crate::model::{Arch, Model};
+use candle_core::{Device, Tensor};
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+const CENTROIDS: &str = ".centroids";
+
+/// Writes `model` (and `clustering`'s state) with `extra` metadata, atomically.
+pub fn save(model: &Model, clustering: Option<&Clustering>, extra: &[(&str, String)], path: &Path) -> Result<()> {
+    let mut tensors = model.tensors();
+    let mut metadata: HashMap<String, String> = HashMap::from([
+        ("idkm.arch".into(), model.arch().to_string()),
+        ("idkm.channels".into(), model.channels().to_string()),
+        ("idkm.classes".into(), model.classes().to_string()),
+    ]);
+    if let Some(clustering) = clustering {
+        let mut configs = serde_json::Map::new();
+        for (name, layer) in clustering.layers() {
+            configs.insert(name.clone(), layer.config().to_json());
+            if let Some(c) = layer.centroids() {
+                tensors.insert(format!("{name}{CENTROIDS}"), c);
+            }
+        }
+        metadata.insert("idkm.clustering".into(), serde_json::Value::Object(configs).to_string());
+    }
+    metadata.extend(extra.iter().map(|(k, v)| (k.to_string(), v.clone())));
+    crate::io::save_safetensors_with_metadata(&tensors, metadata, path)
+}
+
+/// Whether `path` is a checkpoint written by [`save`].
+pub fn is_snapshot(path: &Path) -> bool {
+    read_metadata(path).is_ok_and(|m| m.contains_key("idkm.arch"))
+}
+
+/// The metadata of a safetensors file.
+pub fn read_metadata(path: &Path) -> Result<HashMap<String, String>> {
+    let bytes = std::fs::read(path).map_err(|source| Error::Io { path: path.into(), source })?;
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
+        .map_err(|e| Error::Format { path: path.into(), msg: format!("not a safetensors file: {e}") })?;
+    Ok(header.metadata().clone().unwrap_or_default())
+}
+
+/// A checkpoint read back: the model, its clustering if it had one, and the metadata.
+pub struct Snapshot {
+    /// The model with the checkpoint's tensors.
+    pub model: Model,
+    /// The clustered layers with their saved centroids.
+    pub clustering: Option<Clustering>,
+    /// All metadata.
+    pub metadata: HashMap<String, String>,
+}
+
+/// Reads a checkpoint written by [`save`] onto `device`.
+pub fn load(path: &Path, device: &Device) -> Result<Snapshot> {
+    let metadata = read_metadata(path)?;
+    let format_error = |msg: String| Error::Format { path: path.into(), msg };
+    let field = |key: &str| {
+        metadata.get(key).ok_or_else(|| format_error(format!("metadata `{key}` missing: not a checkpoint written by idkm")))
+    };
+    let number = |key: &str| -> Result<usize> {
+        field(key)?.parse().map_err(|_| format_error(format!("metadata `{key}` is not a number")))
+    };
+    let arch: Arch = field("idkm.arch")?.parse()?;
+    let model = Model::new(arch, number("idkm.channels")?, number("idkm.classes")?, 0, device)?;
+    let mut tensors: BTreeMap<String, Tensor> = candle_core::safetensors::load(path, &Device::Cpu)?.into_iter().collect();
+    let centroids: BTreeMap<String, Tensor> = {
+        let names: Vec<String> = tensors.keys().filter(|n| n.ends_with(CENTROIDS)).cloned().collect();
+        names.into_iter().filter_map(|n| tensors.remove(&n).map(|t| (n, t))).collect()
+    };
+    model.assign(tensors, path)?;
+    let clustering = match metadata.get("idkm.clustering") {
+        None => None,
+        Some(text) => {
+            let configs: serde_json::Map<String, serde_json::Value> =
+                serde_json::from_str(text).map_err(|e| format_error(format!("metadata `idkm.clustering`: {e}")))?;
+            let mut layers = BTreeMap::new();
+            for (name, json) in configs {
+                let config = KmeansConfig::from_json(&json).map_err(|e| format_error(format!("clustering of `{name}`: {e}")))?;
+                let layer = ClusteredWeight::new(name.clone(), config)?;
+                if let Some(c) = centroids.get(&format!("{name}{CENTROIDS}")) {
+                    layer.set_centroids(c.clone())?;
+                }
+                layers.insert(name, layer);
+            }
+            Some(Clustering::from_layers(layers))
+        }
+    };
+    Ok(Snapshot { model, clustering, metadata })
+}
