@@ -35,18 +35,6 @@ pub fn save_safetensors(
     write_atomic(path, |tmp| candle_core::safetensors::save(tensors, tmp))
 }
 
-/// Saves named tensors and string metadata as safetensors, atomically.
-pub fn save_safetensors_with_metadata(
-    tensors: &std::collections::BTreeMap<String, candle_core::Tensor>,
-    metadata: std::collections::HashMap<String, String>,
-    path: &Path,
-) -> crate::Result<()> {
-    write_atomic::<std::io::Error>(path, |tmp| {
-        safetensors::serialize_to_file(tensors.iter(), Some(metadata), tmp).map_err(std::io::Error::other)
-    })
-    .map_err(|source| crate::Error::Io { path: path.into(), source })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

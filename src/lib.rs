@@ -2,8 +2,14 @@
 //! implicit, differentiable k-means, on candle.
 
 pub mod alloc;
+pub mod checkpoint;
 pub mod cluster;
+pub mod data;
 pub mod error;
+pub mod hub;
+pub mod io;
+pub mod model;
+pub mod quantize;
+pub mod train;
 
 pub use error::{Error, Result};
-pub mod io;

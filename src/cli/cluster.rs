@@ -27,6 +27,9 @@ pub struct ClusterArgs {
     output: Option<PathBuf>,
     #[command(flatten)]
     kmeans: KmeansArgs,
+    /// Seed of the initialisation.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
 }
 
 /// Reads the tensor `name` (or the only tensor) of a safetensors file, as f32.
@@ -55,7 +58,7 @@ fn read_tensor(path: &Path, name: Option<&str>) -> Result<(String, Tensor)> {
 }
 
 pub fn run(a: ClusterArgs) -> Result<()> {
-    let config = a.kmeans.config();
+    let config = a.kmeans.config(a.seed);
     let (name, w, grad) = match &a.input {
         Some(input) => {
             let (name, w) = read_tensor(input, a.tensor.as_deref())?;

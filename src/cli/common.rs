@@ -47,14 +47,12 @@ pub struct KmeansArgs {
     /// Initialisation: kmeans++ | optimal-1d.
     #[arg(long, default_value_t = Init::KmeansPlusPlus)]
     pub init: Init,
-    /// Seed of the initialisation.
-    #[arg(long = "kmeans-seed", default_value_t = 0)]
-    pub seed: u64,
 }
 
 impl KmeansArgs {
-    /// The clustering configuration these arguments describe.
-    pub fn config(&self) -> KmeansConfig {
+    /// The clustering configuration these arguments describe, with `seed`
+    /// for the initialisation.
+    pub fn config(&self, seed: u64) -> KmeansConfig {
         KmeansConfig {
             bits: self.bits,
             cluster_dim: self.cluster_dim,
@@ -67,7 +65,7 @@ impl KmeansArgs {
             solver_tol: self.solver_tol,
             solver_max_steps: self.solver_max_steps,
             init: self.init,
-            seed: self.seed,
+            seed,
         }
     }
 }

@@ -28,7 +28,7 @@ pub struct EvalArgs {
 pub fn run(a: EvalArgs) -> Result<()> {
     let device = device(&a.device)?;
     let split = a.data.load()?;
-    let metadata = snapshot::read_metadata(&a.model).with_context(|| format!("reading {}", a.model.display()))?;
+    let metadata = idkm::checkpoint::metadata(&a.model).with_context(|| format!("reading {}", a.model.display()))?;
     let (model, kind) = if metadata.contains_key("idkm.format") {
         let p = Palettized::load(&a.model)?;
         let model = Model::new(p.arch, p.channels, p.classes, 0, &device)?;

@@ -1,6 +1,14 @@
 //! Command-line arguments (parsed loosely by clap) and their dispatch.
 
 mod cluster;
+mod common;
+mod demo;
+mod eval;
+mod export;
+mod fit;
+mod pull;
+mod quantize;
+mod train;
 
 use clap::{Parser, Subcommand};
 
@@ -21,6 +29,21 @@ pub struct Args {
 pub enum Command {
     /// Cluster one tensor of a safetensors file and write the results.
     Cluster(cluster::ClusterArgs),
+    /// Fetch a checkpoint from the Hugging Face hub (or find it in the
+    /// cache) and print its local path.
+    Pull(pull::PullArgs),
+    /// The whole pipeline on Fashion-MNIST in a few minutes: float training,
+    /// 2-bit IDKM, export, evaluation of the export.
+    Demo(demo::DemoArgs),
+    /// Float training from scratch or from a checkpoint.
+    Train(train::TrainArgs),
+    /// Fine-tune a float model with clustering on its conv and linear weights.
+    Quantize(quantize::QuantizeArgs),
+    /// Write the palettized model (packed indices + lookup tables) of a
+    /// clustered checkpoint.
+    Export(export::ExportArgs),
+    /// Evaluate a checkpoint or a palettized model on a test set.
+    Eval(eval::EvalArgs),
 }
 
 /// Logs to standard error through tracing.
@@ -34,5 +57,11 @@ pub fn init_logging(filter: &str) {
 pub fn run(args: Args) -> anyhow::Result<()> {
     match args.command {
         Command::Cluster(a) => cluster::run(a),
+        Command::Pull(a) => pull::run(a),
+        Command::Demo(a) => demo::run(a),
+        Command::Train(a) => train::run(a),
+        Command::Quantize(a) => quantize::run(a),
+        Command::Export(a) => export::run(a),
+        Command::Eval(a) => eval::run(a),
     }
 }

@@ -46,7 +46,7 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
         // Continue a clustered checkpoint with its own per-layer configs.
         Some(c) => c,
         None => {
-            let mut plan = QuantizePlan::new(a.kmeans.config());
+            let mut plan = QuantizePlan::new(a.kmeans.config(a.optim.seed));
             plan.min_weights = a.min_weights;
             if let Some(path) = &a.layers {
                 plan = plan.with_overrides_file(path)?;

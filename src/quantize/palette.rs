@@ -197,16 +197,13 @@ impl Palettized {
             ("idkm.classes".to_string(), self.classes.to_string()),
             ("idkm.tensors".to_string(), serde_json::to_string(&info).expect("serialisable")),
         ]);
-        crate::io::save_safetensors_with_metadata(&tensors, metadata, path)
+        crate::checkpoint::save(&tensors, &metadata, path)
     }
 
     /// Reads a model written by [`save`](Self::save).
     pub fn load(path: &Path) -> Result<Self> {
         let format_error = |msg: String| Error::Format { path: path.into(), msg };
-        let bytes = std::fs::read(path).map_err(|source| Error::Io { path: path.into(), source })?;
-        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
-            .map_err(|e| format_error(format!("not a safetensors file: {e}")))?;
-        let meta = header.metadata().clone().unwrap_or_default();
+        let meta = crate::checkpoint::metadata(path)?;
         let field = |key: &str| {
             meta.get(key).ok_or_else(|| {
                 format_error(format!("metadata `{key}` missing: not a palettized model written by `idkm export`"))
@@ -220,7 +217,7 @@ impl Palettized {
         };
         let info: BTreeMap<String, PackedInfo> = serde_json::from_str(field("idkm.tensors")?)
             .map_err(|e| format_error(format!("metadata `idkm.tensors`: {e}")))?;
-        let mut dense: BTreeMap<String, Tensor> = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)?.into_iter().collect();
+        let mut dense: BTreeMap<String, Tensor> = candle_core::safetensors::load(path, &Device::Cpu)?.into_iter().collect();
         let mut packed = BTreeMap::new();
         for (name, i) in info {
             let mut take = |suffix: &str| {
@@ -250,7 +247,7 @@ mod tests {
     #[test]
     fn pack_round_trips_every_width() {
         for bits in 1..=8u32 {
-            let indices: Vec<u32> = (0..37u32).map(|i| (i * 2654435761u32.wrapping_mul(i + 1)) % (1 << bits)).collect();
+            let indices: Vec<u32> = (0..37u32).map(|i| i.wrapping_mul(2654435761).wrapping_add(i * i) % (1 << bits)).collect();
             let bytes = pack(&indices, bits);
             assert_eq!(bytes.len(), (37 * bits as usize).div_ceil(8));
             assert_eq!(unpack(&bytes, bits, 37).unwrap(), indices, "bits = {bits}");

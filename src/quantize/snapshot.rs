@@ -36,20 +36,12 @@ pub fn save(model: &Model, clustering: Option<&Clustering>, extra: &[(&str, Stri
         metadata.insert("idkm.clustering".into(), serde_json::Value::Object(configs).to_string());
     }
     metadata.extend(extra.iter().map(|(k, v)| (k.to_string(), v.clone())));
-    crate::io::save_safetensors_with_metadata(&tensors, metadata, path)
+    crate::checkpoint::save(&tensors, &metadata, path)
 }
 
 /// Whether `path` is a checkpoint written by [`save`].
 pub fn is_snapshot(path: &Path) -> bool {
-    read_metadata(path).is_ok_and(|m| m.contains_key("idkm.arch"))
-}
-
-/// The metadata of a safetensors file.
-pub fn read_metadata(path: &Path) -> Result<HashMap<String, String>> {
-    let bytes = std::fs::read(path).map_err(|source| Error::Io { path: path.into(), source })?;
-    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
-        .map_err(|e| Error::Format { path: path.into(), msg: format!("not a safetensors file: {e}") })?;
-    Ok(header.metadata().clone().unwrap_or_default())
+    crate::checkpoint::metadata(path).is_ok_and(|m| m.contains_key("idkm.arch"))
 }
 
 /// A checkpoint read back: the model, its clustering if it had one, and the metadata.
@@ -64,7 +56,7 @@ pub struct Snapshot {
 
 /// Reads a checkpoint written by [`save`] onto `device`.
 pub fn load(path: &Path, device: &Device) -> Result<Snapshot> {
-    let metadata = read_metadata(path)?;
+    let metadata = crate::checkpoint::metadata(path)?;
     let format_error = |msg: String| Error::Format { path: path.into(), msg };
     let field = |key: &str| {
         metadata.get(key).ok_or_else(|| format_error(format!("metadata `{key}` missing: not a checkpoint written by idkm")))

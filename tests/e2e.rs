@@ -1,0 +1,111 @@
+//! End to end on real data: Fashion-MNIST (Debian's `dataset-fashion-mnist`,
+//! which `.ci/run` installs), the small CNN trained in float, fine-tuned
+//! with 2-bit IDKM, exported, and the export evaluated.
+
+use candle_core::Device;
+use idkm::cluster::{KmeansConfig, Method};
+use idkm::data::{self, Augment, Batcher, DataSplit};
+use idkm::model::{Arch, Model, Weights};
+use idkm::quantize::{Clustering, LutDType, Palettized, QuantizePlan};
+use idkm::train::{evaluate, OptimizerKind, SgdConfig, Trainer};
+use std::process::Command;
+
+fn fashion_mnist() -> std::path::PathBuf {
+    data::fashion_mnist_dir()
+        .expect("Fashion-MNIST is not installed: `apt-get install dataset-fashion-mnist` (.ci/run does this)")
+}
+
+fn subset(train: usize, test: usize) -> DataSplit {
+    let mut split = data::load(&fashion_mnist()).unwrap();
+    split.train = split.train.take(train).unwrap();
+    split.test = split.test.take(test).unwrap();
+    split
+}
+
+fn batches<'a>(split: &'a DataSplit, epoch: Option<u64>) -> Batcher<'a> {
+    match epoch {
+        Some(e) => Batcher::new(&split.train, 64, Some((0, e)), Augment::none(), &split.mean, &split.std, &Device::Cpu),
+        None => Batcher::new(&split.test, 250, None, Augment::none(), &split.mean, &split.std, &Device::Cpu),
+    }
+}
+
+/// 2-bit IDKM on 3,000 training images: the hard (palettized) weights
+/// must reach 65% test accuracy (chance is 10%; float after one epoch
+/// reaches about 75%), and the exported model must reproduce the
+/// hard-weight logits bit for bit.
+#[test]
+fn two_bit_idkm_on_fashion_mnist_and_export_round_trip() {
+    let split = subset(3000, 1000);
+    let model = Model::new(Arch::SmallCnn, 1, 10, 0, &Device::Cpu).unwrap();
+    let sgd = OptimizerKind::Sgd(SgdConfig { momentum: 0.9, nesterov: true, weight_decay: 5e-4 });
+    let steps = split.train.len().div_ceil(64);
+    Trainer::new(&model, sgd, 0.05, steps).unwrap().epoch(&model, &Weights::Float, batches(&split, Some(0)), "float").unwrap();
+    let float = evaluate(&model, &Weights::Float, batches(&split, None), "test").unwrap();
+
+    let config = KmeansConfig { bits: 2, tau: 2e-4, method: Method::Idkm, ..Default::default() };
+    let clustering = Clustering::new(&model, &QuantizePlan::new(config)).unwrap();
+    let names: Vec<_> = clustering.layers().keys().cloned().collect();
+    // conv1 (144 weights) and fc2 (640) are below the 2048 threshold.
+    assert_eq!(names, ["conv2.weight", "fc1.weight"]);
+    let mut trainer = Trainer::new(&model, sgd, 0.01, steps).unwrap();
+    trainer.epoch(&model, &Weights::Clustered(&clustering), batches(&split, Some(1)), "idkm").unwrap();
+    let hard = clustering.hard_weights(&model, LutDType::F32).unwrap();
+    let hard_acc = evaluate(&model, &Weights::Fixed(&hard), batches(&split, None), "hard").unwrap().accuracy;
+    println!("float {:.3}, 2-bit hard {hard_acc:.3}", float.accuracy);
+    assert!(hard_acc > 0.65, "2-bit accuracy {hard_acc} (float {})", float.accuracy);
+    for (name, w) in &hard {
+        let mut distinct: Vec<u32> = w.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect();
+        distinct.sort();
+        distinct.dedup();
+        assert!(distinct.len() <= 4, "{name} has {} distinct values", distinct.len());
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("palettized.safetensors");
+    let palettized = clustering.palettize(&model, LutDType::F32).unwrap();
+    palettized.save(&path).unwrap();
+    // 2 bits per weight: conv2 4,608 weights -> 1,152 bytes, fc1 100,352 -> 25,088.
+    let loaded = Palettized::load(&path).unwrap();
+    assert_eq!(loaded.packed["conv2.weight"].indices.len(), 1152);
+    assert_eq!(loaded.packed["fc1.weight"].indices.len(), 25_088);
+    assert!(palettized.float_bytes() as f64 / palettized.bytes() as f64 > 10.0);
+    let exported = Model::new(loaded.arch, loaded.channels, loaded.classes, 99, &Device::Cpu).unwrap();
+    exported.assign(loaded.tensors().unwrap(), &path).unwrap();
+    let x = batches(&split, None).next().unwrap().unwrap().0;
+    let a = model.forward(&x, false, &Weights::Fixed(&hard)).unwrap().to_vec2::<f32>().unwrap();
+    let b = exported.forward(&x, false, &Weights::Float).unwrap().to_vec2::<f32>().unwrap();
+    assert_eq!(a, b, "the export's logits differ from the hard weights'");
+    let export_acc = evaluate(&exported, &Weights::Float, batches(&split, None), "export").unwrap().accuracy;
+    assert_eq!(export_acc, hard_acc);
+}
+
+fn idkm(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_idkm")).args(args).env("RUST_LOG", "warn").output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "idkm {args:?} failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    stdout
+}
+
+/// `quantize` -> `export` -> `eval` from the command line: `eval` of the
+/// export prints exactly the hard accuracy that `quantize` printed.
+#[test]
+fn quantize_export_eval_commands_agree() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = fashion_mnist();
+    let data = data.to_str().unwrap();
+    let (ckpt, export) = (dir.path().join("q.safetensors"), dir.path().join("p.safetensors"));
+    let (ckpt, export) = (ckpt.to_str().unwrap(), export.to_str().unwrap());
+    let limits = ["--data", data, "--train-limit", "640", "--test-limit", "500"];
+    let out = idkm(&[&["quantize", "--bits", "3", "--tau", "2e-4", "--epochs", "1", "-o", ckpt], &limits[..]].concat());
+    // The last line of the table: epoch, loss, train acc, soft, hard, time, RSS.
+    let row = out.lines().filter(|l| l.trim_start().starts_with('1')).last().expect(&out).to_string();
+    let hard: f64 = row.split_whitespace().nth(4).unwrap().trim_end_matches('%').parse().unwrap();
+    let out = idkm(&["export", "--model", ckpt, "-o", export]);
+    assert!(out.contains("ratio"), "{out}");
+    let out = idkm(&["eval", "--model", export, "--data", data, "--test-limit", "500"]);
+    let printed = out.split("accuracy ").nth(1).unwrap().split('%').next().unwrap();
+    assert_eq!(printed, format!("{hard:.2}"), "eval: {out}\nquantize: {row}");
+    // The float checkpoint evaluates too, and a float checkpoint cannot be exported.
+    let out = idkm(&["eval", "--model", ckpt, "--data", data, "--test-limit", "500"]);
+    assert!(out.contains("float weights"), "{out}");
+}
