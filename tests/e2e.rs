@@ -68,6 +68,8 @@ fn two_bit_idkm_on_fashion_mnist_and_export_round_trip() {
     let loaded = Palettized::load(&path).unwrap();
     assert_eq!(loaded.packed["conv2.weight"].indices.len(), 1152);
     assert_eq!(loaded.packed["fc1.weight"].indices.len(), 25_088);
+    assert_eq!(loaded.configs["fc1.weight"]["bits"], 2);
+    assert_eq!(loaded.configs["conv2.weight"]["method"], "idkm");
     assert!(palettized.float_bytes() as f64 / palettized.bytes() as f64 > 10.0);
     let exported = Model::new(loaded.arch, loaded.channels, loaded.classes, 99, &Device::Cpu).unwrap();
     exported.assign(loaded.tensors().unwrap(), &path).unwrap();

@@ -7,9 +7,9 @@ use std::path::PathBuf;
 
 #[derive(clap::Args, Debug)]
 pub struct ExportArgs {
-    /// Checkpoint written by `idkm quantize`.
+    /// Checkpoint written by `idkm quantize`: a local file or a hub repo id.
     #[arg(long)]
-    model: PathBuf,
+    model: String,
     /// Where to write the palettized model (safetensors).
     #[arg(long, short)]
     output: PathBuf,
@@ -20,9 +20,10 @@ pub struct ExportArgs {
 }
 
 pub fn run(a: ExportArgs) -> Result<()> {
-    let s = snapshot::load(&a.model, &Device::Cpu).with_context(|| format!("loading {}", a.model.display()))?;
+    let path = idkm::hub::resolve(&a.model.parse()?).with_context(|| format!("resolving --model {}", a.model))?;
+    let s = snapshot::load(&path, &Device::Cpu).with_context(|| format!("loading {}", path.display()))?;
     let Some(clustering) = s.clustering else {
-        bail!("{} has no clustering: it is a float checkpoint (run `idkm quantize` on it first)", a.model.display());
+        bail!("{} has no clustering: it is a float checkpoint (run `idkm quantize` on it first)", path.display());
     };
     let lut = match (a.lut, s.metadata.get("idkm.lut")) {
         (Some(lut), _) => lut,
@@ -32,7 +33,7 @@ pub fn run(a: ExportArgs) -> Result<()> {
     let palettized = clustering.palettize(&s.model, lut)?;
     palettized.save(&a.output).with_context(|| format!("writing {}", a.output.display()))?;
     let (before, after) = (palettized.float_bytes(), palettized.bytes());
-    println!("{} -> {}", a.model.display(), a.output.display());
+    println!("{} -> {}", path.display(), a.output.display());
     println!("clustered tensors  {} ({} LUT)", palettized.packed.len(), lut);
     println!("original size      {before} B (fp32)");
     println!("compressed size    {after} B");

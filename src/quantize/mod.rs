@@ -72,8 +72,9 @@ impl Clustering {
                 }
             }
         }
+        let configs = self.layers.iter().map(|(n, l)| (n.clone(), l.config().to_json())).collect();
         let channels = model.channels();
-        Ok(Palettized { arch: model.arch(), channels, classes: model.classes(), packed, dense })
+        Ok(Palettized { arch: model.arch(), channels, classes: model.classes(), packed, dense, configs })
     }
 
     /// The hard (palettized) weights of the clustered layers, exactly as an

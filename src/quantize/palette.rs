@@ -4,8 +4,9 @@
 //! File format (safetensors): `NAME.lut` (k x d, f32 or f16) and
 //! `NAME.indices` (u8, `ceil(m * b / 8)` bytes) per clustered tensor `NAME`,
 //! the other tensors under their own names, and metadata `idkm.format`
-//! (`palettized-v1`), `idkm.arch`, `idkm.channels`, `idkm.classes` and
-//! `idkm.tensors` (JSON: name -> `{shape, bits, cluster_dim}`).
+//! (`palettized-v1`), `idkm.arch`, `idkm.channels`, `idkm.classes`,
+//! `idkm.tensors` (JSON: name -> `{shape, bits, cluster_dim}`) and
+//! `idkm.clustering` (JSON: name -> the clustering configuration).
 //! Indices are packed least-significant bit first: index `i` occupies bits
 //! `i*b .. (i+1)*b` of the little-endian bit stream.
 
@@ -154,6 +155,9 @@ pub struct Palettized {
     pub packed: BTreeMap<String, PackedTensor>,
     /// All other tensors (float parameters, batch-norm statistics).
     pub dense: BTreeMap<String, Tensor>,
+    /// The clustering configuration of each clustered tensor (JSON, as in
+    /// `KmeansConfig::to_json`), for the record.
+    pub configs: BTreeMap<String, serde_json::Value>,
 }
 
 impl Palettized {
@@ -196,6 +200,7 @@ impl Palettized {
             ("idkm.channels".to_string(), self.channels.to_string()),
             ("idkm.classes".to_string(), self.classes.to_string()),
             ("idkm.tensors".to_string(), serde_json::to_string(&info).expect("serialisable")),
+            ("idkm.clustering".to_string(), serde_json::to_string(&self.configs).expect("serialisable")),
         ]);
         crate::checkpoint::save(&tensors, &metadata, path)
     }
@@ -236,6 +241,11 @@ impl Palettized {
             classes: number("idkm.classes")?,
             packed,
             dense,
+            configs: match meta.get("idkm.clustering") {
+                Some(text) => serde_json::from_str(text)
+                    .map_err(|e| format_error(format!("metadata `idkm.clustering`: {e}")))?,
+                None => BTreeMap::new(),
+            },
         })
     }
 }

@@ -33,13 +33,16 @@ impl Sgd {
     }
 
     /// One update from `grads`; variables without a gradient are left alone.
+    /// Everything is computed on detached tensors, so no graph outlives the step.
     pub fn step(&mut self, grads: &GradStore) -> Result<()> {
         let SgdConfig { momentum, nesterov, weight_decay } = self.config;
         for (var, velocity) in self.vars.iter().zip(self.velocity.iter_mut()) {
+            // Detached: a gradient can reference the step's graph, which
+            // the momentum buffer would otherwise keep alive step after step.
             let Some(g) = grads.get(var) else { continue };
-            let mut g = g.clone();
+            let mut g = g.detach();
             if weight_decay != 0.0 {
-                g = (g + (var.as_tensor() * weight_decay)?)?;
+                g = (g + (var.as_detached_tensor() * weight_decay)?)?;
             }
             let step = if momentum != 0.0 {
                 let b = match velocity.take() {
@@ -52,7 +55,7 @@ impl Sgd {
             } else {
                 g
             };
-            var.set(&(var.as_tensor() - (step * self.lr)?)?)?;
+            var.set(&(var.as_detached_tensor() - (step * self.lr)?)?)?;
         }
         Ok(())
     }
