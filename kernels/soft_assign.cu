@@ -14,6 +14,7 @@
 //   inverse_mass               1/S_j or 0 for a dead centroid
 //   soft_assign_output_f32_dD  Wt_i = sum_j a_ij c_j
 //   hard_assign_f32_dD         argmin_j ||w_i - c_j|| (ties to the lower j)
+//   first_non_finite_f32       smallest index of a NaN or infinite value (ops.rs: check_finite)
 //
 // Algorithm (see common.cuh for the group-per-row attention):
 //
@@ -46,6 +47,7 @@
 //   inverse_mass               grid = CEIL_DIV(k, 256), block = 256.
 //   soft_assign_output_f32_dD  grid = any (suggested min(CEIL_DIV(m, 8), 65535)), block = 256.
 //   hard_assign_f32_dD         grid = any (suggested min(CEIL_DIV(m, 256), 65535)), block = 256.
+//   first_non_finite_f32       grid = any (suggested min(CEIL_DIV(n, 256), 1024)), block = any.
 // Requirements: 1 <= k <= 256, blockDim.x == 256 for the _dD kernels (else
 // they trap); m >= 0; inv_tau = (1/tau) rounded to f32; euclidean = 0
 // (squared distance) or 1 (Euclidean).
@@ -300,3 +302,25 @@ HARD_ASSIGN(1)
 HARD_ASSIGN(2)
 HARD_ASSIGN(4)
 HARD_ASSIGN(8)
+
+// ----------------------------------------------------------------------------
+// first_non_finite (ops.rs: check_finite, run before the k-means steps)
+//
+// Lowers *first to the smallest index i < n with x[i] NaN or infinite; the
+// host sets *first to ULLONG_MAX before the launch, and it stays so when every
+// value is finite. Each thread visits increasing indices, so it stops at its
+// first hit. Integer atomicMin: the result does not depend on the order.
+
+extern "C" __global__ void first_non_finite_f32(
+    const float* __restrict__ x,              // n values
+    const unsigned long long n,
+    unsigned long long* __restrict__ first    // 1: in: ULLONG_MAX; out: smallest bad index
+) {
+    const unsigned long long stride = (unsigned long long)gridDim.x * blockDim.x;
+    for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        if (!isfinite(x[i])) {
+            atomicMin(first, i);
+            return;
+        }
+    }
+}

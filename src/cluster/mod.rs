@@ -7,10 +7,14 @@
 //! - [`solve`]: adjoint solvers (CG, GMRES, Neumann).
 //! - [`backward`]: the implicit backward built from the passes.
 //! - [`ops`]: candle `CustomOp`s around the passes.
+//! - `cuda` (feature `cuda`): launchers of the CUDA kernels, the device twins
+//!   of the passes, called from the ops' `cuda_fwd`.
 //! - [`layer`]: [`ClusteredWeight`], with warm start and export.
 
 pub mod backward;
 pub mod config;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod init;
 pub mod layer;
 pub mod ops;

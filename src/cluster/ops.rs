@@ -1,6 +1,8 @@
 //! candle `CustomOp`s around the streaming passes: the fixed-point iteration
 //! (no graph), the soft-clustered output with its implicit backward, and the
-//! hard assignment. `cpu_fwd` runs the CPU twins of `streaming`.
+//! hard assignment. `cpu_fwd` runs the CPU twins of `streaming`; with the
+//! `cuda` feature, `cuda_fwd` runs their CUDA kernels (f32 only) through the
+//! launchers of `cuda`.
 
 use super::backward::{implicit_backward, Adjoint, BackwardConfig};
 use super::streaming::{self as pass, Geometry, Real};
@@ -8,6 +10,11 @@ use crate::error::Error;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use std::sync::{Arc, Mutex};
+
+#[cfg(feature = "cuda")]
+use super::cuda;
+#[cfg(feature = "cuda")]
+use candle_core::CudaStorage;
 
 /// The contiguous slice of a storage under `layout`.
 fn contiguous<'a, T>(data: &'a [T], layout: &Layout, what: &str) -> Result<&'a [T]> {
@@ -107,6 +114,19 @@ impl CustomOp2 for FixedPoint {
         })?;
         Ok((out, shape))
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout) -> Result<(CudaStorage, Shape)> {
+        let dev = s1.device();
+        let (m, d) = l1.shape().dims2()?;
+        let w = cuda::view_f32(self.name(), &self.tensor, "weights", s1, l1)?;
+        let c0 = cuda::view_f32(self.name(), &self.tensor, "initial centroids", s2, l2)?;
+        let p = cuda::Problem::new(m, d, &self.geo)?;
+        cuda::check_finite(dev, &w, &self.tensor)?;
+        let (c, steps, shift) = cuda::fixed_point(dev, &p, &w, &c0, self.max_iter, self.tol)?;
+        *self.report.lock().expect("report lock") = Some(FixedPointReport { steps, shift });
+        Ok((CudaStorage::wrap_cuda_slice(c, dev.clone()), l2.shape().clone()))
+    }
 }
 
 /// `(W [m, d], C* [k, d]) -> Wt = A(C*, W) C* [m, d]`, whose backward is the
@@ -137,6 +157,19 @@ impl CustomOp2 for SoftAssign {
             Ok(storage(out))
         })?;
         Ok((out, shape))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout) -> Result<(CudaStorage, Shape)> {
+        let dev = s1.device();
+        let (m, d) = l1.shape().dims2()?;
+        let w = cuda::view_f32(self.name(), &self.tensor, "weights", s1, l1)?;
+        let c = cuda::view_f32(self.name(), &self.tensor, "centroids", s2, l2)?;
+        let p = cuda::Problem::new(m, d, &self.geo)?;
+        // SAFETY: soft_assign_output writes every element.
+        let mut out = unsafe { dev.alloc::<f32>(m * d) }?;
+        cuda::soft_assign_output(dev, &p, &w, &c, &mut out)?;
+        Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), l1.shape().clone()))
     }
 
     fn bwd(&self, w: &Tensor, c: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
@@ -182,6 +215,28 @@ impl CustomOp3 for ImplicitGrad {
         };
         Ok((out, l1.shape().clone()))
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let op = &self.0;
+        let dev = s1.device();
+        let (m, d) = l1.shape().dims2()?;
+        let w = cuda::view_f32(self.name(), &op.tensor, "weights", s1, l1)?;
+        let c = cuda::view_f32(self.name(), &op.tensor, "centroids", s2, l2)?;
+        let g = cuda::view_f32(self.name(), &op.tensor, "upstream gradient", s3, l3)?;
+        let p = cuda::Problem::new(m, d, &op.geo)?;
+        let (out, adjoint) = cuda::implicit_backward(dev, &p, &w, &c, &g, &op.backward, &op.tensor)?;
+        *op.adjoint.lock().expect("adjoint lock") = Some(adjoint);
+        Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), l1.shape().clone()))
+    }
 }
 
 /// `(W [m, d], C [k, d]) -> indices [m]` (u32): the nearest centroid of each vector.
@@ -200,5 +255,22 @@ impl CustomOp2 for HardAssign {
             Ok(storage(out))
         })?;
         Ok((out, Shape::from(m)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout) -> Result<(CudaStorage, Shape)> {
+        let dev = s1.device();
+        let (m, d) = l1.shape().dims2()?;
+        let (k, dc) = l2.shape().dims2()?;
+        if dc != d {
+            candle_core::bail!("{}: weights of dimension {d} and centroids of dimension {dc}", self.name());
+        }
+        let w = cuda::view_f32(self.name(), "", "weights", s1, l1)?;
+        let c = cuda::view_f32(self.name(), "", "centroids", s2, l2)?;
+        let p = cuda::Problem::shape(m, k, d)?;
+        // SAFETY: hard_assign writes every element.
+        let mut out = unsafe { dev.alloc::<u32>(m.max(1)) }?;
+        cuda::hard_assign(dev, &p, &w, &c, &mut out)?;
+        Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), Shape::from(m)))
     }
 }
