@@ -248,3 +248,53 @@ pub fn peak_rss() -> Option<u64> {
 pub fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
 }
+
+// --- Memory budget (`--memory-budget`, issue 5) ---------------------------
+
+/// The memory budget of a training run.
+#[derive(clap::Args, Debug, Clone)]
+pub struct BudgetArgs {
+    /// Refuse to start a run whose predicted peak memory (training step or
+    /// evaluation) exceeds this, e.g. `7GiB` for a Jetson Orin Nano; the
+    /// message says which method, batch size or bits would fit.
+    #[arg(long, value_parser = parse_budget)]
+    pub memory_budget: Option<u64>,
+}
+
+fn parse_budget(text: &str) -> std::result::Result<u64, String> {
+    idkm::memory::parse_bytes(text)
+}
+
+/// Samples per evaluation batch in [`super::fit::fit`].
+const EVAL_BATCH: usize = 256;
+
+impl BudgetArgs {
+    /// Checks the run against the budget before it starts (nothing to do
+    /// without one).
+    pub fn check(&self, model: &Model, clustering: Option<&Clustering>, split: &DataSplit, optim: &OptimArgs) -> Result<()> {
+        use idkm::memory::{self, ModelShape, Workload};
+        let Some(budget) = self.memory_budget else { return Ok(()) };
+        let shape = ModelShape::of(model);
+        let specs = match clustering {
+            Some(c) => memory::clustering_specs(&shape, c),
+            None => memory::float_specs(&shape),
+        };
+        let work = Workload {
+            batch: optim.batch_size.clamp(1, split.train.len().max(1)),
+            channels: split.train.channels(),
+            height: split.train.height(),
+            width: split.train.width(),
+            classes: split.classes,
+            optimizer_slots: Workload::slots(&optim.kind()?),
+            eval_batch: EVAL_BATCH.min(split.test.len()),
+            data_bytes: memory::storage_bytes(&split.train.images) + memory::storage_bytes(&split.test.images),
+        };
+        match memory::check_budget(&shape, &specs, &work, budget) {
+            Ok(e) => {
+                tracing::info!(predicted = %memory::gib(e.total()), budget = %memory::gib(budget), "within the memory budget");
+                Ok(())
+            }
+            Err(msg) => bail!("{msg}"),
+        }
+    }
+}

@@ -6,6 +6,7 @@ mod demo;
 mod eval;
 mod export;
 mod fit;
+mod profile;
 mod pull;
 mod quantize;
 mod train;
@@ -44,6 +45,10 @@ pub enum Command {
     Export(export::ExportArgs),
     /// Evaluate a checkpoint or a palettized model on a test set.
     Eval(eval::EvalArgs),
+    /// Peak memory and step time of fp32, DKM, IDKM and IDKM-JFB training
+    /// steps side by side, each in a fresh process, beside the memory
+    /// model's prediction: a table, a JSON file and plots.
+    Profile(profile::ProfileArgs),
 }
 
 /// Logs to standard error through tracing.
@@ -63,5 +68,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Command::Quantize(a) => quantize::run(a),
         Command::Export(a) => export::run(a),
         Command::Eval(a) => eval::run(a),
+        Command::Profile(a) => profile::run(a),
     }
 }

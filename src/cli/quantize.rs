@@ -1,7 +1,7 @@
 //! `idkm quantize`: fine-tunes a float model with clustering on its conv and
 //! linear weights.
 
-use super::common::{device, DataArgs, KmeansArgs, ModelArgs, OptimArgs};
+use super::common::{device, BudgetArgs, DataArgs, KmeansArgs, ModelArgs, OptimArgs};
 use super::fit::fit;
 use anyhow::{Context, Result};
 use idkm::quantize::{Clustering, LutDType, QuantizePlan};
@@ -17,6 +17,8 @@ pub struct QuantizeArgs {
     optim: OptimArgs,
     #[command(flatten)]
     kmeans: KmeansArgs,
+    #[command(flatten)]
+    budget: BudgetArgs,
     /// Layers with fewer weights stay in float.
     #[arg(long, default_value_t = QuantizePlan::MIN_WEIGHTS)]
     min_weights: usize,
@@ -54,6 +56,7 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
             Clustering::new(&model, &plan).context("planning the clustering")?
         }
     };
+    a.budget.check(&model, Some(&clustering), &split, &a.optim)?;
     println!("{} on {} ({} train / {} test)", model.arch(), split.name, split.train.len(), split.test.len());
     for (name, layer) in clustering.layers() {
         let c = layer.config();

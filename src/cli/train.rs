@@ -1,6 +1,6 @@
 //! `idkm train`: float training from scratch or from a checkpoint.
 
-use super::common::{device, DataArgs, ModelArgs, OptimArgs};
+use super::common::{device, BudgetArgs, DataArgs, ModelArgs, OptimArgs};
 use super::fit::fit;
 use anyhow::{bail, Result};
 use idkm::quantize::LutDType;
@@ -14,6 +14,8 @@ pub struct TrainArgs {
     model: ModelArgs,
     #[command(flatten)]
     optim: OptimArgs,
+    #[command(flatten)]
+    budget: BudgetArgs,
     /// cpu | cuda | cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -30,6 +32,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         bail!("this checkpoint was written by `idkm quantize`; continue it with `idkm quantize --model ...`");
     }
     let model = loaded.model;
+    a.budget.check(&model, None, &split, &a.optim)?;
     println!(
         "{} on {} ({} train / {} test), {} parameters",
         model.arch(),

@@ -1,0 +1,298 @@
+//! Whole-step benchmark: training steps of ResNet18-CIFAR at batch 32,
+//! fp32 against DKM (t = 1, 3, 10, 30), IDKM and IDKM-JFB (t = 30) at 4 and 8
+//! bits, each configuration in a fresh process (this binary, re-executed), so
+//! that peaks do not mix. Reports seconds per step, the peak resident set,
+//! the bytes counted by the allocator and the memory model's prediction. A
+//! configuration predicted over the budget is reported as "does not fit",
+//! not run; a child that still runs out of its limit fails alone.
+//!
+//! ```text
+//! cargo bench --profile dev --bench step                 # the full table, ~15 min on 2 cores
+//! IDKM_STEP_BATCH=8 IDKM_STEP_BITS=4 cargo bench --profile dev --bench step   # a quick look
+//! ```
+//!
+//! Environment (all optional): `IDKM_STEP_ARCH` (resnet18-cifar),
+//! `IDKM_STEP_BATCH` (32), `IDKM_STEP_BITS` (4,8), `IDKM_STEP_DKM_ITERS`
+//! (1,3,10,30), `IDKM_STEP_ITERS` (30: t of IDKM and IDKM-JFB),
+//! `IDKM_STEP_METHODS` (dkm,idkm,idkm-jfb), `IDKM_STEP_BUDGET_GIB` (16, and
+//! never more than the memory available less 1 GiB), `IDKM_STEP_ALLOCS`
+//! (system; system,mimalloc with `--features mimalloc`: the first for every
+//! configuration, the others for the fp32 step; `IDKM_STEP_ALLOC_ALL=1` for
+//! all), `IDKM_STEP_WARMUP`
+//! (1), `IDKM_STEP_STEPS` (1), `IDKM_STEP_TIMEOUT_S` (600 per
+//! configuration; one predicted to need more, from the fp32 step's time and
+//! the layer benchmark's cost per pass, is reported, not run),
+//! `IDKM_STEP_OUT` (docs/bench, relative to the crate).
+//!
+//! `IDKM_STEP_REPLOT=docs/bench/step.json` redraws the tables and plots of
+//! an earlier run without running anything.
+//!
+//! `IDKM_STEP_BREAKDOWN=1` prints instead where one step's memory goes, phase
+//! by phase (the calibration of the memory model, docs/memory-model.md).
+
+use idkm::memory::{self, AllocKind, Record, StepConfig};
+
+#[global_allocator]
+static GLOBAL: memory::ProfileAlloc = memory::ProfileAlloc;
+
+const CHILD_ENV: &str = "IDKM_STEP_CHILD";
+const LIMIT_ENV: &str = "IDKM_STEP_LIMIT";
+
+fn env_or(name: &str, default: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| default.to_string())
+}
+
+fn list<T: std::str::FromStr>(name: &str, default: &str) -> Vec<T> {
+    env_or(name, default)
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect()
+}
+
+fn main() -> anyhow::Result<()> {
+    // The child: one configuration, its result as one line on stdout.
+    if let Ok(json) = std::env::var(CHILD_ENV) {
+        let config: StepConfig = serde_json::from_str(&json)?;
+        let limit = std::env::var(LIMIT_ENV).ok().and_then(|s| s.parse().ok());
+        std::process::exit(memory::child_main(&config, limit));
+    }
+    if let Ok(path) = std::env::var("IDKM_STEP_REPLOT") {
+        let doc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path)?)?;
+        let records: Vec<Record> = serde_json::from_value(doc["records"].clone())?;
+        let command = doc["command"].as_str().unwrap_or("").to_string();
+        let (dir, name) = (
+            std::path::Path::new(&path)
+                .parent()
+                .unwrap_or(std::path::Path::new(".")),
+            "step",
+        );
+        let first = records
+            .first()
+            .map(|r| (r.config.arch.clone(), r.config.batch))
+            .unwrap_or_default();
+        let title = format!(
+            "{}, batch {}, one training step (SGD), this machine",
+            first.0, first.1
+        );
+        for p in memory::write_outputs(&records, dir, name, &title, &command)? {
+            eprintln!("wrote {}", p.display());
+        }
+        return Ok(());
+    }
+    if std::env::var("IDKM_STEP_BREAKDOWN").is_ok_and(|v| v == "1") {
+        return breakdown();
+    }
+    // The memory model's prediction of one configuration, as JSON.
+    if let Ok(json) = std::env::var("IDKM_STEP_PREDICT") {
+        let config: StepConfig = serde_json::from_str(&json)?;
+        let shape = memory::ModelShape::of_arch(
+            config.arch()?,
+            if config.arch == "small-cnn" { 1 } else { 3 },
+            config.classes,
+        )?;
+        println!("{}", serde_json::to_string(&config.predict(&shape)?)?);
+        return Ok(());
+    }
+    let arch = env_or("IDKM_STEP_ARCH", "resnet18-cifar");
+    let batch: usize = env_or("IDKM_STEP_BATCH", "32").parse()?;
+    let bits: Vec<u32> = list("IDKM_STEP_BITS", "4,8");
+    let dkm_iters: Vec<usize> = list("IDKM_STEP_DKM_ITERS", "1,3,10,30");
+    let iters: usize = env_or("IDKM_STEP_ITERS", "30").parse()?;
+    let methods: Vec<String> = list("IDKM_STEP_METHODS", "dkm,idkm,idkm-jfb");
+    let allocs: Vec<AllocKind> = list(
+        "IDKM_STEP_ALLOCS",
+        if cfg!(feature = "mimalloc") {
+            "system,mimalloc"
+        } else {
+            "system"
+        },
+    );
+    let alloc_all = std::env::var("IDKM_STEP_ALLOC_ALL").is_ok_and(|v| v == "1");
+    let warmup: usize = env_or("IDKM_STEP_WARMUP", "1").parse()?;
+    let steps: usize = env_or("IDKM_STEP_STEPS", "1").parse()?;
+    let timeout: f64 = env_or("IDKM_STEP_TIMEOUT_S", "600").parse()?;
+    let out_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join(env_or("IDKM_STEP_OUT", "docs/bench"));
+    let mut budget =
+        (env_or("IDKM_STEP_BUDGET_GIB", "16").parse::<f64>()? * (1u64 << 30) as f64) as u64;
+    if let Some(avail) = memory::available_memory() {
+        let cap = avail.saturating_sub(1 << 30);
+        if cap < budget {
+            eprintln!(
+                "budget lowered from {} to {} (memory available less 1 GiB)",
+                memory::gib(budget),
+                memory::gib(cap)
+            );
+            budget = cap;
+        }
+    }
+
+    let base = StepConfig {
+        arch: arch.clone(),
+        batch,
+        method: "fp32".into(),
+        bits: 4,
+        cluster_dim: 1,
+        iters,
+        tol: 0.0,
+        tau: 1e-4,
+        solver: "cg".into(),
+        min_weights: idkm::quantize::QuantizePlan::MIN_WEIGHTS,
+        classes: 10,
+        warmup,
+        steps,
+        max_seconds: timeout * 0.8,
+        device: "cpu".into(),
+        data: None,
+        seed: 0,
+    };
+    let mut configs = vec![(base.clone(), true)];
+    for &b in &bits {
+        for m in &methods {
+            let ts: Vec<usize> = if m == "dkm" {
+                dkm_iters.clone()
+            } else {
+                vec![iters]
+            };
+            for t in ts {
+                let c = StepConfig {
+                    method: m.clone(),
+                    bits: b,
+                    iters: t,
+                    ..base.clone()
+                };
+                configs.push((c, false));
+            }
+        }
+    }
+    let channels = if arch == "small-cnn" { 1 } else { 3 };
+    let shape = memory::ModelShape::of_arch(base.arch()?, channels, base.classes)?;
+    let exe = std::env::current_exe()?;
+    let mut plan = Vec::new();
+    for (i, &alloc) in allocs.iter().enumerate() {
+        for (config, in_alloc_experiment) in &configs {
+            if i == 0 || alloc_all || *in_alloc_experiment {
+                plan.push((config.clone(), alloc));
+            }
+        }
+    }
+    let command = |config: &StepConfig,
+                   alloc: AllocKind,
+                   limit: u64|
+     -> anyhow::Result<std::process::Command> {
+        eprintln!("running {} ({alloc}) ...", config.label());
+        let mut cmd = std::process::Command::new(&exe);
+        cmd.env(CHILD_ENV, serde_json::to_string(config)?)
+            .env(LIMIT_ENV, limit.to_string())
+            .env(memory::ALLOC_ENV, alloc.to_string());
+        Ok(cmd)
+    };
+    let report = |r: &Record| {
+        eprintln!(
+            "{}",
+            memory::table(std::slice::from_ref(r))
+                .lines()
+                .last()
+                .unwrap_or("")
+        )
+    };
+    let records = memory::profile(&shape, &plan, budget, timeout, command, report)?;
+    finish(&records, &arch, batch, &bits, budget, &out_dir)
+}
+
+fn finish(
+    records: &[Record],
+    arch: &str,
+    batch: usize,
+    bits: &[u32],
+    budget: u64,
+    out_dir: &std::path::Path,
+) -> anyhow::Result<()> {
+    let title = format!("{arch}, batch {batch}, one training step (SGD), this machine");
+    let command = format!(
+        "IDKM_STEP_BATCH={batch} IDKM_STEP_BITS={} IDKM_STEP_BUDGET_GIB={:.0} cargo bench --profile dev --bench step{}",
+        bits.iter().map(|b| b.to_string()).collect::<Vec<_>>().join(","),
+        budget as f64 / (1u64 << 30) as f64,
+        if cfg!(feature = "mimalloc") { " --features mimalloc" } else { "" },
+    );
+    println!("{}", memory::table(records));
+    println!("{}", memory::layer_table(records));
+    let written = memory::write_outputs(records, out_dir, "step", &title, &command)?;
+    for p in written {
+        eprintln!("wrote {}", p.display());
+    }
+    Ok(())
+}
+
+/// `IDKM_STEP_BREAKDOWN=1`: where one step's memory goes, phase by phase
+/// (counted bytes), for the calibration of the memory model
+/// (docs/memory-model.md). Uses `IDKM_STEP_ARCH`, `IDKM_STEP_BATCH`, and
+/// `IDKM_STEP_METHODS`, `IDKM_STEP_BITS`, `IDKM_STEP_ITERS` (first of each;
+/// `fp32` as the method for the float step).
+fn breakdown() -> anyhow::Result<()> {
+    use candle_core::{Device, Tensor};
+    use idkm::model::{Arch, Model, Weights};
+    let dev = Device::Cpu;
+    let arch: Arch = env_or("IDKM_STEP_ARCH", "small-cnn").parse()?;
+    let n: usize = env_or("IDKM_STEP_BATCH", "8").parse()?;
+    let method = env_or("IDKM_STEP_METHODS", "fp32")
+        .split(',')
+        .next()
+        .unwrap_or("fp32")
+        .to_string();
+    let (c, hw) = if arch == Arch::SmallCnn {
+        (1, 28)
+    } else {
+        (3, 32)
+    };
+    let mb = |b: usize| b as f64 / 1048576.0;
+    let model = Model::new(arch, c, 10, 0, &dev)?;
+    let clustering = if method == "fp32" {
+        None
+    } else {
+        let cfg = idkm::cluster::KmeansConfig {
+            bits: list::<u32>("IDKM_STEP_BITS", "4")[0],
+            method: method.parse()?,
+            max_iter: list::<usize>("IDKM_STEP_ITERS", "3")[0],
+            tol: 0.0,
+            ..Default::default()
+        };
+        Some(idkm::quantize::Clustering::new(
+            &model,
+            &idkm::quantize::QuantizePlan::new(cfg),
+        )?)
+    };
+    let weights = match &clustering {
+        Some(c) => Weights::Clustered(c),
+        None => Weights::Float,
+    };
+    let vars = model.trainable().into_iter().map(|(_, v)| v).collect();
+    let sgd = idkm::train::SgdConfig {
+        momentum: 0.9,
+        nesterov: false,
+        weight_decay: 5e-4,
+    };
+    let mut opt = idkm::train::Optimizer::new(idkm::train::OptimizerKind::Sgd(sgd), vars, 0.01)?;
+    let x = Tensor::randn(0f32, 1.0, (n, c, hw, hw), &dev)?;
+    let y = Tensor::from_vec((0..n as u32).map(|i| i % 10).collect::<Vec<_>>(), n, &dev)?;
+    for step in 0..2 {
+        let l0 = memory::counted_live();
+        memory::reset_counted_peak();
+        let logits = model.forward(&x, true, &weights)?;
+        let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
+        let (l1, p1) = (memory::counted_live(), memory::counted_peak());
+        memory::reset_counted_peak();
+        let grads = loss.backward()?;
+        let (l2, p2) = (memory::counted_live(), memory::counted_peak());
+        memory::reset_counted_peak();
+        opt.step(&grads)?;
+        let p3 = memory::counted_peak();
+        drop((grads, loss, logits));
+        eprintln!(
+            "step {step}: live at start {:.1} MiB; forward keeps {:.1} (transient +{:.1}); backward leaves {:.1} \
+             (peak +{:.1} above the graph); optimizer +{:.1} above that; step peak {:.1}",
+            mb(l0), mb(l1 - l0), mb(p1 - l1), mb(l2 - l1), mb(p2 - l1), mb(p3.saturating_sub(l2)), mb(p1.max(p2).max(p3))
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,232 @@
+//! `idkm profile`: peak memory and time of training steps with fp32, DKM,
+//! IDKM and IDKM-JFB side by side, each configuration in a fresh process
+//! (this binary, re-executed), beside the memory model's prediction.
+
+use anyhow::{bail, Context, Result};
+use idkm::cluster::{KmeansConfig, Method, Solver};
+use idkm::memory::{self, AllocKind, Outcome, Record, StepConfig};
+use idkm::model::Arch;
+use idkm::quantize::QuantizePlan;
+use std::io::Write;
+use std::path::PathBuf;
+
+#[derive(clap::Args, Debug)]
+pub struct ProfileArgs {
+    /// Architecture: resnet18-cifar | resnet18 | small-cnn.
+    #[arg(long, visible_alias = "arch", default_value = "resnet18-cifar")]
+    model: String,
+    /// Bits per index (k = 2^bits), one or several: `4,8`.
+    #[arg(long, value_delimiter = ',', default_value = "4")]
+    bits: Vec<u32>,
+    /// Consecutive weights per vector: 1, 2, 4 or 8.
+    #[arg(long, default_value_t = 1)]
+    cluster_dim: usize,
+    /// Methods to compare: dkm, idkm, idkm-jfb.
+    #[arg(long, value_delimiter = ',', default_value = "dkm,idkm,idkm-jfb")]
+    methods: Vec<Method>,
+    /// k-means iterations per forward pass (t); every method runs each.
+    #[arg(long, value_delimiter = ',', default_value = "1,3,10,30")]
+    iters: Vec<usize>,
+    /// Samples per batch.
+    #[arg(long, default_value_t = 32)]
+    batch: usize,
+    /// Untimed warm-up steps per configuration (initialisation, warm start).
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    /// Measured steps per configuration.
+    #[arg(long, default_value_t = 1)]
+    steps: usize,
+    /// cpu | cuda.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// A data set directory for real batches (the first batch of its
+    /// training part) [default: synthetic inputs of the model's shape].
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Softmax temperature.
+    #[arg(long, default_value_t = KmeansConfig::default().tau)]
+    tau: f64,
+    /// k-means tolerance; 0 runs exactly t iterations in every step.
+    #[arg(long, default_value_t = 0.0)]
+    tol: f64,
+    /// Adjoint solver of IDKM: cg | gmres | neumann.
+    #[arg(long, default_value_t = Solver::Cg)]
+    solver: Solver,
+    /// Layers with fewer weights stay in float.
+    #[arg(long, default_value_t = QuantizePlan::MIN_WEIGHTS)]
+    min_weights: usize,
+    /// Number of classes of the synthetic data.
+    #[arg(long, default_value_t = 10)]
+    classes: usize,
+    /// Configurations predicted to need more memory are reported, not run;
+    /// each child is also limited to it [default: the memory available now,
+    /// less 1 GiB].
+    #[arg(long)]
+    memory_budget: Option<String>,
+    /// Wall-clock limit per configuration, in seconds; one predicted to need
+    /// more is reported, not run.
+    #[arg(long, default_value_t = 600.0)]
+    timeout: f64,
+    /// Allocator of the children: system | mimalloc (takes effect when the
+    /// binary installs `idkm::memory::ProfileAlloc`).
+    #[arg(long, default_value = "system")]
+    allocator: String,
+    /// Leave out the fp32 reference step.
+    #[arg(long)]
+    no_fp32: bool,
+    /// Only print the memory model's predictions; run nothing.
+    #[arg(long)]
+    predict_only: bool,
+    /// Output prefix: writes PREFIX.json, PREFIX.md, PREFIX-memory.{svg,png}
+    /// and PREFIX-time.{svg,png}.
+    #[arg(long, short, default_value = "idkm-profile")]
+    output: PathBuf,
+    /// Seed of the model, the data and the clustering.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// (internal) Run one configuration, given as JSON, and print its result.
+    #[arg(long, hide = true)]
+    child: Option<String>,
+    /// (internal) The child's memory limit in bytes.
+    #[arg(long, hide = true)]
+    child_limit: Option<u64>,
+}
+
+pub fn run(a: ProfileArgs) -> Result<()> {
+    if let Some(json) = &a.child {
+        let config: StepConfig =
+            serde_json::from_str(json).context("reading the child's configuration")?;
+        std::process::exit(memory::child_main(&config, a.child_limit));
+    }
+    let arch: Arch = a.model.parse()?;
+    let allocator: AllocKind = a.allocator.parse().map_err(anyhow::Error::msg)?;
+    if a.batch == 0 || a.steps == 0 {
+        bail!("--batch and --steps must be at least 1");
+    }
+    let budget = match &a.memory_budget {
+        Some(text) => memory::parse_bytes(text).map_err(anyhow::Error::msg)?,
+        None => memory::available_memory()
+            .map(|m| m.saturating_sub(1 << 30))
+            .unwrap_or(8 << 30),
+    };
+    let channels = if arch == Arch::SmallCnn { 1 } else { 3 };
+    let shape = memory::ModelShape::of_arch(arch, channels, a.classes)?;
+    let base = StepConfig {
+        arch: arch.to_string(),
+        batch: a.batch,
+        method: "fp32".into(),
+        bits: a.bits.first().copied().unwrap_or(4),
+        cluster_dim: a.cluster_dim,
+        iters: a.iters.iter().copied().max().unwrap_or(30),
+        tol: a.tol,
+        tau: a.tau,
+        solver: a.solver.to_string(),
+        min_weights: a.min_weights,
+        classes: a.classes,
+        warmup: a.warmup,
+        steps: a.steps,
+        max_seconds: a.timeout * 0.8,
+        device: a.device.clone(),
+        data: a.data.clone(),
+        seed: a.seed,
+    };
+    let mut configs = Vec::new();
+    if !a.no_fp32 {
+        configs.push((base.clone(), allocator));
+    }
+    for &bits in &a.bits {
+        for method in &a.methods {
+            for &t in &a.iters {
+                let c = StepConfig {
+                    method: method.to_string(),
+                    bits,
+                    iters: t,
+                    ..base.clone()
+                };
+                c.kmeans()?; // validate before anything runs
+                configs.push((c, allocator));
+            }
+        }
+    }
+    let mut out = std::io::stdout().lock();
+    if a.predict_only {
+        writeln!(out, "| config | predicted peak | weights | grads | optimizer | activations | clustering | working set |")?;
+        writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|")?;
+        for (c, _) in &configs {
+            let e = c.predict(&shape)?;
+            writeln!(
+                out,
+                "| {} | {} | {} | {} | {} | {} | {} | {} |{}",
+                c.label(),
+                memory::human(e.total()),
+                memory::human(e.params),
+                memory::human(e.grads),
+                memory::human(e.optimizer),
+                memory::human(e.activations),
+                memory::human(e.clustering),
+                memory::human(e.transient),
+                if e.total() > budget {
+                    " over the budget"
+                } else {
+                    ""
+                }
+            )?;
+        }
+        return Ok(());
+    }
+    let exe = std::env::current_exe().context("finding this executable")?;
+    let command =
+        |config: &StepConfig, alloc: AllocKind, limit: u64| -> Result<std::process::Command> {
+            eprintln!("running {} ...", config.label());
+            let mut cmd = std::process::Command::new(&exe);
+            cmd.arg("profile")
+                .arg("--child")
+                .arg(serde_json::to_string(config)?)
+                .arg("--child-limit")
+                .arg(limit.to_string())
+                .env(memory::ALLOC_ENV, alloc.to_string())
+                .env("RUST_LOG", "warn");
+            Ok(cmd)
+        };
+    let report = |r: &Record| {
+        eprintln!(
+            "{}",
+            memory::table(std::slice::from_ref(r))
+                .lines()
+                .last()
+                .unwrap_or("")
+        )
+    };
+    let mut records = memory::profile(&shape, &configs, budget, a.timeout, command, report)?;
+    // A binary without the counting allocator runs the system allocator and counts nothing.
+    let mut uncounted = false;
+    for r in &mut records {
+        if let Outcome::Measured(m) = &r.outcome {
+            if m.allocator.is_none() {
+                uncounted = true;
+                r.allocator = AllocKind::System;
+            }
+        }
+    }
+    writeln!(out, "{}", memory::table(&records))?;
+    writeln!(out, "{}", memory::layer_table(&records))?;
+    if uncounted {
+        writeln!(out, "(this binary does not install idkm::memory::ProfileAlloc: no counted bytes; the system allocator ran)")?;
+    }
+    let dir = match a.output.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let name = a
+        .output
+        .file_name()
+        .and_then(|n| n.to_str())
+        .context("--output needs a file name")?
+        .to_string();
+    let title = format!("{arch}, batch {}, {} steps", a.batch, a.device);
+    let command_line: Vec<String> = std::env::args().collect();
+    for path in memory::write_outputs(&records, &dir, &name, &title, &command_line.join(" "))? {
+        writeln!(out, "wrote {}", path.display())?;
+    }
+    Ok(())
+}

@@ -1,0 +1,309 @@
+//! The memory model against measurements on the small CNN, `idkm profile`'s
+//! outputs, and the `--memory-budget` refusal.
+
+use idkm::memory::{self, AllocKind, ModelShape, Outcome, StepConfig, Workload};
+use idkm::model::Arch;
+use std::process::Command;
+
+#[global_allocator]
+static GLOBAL: memory::ProfileAlloc = memory::ProfileAlloc;
+
+fn idkm(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_idkm"))
+        .args(args)
+        .output()
+        .expect("run idkm")
+}
+
+fn small_cnn(method: &str, bits: u32, iters: usize, batch: usize) -> StepConfig {
+    StepConfig {
+        arch: "small-cnn".into(),
+        batch,
+        method: method.into(),
+        bits,
+        cluster_dim: 1,
+        iters,
+        tol: 0.0,
+        tau: 1e-4,
+        solver: "cg".into(),
+        min_weights: 2048,
+        classes: 10,
+        warmup: 1,
+        steps: 1,
+        max_seconds: 60.0,
+        device: "cpu".into(),
+        data: None,
+        seed: 0,
+    }
+}
+
+/// The heap part of the model against the bytes the counting allocator saw,
+/// in this process (one test function: nothing else big allocates
+/// meanwhile; the other tests run their work in child processes), then the
+/// budget refusal, which builds a ResNet18.
+#[test]
+fn memory_model_predicts_the_counted_peak_of_the_small_cnn_within_15_percent() {
+    let shape = ModelShape::of_arch(Arch::SmallCnn, 1, 10).unwrap();
+    for config in [
+        small_cnn("fp32", 2, 1, 32),
+        small_cnn("dkm", 2, 1, 16),
+        small_cnn("dkm", 2, 4, 16),
+        small_cnn("idkm", 2, 3, 32),
+        small_cnn("idkm-jfb", 2, 3, 16),
+    ] {
+        let m = memory::run_steps(&config).unwrap();
+        assert!(m.loss.is_finite(), "{}: loss {}", config.label(), m.loss);
+        assert_eq!(m.allocator, Some(AllocKind::System));
+        let counted = m.peak_counted_bytes.expect("ProfileAlloc is installed") as f64;
+        let predicted = config.predict(&shape).unwrap().heap() as f64;
+        let err = (predicted - counted) / counted;
+        eprintln!(
+            "{}: counted {counted:.0}, predicted {predicted:.0} ({:+.1}%)",
+            config.label(),
+            100.0 * err
+        );
+        assert!(
+            err.abs() < 0.15,
+            "{}: predicted {predicted} vs counted {counted}",
+            config.label()
+        );
+        if config.method == "idkm" {
+            assert!(
+                m.layers
+                    .iter()
+                    .all(|l| l.solver_steps.is_some() && l.residual.is_some()),
+                "{:?}",
+                m.layers
+            );
+            assert!(
+                m.layers.iter().all(|l| l.forward_iters == Some(3)),
+                "{:?}",
+                m.layers
+            );
+        }
+    }
+    budget_refusal_names_what_would_fit();
+}
+
+#[test]
+fn profile_runs_each_configuration_in_a_child_and_writes_json_table_and_plots() {
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = dir.path().join("p");
+    let run = idkm(&[
+        "profile",
+        "--model",
+        "small-cnn",
+        "--batch",
+        "16",
+        "--bits",
+        "2",
+        "--methods",
+        "dkm,idkm,idkm-jfb",
+        "--iters",
+        "1,30",
+        "--memory-budget",
+        "200MiB",
+        "--output",
+        prefix.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        run.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(
+        stdout.contains("| fp32 |") && stdout.contains("does not fit (predicted"),
+        "{stdout}"
+    );
+
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("p.json")).unwrap()).unwrap();
+    let records: Vec<memory::Record> = serde_json::from_value(json["records"].clone()).unwrap();
+    assert_eq!(records.len(), 7);
+    // Raw fields, as other tools read them.
+    let first = &json["records"][0];
+    for key in ["config", "allocator", "predicted", "status"] {
+        assert!(
+            first.get(key).is_some() || first["outcome"].get(key).is_some(),
+            "no `{key}` in {first}"
+        );
+    }
+    for r in &records {
+        match (&r.outcome, r.config.method.as_str(), r.config.iters) {
+            (Outcome::DoesNotFit { budget_bytes }, "dkm", 30) => {
+                assert!(r.predicted.total() > *budget_bytes)
+            }
+            (Outcome::Measured(m), _, _) => {
+                assert!(
+                    m.seconds_per_step > 0.0 && m.peak_rss_bytes.is_some() && m.loss.is_finite()
+                );
+                // The idkm binary runs the system allocator without counting.
+                let err = r.rss_error().unwrap();
+                assert!(
+                    err.abs() < 0.15,
+                    "{}: predicted {} vs RSS {:?} ({err:+.3})",
+                    r.config.label(),
+                    r.predicted.total(),
+                    m.peak_rss_bytes
+                );
+                if r.config.method == "idkm" {
+                    assert!(
+                        m.layers
+                            .iter()
+                            .all(|l| l.adjoint.is_some() && l.solver_steps.is_some()),
+                        "{:?}",
+                        m.layers
+                    );
+                }
+                if r.config.method != "fp32" {
+                    assert_eq!(m.layers.len(), r.predicted.layers.len());
+                }
+            }
+            other => panic!("unexpected outcome for {}: {other:?}", r.config.label()),
+        }
+    }
+    let md = std::fs::read_to_string(dir.path().join("p.md")).unwrap();
+    assert!(
+        md.contains("| layer |") && md.contains("fc1.weight"),
+        "{md}"
+    );
+    for plot in ["p-memory", "p-time"] {
+        let svg = std::fs::read_to_string(dir.path().join(format!("{plot}.svg"))).unwrap();
+        assert!(
+            svg.contains("<svg") && svg.contains("idkm 2-bit"),
+            "{plot}.svg"
+        );
+        let png = std::fs::read(dir.path().join(format!("{plot}.png"))).unwrap();
+        assert!(
+            png.starts_with(b"\x89PNG") && png.len() > 5000,
+            "{plot}.png"
+        );
+    }
+}
+
+#[test]
+fn profile_predict_only_runs_nothing() {
+    let run = idkm(&[
+        "profile",
+        "--model",
+        "resnet18-cifar",
+        "--bits",
+        "4,8",
+        "--predict-only",
+        "--memory-budget",
+        "16GiB",
+    ]);
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(
+        stdout.contains("| dkm 8-bit t=30 |") && stdout.contains("over the budget"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn quantize_and_train_refuse_a_run_over_the_memory_budget_before_training() {
+    let Some(data) = idkm::data::fashion_mnist_dir() else {
+        panic!("Fashion-MNIST is not installed: `apt-get install dataset-fashion-mnist` (.ci/run does this)");
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("q.safetensors");
+    let started = std::time::Instant::now();
+    let run = idkm(&[
+        "quantize",
+        "--data",
+        data.to_str().unwrap(),
+        "--train-limit",
+        "256",
+        "--test-limit",
+        "256",
+        "--method",
+        "dkm",
+        "--bits",
+        "8",
+        "--max-iter",
+        "30",
+        "--memory-budget",
+        "256MiB",
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(!run.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("more than the memory budget of 256 MiB")
+            && stderr.contains("--method idkm"),
+        "{stderr}"
+    );
+    assert!(!out.exists() && started.elapsed().as_secs() < 30);
+
+    let run = idkm(&[
+        "train",
+        "--data",
+        data.to_str().unwrap(),
+        "--train-limit",
+        "256",
+        "--test-limit",
+        "256",
+        "--memory-budget",
+        "4MiB",
+    ]);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        !run.status.success() && stderr.contains("memory budget"),
+        "{stderr}"
+    );
+
+    // Within the budget the run goes ahead.
+    let run = idkm(&[
+        "quantize",
+        "--data",
+        data.to_str().unwrap(),
+        "--train-limit",
+        "128",
+        "--test-limit",
+        "128",
+        "--bits",
+        "2",
+        "--memory-budget",
+        "1GiB",
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+}
+
+/// Called by the in-process test after its measurements (building a
+/// ResNet18 would disturb the counted peaks of a concurrent test).
+fn budget_refusal_names_what_would_fit() {
+    let shape = ModelShape::of_arch(Arch::ResNet18Cifar, 3, 10).unwrap();
+    let work = Workload::for_arch(Arch::ResNet18Cifar, 32, 10);
+    let dkm = small_cnn("dkm", 4, 3, 32);
+    let plan = idkm::quantize::QuantizePlan::new(dkm.kmeans().unwrap().unwrap());
+    let specs = memory::plan_specs(&shape, &plan).unwrap();
+    let err = memory::check_budget(&shape, &specs, &work, 7 << 30).unwrap_err();
+    assert!(
+        err.contains("more than the memory budget of 7.00 GiB"),
+        "{err}"
+    );
+    assert!(err.contains("--method idkm"), "{err}");
+    // And the alternative it names does fit.
+    let idkm_plan =
+        idkm::quantize::QuantizePlan::new(small_cnn("idkm", 4, 3, 32).kmeans().unwrap().unwrap());
+    let ok = memory::check_budget(
+        &shape,
+        &memory::plan_specs(&shape, &idkm_plan).unwrap(),
+        &work,
+        7 << 30,
+    );
+    assert!(ok.is_ok());
+}
