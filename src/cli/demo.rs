@@ -109,11 +109,13 @@ pub fn run(a: DemoArgs) -> Result<()> {
     let exported = evaluate_export(&export_path, &split, &device)?;
 
     let (before, after) = (palettized.float_bytes(), palettized.bytes());
-    println!("\n                      accuracy      size");
-    println!("fp32                  {:>7.2}%   {:>9} B", 100.0 * float_acc, before);
-    println!("{}-bit IDKM (soft)      {:>7.2}%", a.bits, 100.0 * last.test.accuracy);
-    println!("{}-bit IDKM (hard)      {:>7.2}%   {:>9} B  ({:.1}x smaller)", a.bits, 100.0 * hard_acc, after, before as f64 / after as f64);
-    println!("exported, evaluated   {:>7.2}%   {}", 100.0 * exported, export_path.display());
+    let row = |label: &str, acc: f64, rest: &str| println!("{label:<22}{:>7.2}%   {rest}", 100.0 * acc);
+    println!("\n{:<22}{:>8}   size", "", "accuracy");
+    row("fp32", float_acc, &format!("{before:>9} B"));
+    row(&format!("{}-bit IDKM (soft)", a.bits), last.test.accuracy, "");
+    let ratio = before as f64 / after as f64;
+    row(&format!("{}-bit IDKM (hard)", a.bits), hard_acc, &format!("{after:>9} B  ({ratio:.1}x smaller)"));
+    row("exported, evaluated", exported, &export_path.display().to_string());
     println!("time                  float {float_secs:.0} s, clustering {quantize_secs:.0} s, total {:.0} s", start.elapsed().as_secs_f64());
     println!("peak memory           {}", peak_rss().map(mib).unwrap_or_else(|| "?".into()));
     if exported != hard_acc {
