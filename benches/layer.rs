@@ -1,7 +1,9 @@
 //! Layer benchmark: forward + backward of one clustered layer with reference
 //! DKM (t = 1, 5, 10, 30), streaming IDKM and IDKM-JFB (t = 30), d = 1.
-//! Prints a table of seconds, peak extra bytes (counting allocator) and
-//! solver steps. A DKM configuration predicted not to fit the memory budget
+//! Prints a table of seconds, peak extra bytes (counting allocator), the
+//! k-means steps the forward ran, the solver steps and, for the streaming
+//! methods, the nanoseconds per weight-centroid pair and pass over the weights.
+//! A DKM configuration predicted not to fit the memory budget
 //! (`IDKM_BENCH_BUDGET_GIB`, default 16) is reported, not run.
 //!
 //! `cargo bench --bench layer` (all sizes), or a subset with
@@ -60,8 +62,8 @@ fn main() -> candle_core::Result<()> {
         .map(|s| s.split(',').filter_map(|x| x.trim().parse().ok()).collect())
         .unwrap_or_else(|_| vec![2, 4, 8]);
     let budget: f64 = std::env::var("IDKM_BENCH_BUDGET_GIB").ok().and_then(|s| s.parse().ok()).unwrap_or(16.0);
-    println!("| m | k | method | t | fwd+bwd s | peak extra MiB | x weight bytes | solver steps |");
-    println!("|---:|---:|---|---:|---:|---:|---:|---:|");
+    println!("| m | k | method | t | fwd+bwd s | peak extra MiB | x weight bytes | k-means steps | solver steps | ns per pair and pass |");
+    println!("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|");
     for &m in &sizes {
         let weight_bytes = (m * 4) as f64;
         let w = Tensor::randn(0f32, 0.05, (m, 1), &Device::Cpu)?;
@@ -84,21 +86,35 @@ fn main() -> candle_core::Result<()> {
                 if method == Method::Dkm {
                     let predicted = dkm_per_elem * (t * m * k) as f64;
                     if gib(predicted) > budget {
-                        println!("| {m} | {k} | {name} | {t} | does not fit | ~{:.0} (predicted) | {:.0} | - |", predicted / 1048576.0, predicted / weight_bytes);
+                        println!("| {m} | {k} | {name} | {t} | does not fit | ~{:.0} (predicted) | {:.0} | - | - | - |", predicted / 1048576.0, predicted / weight_bytes);
                         continue;
                     }
                 }
                 let layer = ClusteredWeight::new("bench", config(bits, method, t))?;
                 step(&layer, &w, &g)?; // initialise and warm start, as in training
                 let (secs, peak) = measure(|| step(&layer, &w, &g))?;
-                let steps = match layer.last_adjoint() {
-                    Some(Adjoint::Solved(r) | Adjoint::BestIterate(r) | Adjoint::FellBackToJfb(r)) => r.steps.to_string(),
-                    _ => "-".into(),
+                let forward = layer.last_forward().map_or(0, |r| r.steps);
+                let (solver, solved) = match layer.last_adjoint() {
+                    Some(Adjoint::Solved(r)) => (Some(r.steps), String::new()),
+                    Some(Adjoint::BestIterate(r)) => (Some(r.steps), format!(" (missed: best iterate, residual {:.0e})", r.rel_residual)),
+                    Some(Adjoint::FellBackToJfb(r)) => (Some(r.steps), format!(" (diverged: JFB, residual {:.0e})", r.rel_residual)),
+                    _ => (None, String::new()),
+                };
+                // Streaming passes over the weights: the forward's k-means steps,
+                // the soft output, the moments with the cotangent, each solver
+                // step and the weight gradient.
+                let per_pair = match method {
+                    Method::Dkm => "-".to_string(),
+                    _ => {
+                        let passes = forward + 3 + solver.unwrap_or(0);
+                        format!("{:.2}", secs * 1e9 / (passes * m * k) as f64)
+                    }
                 };
                 println!(
-                    "| {m} | {k} | {name} | {t} | {secs:.2} | {:.1} | {:.2} | {steps} |",
+                    "| {m} | {k} | {name} | {t} | {secs:.2} | {:.1} | {:.2} | {forward} | {}{solved} | {per_pair} |",
                     peak as f64 / 1048576.0,
-                    peak as f64 / weight_bytes
+                    peak as f64 / weight_bytes,
+                    solver.map_or("-".to_string(), |s| s.to_string()),
                 );
             }
         }

@@ -1,6 +1,7 @@
-//! The implicit backward of the streaming path: cotangent pass, adjoint
-//! solve, weight-gradient pass. Each step maps onto one kernel launch (or a
-//! few per solver step) on CUDA.
+//! The implicit backward of the streaming path: one pass for the moments and
+//! the centroid cotangent, the adjoint solve (one pass per solver step), and
+//! the weight-gradient pass. Each step maps onto one kernel launch (or a few
+//! per solver step) on CUDA.
 
 use super::config::{Method, Solver};
 use super::solve::{self, SolveReport};
@@ -44,12 +45,11 @@ pub fn implicit_backward<T: Real>(
     out: &mut [T],
 ) -> Adjoint {
     let d = geo.d;
-    let moments = pass::soft_assign_reduce(w, c, geo);
+    let (moments, h) = pass::cotangent_reduce(w, c, g, geo);
     let inv_mass = moments.inverse_mass();
     // F(C): C itself at an exact fixed point; the Jacobians are taken at F.
     let mut f = c.to_vec();
     moments.update(c, &mut f, d);
-    let h = pass::centroid_cotangent(w, c, g, geo);
     let jt = |u: &[f64]| pass::adjoint_matvec(w, c, &f, &inv_mass, u, geo);
     let (u, adjoint) = match cfg.method {
         Method::IdkmJfb | Method::Dkm => (h, Adjoint::JacobianFree),
@@ -58,6 +58,9 @@ pub fn implicit_backward<T: Real>(
                 Solver::Cg => {
                     // Symmetrised system B v = h, B v = D v - J^T (D v), u = D v,
                     // with D = diag(S_j) (1 for a dead centroid, which decouples).
+                    // B is symmetric when F(C) = C; away from the fixed point
+                    // (a forward stopped early) it is not quite, and CG needs
+                    // more steps than k d, or breaks down (then see below).
                     let scale: Vec<f64> = moments
                         .mass
                         .iter()

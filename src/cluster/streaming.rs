@@ -4,12 +4,24 @@
 //! `a_i = softmax_j(-dist(w_i, c_j) / tau)` on the fly, so no m x k matrix is
 //! ever allocated: the extra memory of a pass is O(k d) per thread plus its
 //! output. Per-row arithmetic runs in the weights' float type (as the kernels
-//! do in registers); every sum over rows is accumulated in f64.
+//! do in registers); sums over rows are accumulated in f64 (after at most
+//! `FOLD` terms in the float type).
 //!
 //! Rows are split into chunks whose size depends on m only, each chunk
 //! reduces into its own partial sums, and the partials are added in chunk
 //! order: the result is bit-for-bit the same whatever the number of threads
 //! (the CUDA twin does the same with per-block partials).
+//!
+//! Within a chunk the rows are processed in tiles of up to `TILE`
+//! consecutive rows, and every per-row quantity of a tile is held as a slice
+//! with one lane per row (`lanes[x * TILE + r]` for quantity x, row r). The
+//! per-row work is then a loop over the centroids (in centroid order, as a
+//! scalar loop would do it) whose body is a few simple element-wise loops
+//! over the lanes, which the compiler turns into SIMD instructions across
+//! rows. Each chunk runs the widest instruction set the CPU offers among
+//! those compiled in (`run_chunk`); no multiply and add are ever fused, so
+//! the results do not depend on it. A sum over rows adds each lane's terms
+//! for `FOLD` tiles in the float type and then in f64 (`LaneSums`).
 //!
 //! The formulas are those of `shared/DESIGN.md`. With `e_ij = w_i - c_j`, the
 //! derivative of the logit `z_ij` with respect to `w_i` is `coef_ij e_ij`
@@ -22,30 +34,77 @@ use rayon::prelude::*;
 use std::ops::Range;
 
 /// Float types the passes run on: `f32` (training) and `f64` (gradient checks).
-pub trait Real:
-    num_traits::Float + candle_core::WithDType + std::fmt::Debug
-{
+pub trait Real: num_traits::Float + candle_core::WithDType + std::fmt::Debug {
     /// Converts from f64, rounding to nearest.
     fn of(x: f64) -> Self;
     /// Widens to f64.
     fn wide(self) -> f64;
+    /// `e^x` for the softmax, where `x <= 0`.
+    ///
+    /// `f64`: the library `exp`. `f32`: a branch-free polynomial that the
+    /// compiler vectorises, within one ulp of `e^x` on `[-80, 0]` (relative
+    /// error below 1e-7) and 0 below -80: `e^-80 = 1.8e-35` is far below what
+    /// a softmax term can add to a row whose largest term is 1, and flushing
+    /// keeps the products of the attention out of the subnormal range, where
+    /// the CPU is slow.
+    fn softmax_exp(self) -> Self;
 }
 
 impl Real for f32 {
+    #[inline(always)]
     fn of(x: f64) -> Self {
         x as f32
     }
+
+    #[inline(always)]
     fn wide(self) -> f64 {
         self as f64
+    }
+
+    #[inline(always)]
+    fn softmax_exp(self) -> Self {
+        // e^x = 2^n e^r with n = round(x / ln 2), |r| <= ln 2 / 2 (Cephes expf).
+        const LO: f32 = -80.0;
+        const HI: f32 = 88.0;
+        // Adding 1.5 * 2^23 rounds |y| < 2^22 to an integer, which then sits
+        // in the low mantissa bits of the sum.
+        const SHIFTER: f32 = 12_582_912.0;
+        const SHIFTER_BITS: u32 = 0x4B40_0000;
+        const LN2_HI: f32 = 0.693_359_4;
+        const LN2_LO: f32 = -2.121_944_4e-4;
+        let x = self.clamp(LO, HI);
+        let t = x * std::f32::consts::LOG2_E + SHIFTER;
+        let n = t - SHIFTER;
+        let r = (x - n * LN2_HI) - n * LN2_LO;
+        let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
+            + 1.666_666_5e-1)
+            * r
+            + 0.5;
+        let y = p * r * r + r + 1.0;
+        // 2^n from the biased exponent n + 127 (in 12..=254 after the clamp).
+        let two_n = f32::from_bits(t.to_bits().wrapping_sub(SHIFTER_BITS - 127) << 23);
+        if self < LO {
+            0.0
+        } else {
+            y * two_n
+        }
     }
 }
 
 impl Real for f64 {
+    #[inline(always)]
     fn of(x: f64) -> Self {
         x
     }
+
+    #[inline(always)]
     fn wide(self) -> f64 {
         self
+    }
+
+    #[inline(always)]
+    fn softmax_exp(self) -> Self {
+        self.exp()
     }
 }
 
@@ -79,10 +138,7 @@ pub struct Moments {
 impl Moments {
     /// `1/S_j`, or 0 for a dead centroid (see [`DEAD_MASS`]).
     pub fn inverse_mass(&self) -> Vec<f64> {
-        self.mass
-            .iter()
-            .map(|&s| if s > DEAD_MASS { 1.0 / s } else { 0.0 })
-            .collect()
+        self.mass.iter().map(|&s| if s > DEAD_MASS { 1.0 / s } else { 0.0 }).collect()
     }
 
     /// Number of dead centroids.
@@ -92,16 +148,17 @@ impl Moments {
 
     /// The k-means update `F(C)_j = sum_i a_ij w_i / S_j` written into `next`
     /// (dead centroids keep their value from `c`). Returns the largest
-    /// Euclidean distance a centroid moved.
+    /// Euclidean distance a centroid moved, measured on the stored (rounded)
+    /// values: 0 exactly when `next == c`, where every further step would
+    /// repeat this one.
     pub fn update<T: Real>(&self, c: &[T], next: &mut [T], d: usize) -> f64 {
         let mut shift = 0f64;
         for (j, (cj, nj)) in c.chunks_exact(d).zip(next.chunks_exact_mut(d)).enumerate() {
             let s = self.mass[j];
             let mut moved = 0f64;
             for e in 0..d {
-                let v = if s > DEAD_MASS { self.weighted[j * d + e] / s } else { cj[e].wide() };
-                moved += (v - cj[e].wide()).powi(2);
-                nj[e] = T::of(v);
+                nj[e] = if s > DEAD_MASS { T::of(self.weighted[j * d + e] / s) } else { cj[e] };
+                moved += (nj[e].wide() - cj[e].wide()).powi(2);
             }
             shift = shift.max(moved.sqrt());
         }
@@ -110,27 +167,83 @@ impl Moments {
 }
 
 // ----------------------------------------------------------------------------
-// Rows and chunks
+// Chunks, passes and their dispatch
 
 /// At most this many chunks: bounds the memory of the per-chunk partial sums.
 const MAX_CHUNKS: usize = 128;
 /// At least this many rows per chunk: amortises the per-chunk scratch.
 const MIN_CHUNK_ROWS: usize = 1024;
 
-/// Rows per chunk for m rows; a function of m only (determinism).
+/// Rows per chunk for m rows, a multiple of [`TILE`]; a function of m only
+/// (determinism).
 fn chunk_rows(m: usize) -> usize {
-    MIN_CHUNK_ROWS.max(m.div_ceil(MAX_CHUNKS))
+    MIN_CHUNK_ROWS.max(m.div_ceil(MAX_CHUNKS)).next_multiple_of(TILE)
 }
 
-/// Sums `len` f64 values over all rows: `body(rows, partial)` adds the
-/// contribution of `rows` into `partial`; chunk partials are added in order.
-fn sum_rows(m: usize, len: usize, body: impl Fn(Range<usize>, &mut [f64]) + Sync) -> Vec<f64> {
+/// The work of one pass on one chunk of rows: the unit a thread runs.
+trait Pass: Sync {
+    /// What the pass writes: f64 partial sums (reducing passes, see
+    /// [`sum_rows`]) or output rows (mapping passes, see [`map_rows`]).
+    type Out: Send;
+
+    /// Processes `rows`, adding into (reducing) or writing (mapping) `out`.
+    /// Implementations are `#[inline(always)]`, so that the body is compiled
+    /// into each instruction-set version of [`run_chunk`].
+    fn chunk(&self, rows: Range<usize>, out: &mut [Self::Out]);
+}
+
+/// Runs `pass` on one chunk with the widest vector instructions the CPU
+/// offers among those the passes are compiled for: on x86-64, AVX-512 (with
+/// 256-bit vectors: its 32 registers avoid the spills of AVX2), AVX2, or the
+/// SSE2 baseline. The passes never fuse a multiply and an add, so every
+/// version computes bit-for-bit the same result.
+fn run_chunk<P: Pass>(pass: &P, rows: Range<usize>, out: &mut [P::Out]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if has_avx512() {
+            // SAFETY: the CPU supports every feature `chunk_avx512` is
+            // compiled for (checked by `has_avx512`).
+            return unsafe { chunk_avx512(pass, rows, out) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2, the one feature `chunk_avx2` is
+            // compiled for, as checked just above.
+            return unsafe { chunk_avx2(pass, rows, out) };
+        }
+    }
+    pass.chunk(rows, out)
+}
+
+/// Whether the CPU has the AVX-512 features [`chunk_avx512`] is compiled for.
+#[cfg(target_arch = "x86_64")]
+fn has_avx512() -> bool {
+    use std::arch::is_x86_feature_detected as has;
+    has!("avx512f") && has!("avx512vl") && has!("avx512bw") && has!("avx512dq")
+}
+
+/// [`Pass::chunk`] compiled for AVX-512 (F, VL, BW, DQ).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq")]
+fn chunk_avx512<P: Pass>(pass: &P, rows: Range<usize>, out: &mut [P::Out]) {
+    pass.chunk(rows, out)
+}
+
+/// [`Pass::chunk`] compiled for AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn chunk_avx2<P: Pass>(pass: &P, rows: Range<usize>, out: &mut [P::Out]) {
+    pass.chunk(rows, out)
+}
+
+/// Sums `len` f64 values over all m rows: each chunk adds its rows into its
+/// own partial sums, and the partials are added in chunk order.
+fn sum_rows<P: Pass<Out = f64>>(m: usize, len: usize, pass: &P) -> Vec<f64> {
     let chunk = chunk_rows(m);
     let partials: Vec<Vec<f64>> = (0..m.div_ceil(chunk))
         .into_par_iter()
         .map(|n| {
             let mut partial = vec![0f64; len];
-            body(n * chunk..m.min((n + 1) * chunk), &mut partial);
+            run_chunk(pass, n * chunk..m.min((n + 1) * chunk), &mut partial);
             partial
         })
         .collect();
@@ -141,87 +254,348 @@ fn sum_rows(m: usize, len: usize, body: impl Fn(Range<usize>, &mut [f64]) + Sync
     total
 }
 
-/// Runs `body(rows, out_rows)` over chunks of rows, in parallel, where
-/// `out_rows` is the slice of `out` (`width` values a row) for those rows.
-fn map_rows<O: Send>(out: &mut [O], width: usize, body: impl Fn(Range<usize>, &mut [O]) + Sync) {
-    let m = out.len() / width;
-    let chunk = chunk_rows(m);
-    out.par_chunks_mut(chunk * width)
+/// Runs `pass` over chunks of the rows of `out` (one `P::Out` a row), in
+/// parallel; each chunk gets its rows' slice of `out`.
+fn map_rows<P: Pass>(out: &mut [P::Out], pass: &P) {
+    let chunk = chunk_rows(out.len());
+    out.par_chunks_mut(chunk)
         .enumerate()
-        .for_each(|(n, rows)| body(n * chunk..n * chunk + rows.len() / width, rows));
+        .for_each(|(n, rows)| run_chunk(pass, n * chunk..n * chunk + rows.len(), rows));
 }
 
-/// The attention row of one weight vector, with the logit derivatives.
-struct Row<T> {
-    /// `a_ij` (k).
-    a: Vec<T>,
-    /// `coef_ij` with `dz_ij/dw_i = coef_ij e_ij` (k).
-    coef: Vec<T>,
+/// Runs `$body` with the const `$D` equal to the weight dimension `$d`:
+/// the passes are compiled for d in {1, 2, 4, 8} (as the CUDA kernels).
+macro_rules! with_dim {
+    ($d:expr, $D:ident => $body:expr) => {
+        match $d {
+            1 => {
+                const $D: usize = 1;
+                $body
+            }
+            2 => {
+                const $D: usize = 2;
+                $body
+            }
+            4 => {
+                const $D: usize = 4;
+                $body
+            }
+            8 => {
+                const $D: usize = 8;
+                $body
+            }
+            d => panic!("weight dimension {d}: the passes run on d = 1, 2, 4 or 8"),
+        }
+    };
 }
 
-impl<T: Real> Row<T> {
-    fn new(k: usize) -> Self {
-        Self { a: vec![T::zero(); k], coef: vec![T::zero(); k] }
+/// `x` (a multiple of `D` values) as vectors of dimension `D`.
+fn vectors<T, const D: usize>(x: &[T]) -> &[[T; D]] {
+    x.as_chunks::<D>().0
+}
+
+/// `x` (a multiple of `D` values) as mutable vectors of dimension `D`.
+fn vectors_mut<T, const D: usize>(x: &mut [T]) -> &mut [[T; D]] {
+    x.as_chunks_mut::<D>().0
+}
+
+// ----------------------------------------------------------------------------
+// Tiles
+
+/// Rows per tile (at most). Every per-row quantity of a tile is a slice of
+/// its rows (`x[r]`, one per row), so the arithmetic is a sequence of simple
+/// element-wise loops over the rows that the compiler vectorises.
+const TILE: usize = 32;
+
+/// The tiles of `rows`: `(first row, number of rows)`.
+fn tiles(rows: Range<usize>) -> impl Iterator<Item = (usize, usize)> {
+    let end = rows.end;
+    rows.step_by(TILE).map(move |start| (start, TILE.min(end - start)))
+}
+
+/// The `n` lanes of quantity `x` in a lane buffer (`TILE` lanes a quantity).
+#[inline(always)]
+fn lanes<T>(buf: &[T], x: usize, n: usize) -> &[T] {
+    &buf[x * TILE..x * TILE + n]
+}
+
+/// The `n` lanes of quantity `x` in a lane buffer, mutably.
+#[inline(always)]
+fn lanes_mut<T>(buf: &mut [T], x: usize, n: usize) -> &mut [T] {
+    &mut buf[x * TILE..x * TILE + n]
+}
+
+/// The rows of a tile, transposed into the lane buffer `lanes` (`D` quantities).
+#[inline(always)]
+fn load_lanes<T: Real, const D: usize>(rows: &[[T; D]], buf: &mut [T]) {
+    for e in 0..D {
+        for (x, row) in lanes_mut(buf, e, rows.len()).iter_mut().zip(rows) {
+            *x = row[e];
+        }
+    }
+}
+
+/// The lane buffer `buf` (`D` quantities) transposed into `rows`.
+#[inline(always)]
+fn store_lanes<T: Real, const D: usize>(buf: &[T], rows: &mut [[T; D]]) {
+    for e in 0..D {
+        for (row, &x) in rows.iter_mut().zip(lanes(buf, e, TILE)) {
+            row[e] = x;
+        }
+    }
+}
+
+/// Tiles whose contributions a [`LaneSums`] adds in the float type before
+/// widening them into its f64 sums.
+const FOLD: usize = 4;
+
+/// Per-row partial sums of `len` quantities over the tiles of a chunk. Each
+/// tile adds its rows lane by lane in the float type (`x[r]`, one lane per
+/// row of a tile); every [`FOLD`] tiles the lanes are added into f64 lanes,
+/// and [`Self::finish`] adds the f64 lanes, in order, into the chunk's
+/// partial sums. A sum over m rows thus takes at most `FOLD` terms in the
+/// float type and the rest in f64.
+struct LaneSums<T> {
+    /// The lanes of the current tiles.
+    narrow: Vec<T>,
+    /// The lanes of the tiles folded so far.
+    wide: Vec<f64>,
+    /// Tiles added to `narrow` since the last fold.
+    tiles: usize,
+}
+
+impl<T: Real> LaneSums<T> {
+    fn new(len: usize) -> Self {
+        Self { narrow: vec![T::zero(); len * TILE], wide: vec![0.0; len * TILE], tiles: 0 }
     }
 
-    /// Computes `a_i.` and `coef_i.` for the weight vector `w` against all
-    /// centroids `c` (k x d). The softmax subtracts the row maximum.
-    fn attend(&mut self, w: &[T], c: &[T], geo: &Geometry) {
-        let inv_tau = T::of(1.0 / geo.tau);
-        let two = T::of(2.0);
-        let mut zmax = T::neg_infinity();
-        for ((cj, a), coef) in c.chunks_exact(geo.d).zip(&mut self.a).zip(&mut self.coef) {
-            let mut e2 = T::zero();
-            for (&we, &ce) in w.iter().zip(cj) {
-                e2 = e2 + (we - ce) * (we - ce);
+    /// The lanes of quantity `x`, for a tile of `n` rows.
+    #[inline(always)]
+    fn get(&mut self, x: usize, n: usize) -> &mut [T] {
+        lanes_mut(&mut self.narrow, x, n)
+    }
+
+    /// Marks the end of a tile's contributions.
+    #[inline(always)]
+    fn end_tile(&mut self) {
+        self.tiles += 1;
+        if self.tiles == FOLD {
+            self.fold();
+        }
+    }
+
+    /// Adds the narrow lanes into the wide ones and clears them.
+    #[inline(always)]
+    fn fold(&mut self) {
+        for (w, x) in self.wide.iter_mut().zip(&mut self.narrow) {
+            *w += x.wide();
+            *x = T::zero();
+        }
+        self.tiles = 0;
+    }
+
+    /// Adds the sums of the lanes into `out` (one value a quantity).
+    #[inline(always)]
+    fn finish(mut self, out: &mut [f64]) {
+        self.fold();
+        for (o, lanes) in out.iter_mut().zip(self.wide.chunks_exact(TILE)) {
+            *o += lanes.iter().sum::<f64>();
+        }
+    }
+}
+
+/// The attention of one tile of rows.
+struct Tile<T, const D: usize> {
+    /// Distance in the logits.
+    distance: Distance,
+    /// `1/tau` in `T`.
+    inv_tau: T,
+    /// Rows in the tile.
+    n: usize,
+    /// The tile's weight vectors: lanes of `w_ie` (D quantities).
+    w: Vec<T>,
+    /// Lanes of `a_ij` (k quantities).
+    a: Vec<T>,
+    /// Lanes of `coef_ij` (Euclidean distance; k quantities), then, after
+    /// [`Self::weigh`], of `b_ij = a_ij coef_ij` (any distance).
+    b: Vec<T>,
+    /// Per-row scratch: the row maxima of the logits, then `1 / sum_j`.
+    row: Vec<T>,
+    /// Per-row scratch: the softmax denominators.
+    sum: Vec<T>,
+}
+
+impl<T: Real, const D: usize> Tile<T, D> {
+    #[inline(always)]
+    fn new(geo: &Geometry) -> Self {
+        Self {
+            distance: geo.distance,
+            inv_tau: T::of(1.0 / geo.tau),
+            n: 0,
+            w: vec![T::zero(); D * TILE],
+            a: vec![T::zero(); geo.k * TILE],
+            b: vec![T::zero(); geo.k * TILE],
+            row: vec![T::zero(); TILE],
+            sum: vec![T::zero(); TILE],
+        }
+    }
+
+    /// The lanes of `w_ie` for coordinate `e`.
+    #[inline(always)]
+    fn w(&self, e: usize) -> &[T] {
+        lanes(&self.w, e, self.n)
+    }
+
+    /// The lanes of `a_ij` for centroid `j`.
+    #[inline(always)]
+    fn a(&self, j: usize) -> &[T] {
+        lanes(&self.a, j, self.n)
+    }
+
+    /// Loads the weight vectors `rows` (at most [`TILE`]) and computes their
+    /// attention against the centroids `c`. The softmax subtracts the row
+    /// maximum.
+    #[inline(always)]
+    fn attend(&mut self, rows: &[[T; D]], c: &[[T; D]]) {
+        let n = rows.len();
+        self.n = n;
+        load_lanes(rows, &mut self.w);
+        let inv_tau = self.inv_tau;
+        let zmax = &mut self.row[..n];
+        zmax.fill(T::neg_infinity());
+        for (j, cj) in c.iter().enumerate() {
+            let z = lanes_mut(&mut self.a, j, n);
+            for (e, &ce) in cj.iter().enumerate() {
+                for (z, &w) in z.iter_mut().zip(lanes(&self.w, e, n)) {
+                    let x = w - ce;
+                    *z = if e == 0 { x * x } else { *z + x * x };
+                }
             }
-            let z = match geo.distance {
+            match self.distance {
                 Distance::Squared => {
-                    *coef = -two * inv_tau;
-                    -e2 * inv_tau
+                    for (z, m) in z.iter_mut().zip(zmax.iter_mut()) {
+                        *z = -*z * inv_tau;
+                        *m = num_traits::Float::max(*m, *z);
+                    }
                 }
                 Distance::Euclidean => {
-                    let dist = e2.sqrt();
-                    *coef = if dist > T::zero() { -inv_tau / dist } else { T::zero() };
-                    -dist * inv_tau
+                    let coef = lanes_mut(&mut self.b, j, n);
+                    for ((z, m), coef) in z.iter_mut().zip(zmax.iter_mut()).zip(coef) {
+                        let dist = z.sqrt();
+                        *z = -dist * inv_tau;
+                        *coef = if dist > T::zero() { -inv_tau / dist } else { T::zero() };
+                        *m = num_traits::Float::max(*m, *z);
+                    }
                 }
-            };
-            *a = z;
-            zmax = num_traits::Float::max(zmax, z);
+            }
         }
-        let mut sum = T::zero();
-        for a in &mut self.a {
-            *a = (*a - zmax).exp();
-            sum = sum + *a;
+        let sum = &mut self.sum[..n];
+        sum.fill(T::zero());
+        for j in 0..c.len() {
+            for ((a, &m), s) in lanes_mut(&mut self.a, j, n).iter_mut().zip(zmax.iter()).zip(sum.iter_mut()) {
+                *a = (*a - m).softmax_exp();
+                *s += *a;
+            }
         }
-        let inv_sum = sum.recip();
-        for a in &mut self.a {
-            *a = *a * inv_sum;
+        let inv_sum = zmax;
+        for (inv, &s) in inv_sum.iter_mut().zip(sum.iter()) {
+            *inv = s.recip();
+        }
+        for j in 0..c.len() {
+            for (a, &inv) in lanes_mut(&mut self.a, j, n).iter_mut().zip(inv_sum.iter()) {
+                *a *= inv;
+            }
         }
     }
-}
 
-/// `(w - cj) . v` for the row's weight vector `w` and a centroid `cj`.
-#[inline]
-fn dot_e<T: Real>(w: &[T], cj: &[T], v: &[T]) -> T {
-    let mut s = T::zero();
-    for ((&we, &ce), &ve) in w.iter().zip(cj).zip(v) {
-        s = s + (we - ce) * ve;
+    /// `xbar_i = sum_j a_ij x_ij` into `mean` for the lanes `x` (k quantities).
+    #[inline(always)]
+    fn mean(&self, x: &[T], mean: &mut [T]) {
+        let mean = &mut mean[..self.n];
+        mean.fill(T::zero());
+        for j in 0..self.a.len() / TILE {
+            for ((m, &a), &x) in mean.iter_mut().zip(self.a(j)).zip(lanes(x, j, self.n)) {
+                *m += a * x;
+            }
+        }
     }
-    s
-}
 
-/// Centred weights `xc_j = a_j (x_j - sum_l a_l x_l)`, in place.
-#[inline]
-fn centre<T: Real>(a: &[T], x: &mut [T]) {
-    let mean = a.iter().zip(x.iter()).fold(T::zero(), |s, (&a, &x)| s + a * x);
-    for (x, &a) in x.iter_mut().zip(a) {
-        *x = a * (*x - mean);
+    /// Sets the lanes of `b_ij = a_ij coef_ij`, with which the backward
+    /// passes weigh the logit derivatives.
+    #[inline(always)]
+    fn weigh(&mut self) {
+        let n = self.n;
+        for j in 0..self.a.len() / TILE {
+            let (a, b) = (lanes(&self.a, j, n), lanes_mut(&mut self.b, j, n));
+            match self.distance {
+                Distance::Squared => {
+                    let coef = -T::of(2.0) * self.inv_tau;
+                    b.iter_mut().zip(a).for_each(|(b, &a)| *b = a * coef);
+                }
+                Distance::Euclidean => b.iter_mut().zip(a).for_each(|(b, &a)| *b = a * *b),
+            }
+        }
     }
-}
 
-fn to_real<T: Real>(v: &[f64]) -> Vec<T> {
-    v.iter().map(|&x| T::of(x)).collect()
+    /// `xc_ij coef_ij = b_ij (x_ij - xbar_i)` over the tile's rows, for the
+    /// per-(i,j) values `x` (lanes, k quantities) and `xbar` from
+    /// [`Self::mean`]; needs [`Self::weigh`].
+    #[inline(always)]
+    fn centred<'s>(&'s self, j: usize, x: &'s [T], xbar: &'s [T]) -> impl Iterator<Item = T> + 's {
+        let n = self.n;
+        lanes(&self.b, j, n).iter().zip(lanes(x, j, n)).zip(xbar).map(|((&b, &x), &xbar)| b * (x - xbar))
+    }
+
+    /// Adds the tile's `a_ij` into quantity `j` of `sums` and `a_ij w_ie`
+    /// into quantity `k + j D + e`.
+    #[inline(always)]
+    fn add_moments(&self, sums: &mut LaneSums<T>) {
+        let (n, k) = (self.n, self.a.len() / TILE);
+        for j in 0..k {
+            for (s, &a) in sums.get(j, n).iter_mut().zip(self.a(j)) {
+                *s += a;
+            }
+            for e in 0..D {
+                for ((s, &a), &w) in sums.get(k + j * D + e, n).iter_mut().zip(self.a(j)).zip(self.w(e)) {
+                    *s += a * w;
+                }
+            }
+        }
+    }
+
+    /// `x_ij = g_i . (c_j - w_i)` (lanes, k quantities) from the lanes of `g`
+    /// (D quantities): the `q_ij` of the direct terms, shifted by the per-row
+    /// constant `-g_i . w_i`, which centring removes. The shift keeps the
+    /// values small where the attention is large, so that `q_ij - qbar_i`
+    /// loses few bits to cancellation.
+    #[inline(always)]
+    fn set_output_dots(&self, g: &[T], c: &[[T; D]], x: &mut [T]) {
+        let n = self.n;
+        for (j, cj) in c.iter().enumerate() {
+            let xj = lanes_mut(x, j, n);
+            for (e, &ce) in cj.iter().enumerate() {
+                for ((x, &g), &w) in xj.iter_mut().zip(lanes(g, e, n)).zip(self.w(e)) {
+                    let y = g * (ce - w);
+                    *x = if e == 0 { y } else { *x + y };
+                }
+            }
+        }
+    }
+
+    /// `x_ij = sum_e (w_ie - f_je) v_je` (lanes, k quantities): the `r_ij`
+    /// of the adjoint terms.
+    #[inline(always)]
+    fn set_adjoint_dots(&self, f: &[[T; D]], v: &[[T; D]], x: &mut [T]) {
+        for (j, (fj, vj)) in f.iter().zip(v).enumerate() {
+            let xj = lanes_mut(x, j, self.n);
+            for e in 0..D {
+                for (x, &w) in xj.iter_mut().zip(self.w(e)) {
+                    let y = (w - fj[e]) * vj[e];
+                    *x = if e == 0 { y } else { *x + y };
+                }
+            }
+        }
+    }
 }
 
 // ----------------------------------------------------------------------------
@@ -231,29 +605,43 @@ fn to_real<T: Real>(v: &[f64]) -> Vec<T> {
 ///
 /// `w`: m x d, `c`: k x d. Kernel: `soft_assign_reduce`.
 pub fn soft_assign_reduce<T: Real>(w: &[T], c: &[T], geo: &Geometry) -> Moments {
-    let (k, d) = (geo.k, geo.d);
-    let sums = sum_rows(w.len() / d, k * (d + 1), |rows, acc| {
-        let (mass, weighted) = acc.split_at_mut(k);
-        let mut row = Row::new(k);
-        for i in rows {
-            let wi = &w[i * d..(i + 1) * d];
-            row.attend(wi, c, geo);
-            for (j, &a) in row.a.iter().enumerate() {
-                let a = a.wide();
-                mass[j] += a;
-                for (acc, &we) in weighted[j * d..(j + 1) * d].iter_mut().zip(wi) {
-                    *acc += a * we.wide();
-                }
-            }
-        }
+    let k = geo.k;
+    let sums = with_dim!(geo.d, D => {
+        let pass = Reduce::<T, D> { w: vectors(w), c: vectors(c), geo };
+        sum_rows(pass.w.len(), k * (D + 1), &pass)
     });
     let (mass, weighted) = sums.split_at(k);
     Moments { mass: mass.to_vec(), weighted: weighted.to_vec() }
 }
 
+/// [`soft_assign_reduce`] on one chunk: partial sums `[S (k), sum a w (k x d)]`.
+struct Reduce<'a, T, const D: usize> {
+    w: &'a [[T; D]],
+    c: &'a [[T; D]],
+    geo: &'a Geometry,
+}
+
+impl<T: Real, const D: usize> Pass for Reduce<'_, T, D> {
+    type Out = f64;
+
+    #[inline(always)]
+    fn chunk(&self, rows: Range<usize>, out: &mut [f64]) {
+        let mut tile = Tile::<T, D>::new(self.geo);
+        let mut sums = LaneSums::<T>::new(out.len());
+        for (start, len) in tiles(rows) {
+            tile.attend(&self.w[start..start + len], self.c);
+            tile.add_moments(&mut sums);
+            sums.end_tile();
+        }
+        sums.finish(out);
+    }
+}
+
 /// Runs k-means steps from `c0` until no centroid moves more than `tol` or
-/// `max_iter` steps are done. Returns the centroids, the moments at them and
-/// the number of steps. Kernel: `soft_assign_reduce` once per step.
+/// `max_iter` steps are done. Returns the centroids, the number of steps and
+/// the last shift (see [`Moments::update`]: with `tol = 0` the iteration
+/// stops once it repeats itself exactly). Kernel: `soft_assign_reduce` once
+/// per step.
 pub fn fixed_point<T: Real>(
     w: &[T],
     c0: &[T],
@@ -280,29 +668,62 @@ pub fn fixed_point<T: Real>(
 /// The soft-clustered weights `Wt_i = sum_j a_ij c_j` written into `out` (m x d).
 /// Kernel: `soft_assign_output`.
 pub fn soft_assign_output<T: Real>(w: &[T], c: &[T], geo: &Geometry, out: &mut [T]) {
-    let d = geo.d;
-    map_rows(out, d, |rows, out| {
-        let mut row = Row::new(geo.k);
-        for (i, oi) in rows.zip(out.chunks_exact_mut(d)) {
-            row.attend(&w[i * d..(i + 1) * d], c, geo);
-            oi.fill(T::zero());
-            for (&a, cj) in row.a.iter().zip(c.chunks_exact(d)) {
-                for (o, &ce) in oi.iter_mut().zip(cj) {
-                    *o = *o + a * ce;
+    with_dim!(geo.d, D => map_rows(vectors_mut(out), &Output::<T, D> { w: vectors(w), c: vectors(c), geo }))
+}
+
+/// [`soft_assign_output`] on one chunk.
+struct Output<'a, T, const D: usize> {
+    w: &'a [[T; D]],
+    c: &'a [[T; D]],
+    geo: &'a Geometry,
+}
+
+impl<T: Real, const D: usize> Pass for Output<'_, T, D> {
+    type Out = [T; D];
+
+    #[inline(always)]
+    fn chunk(&self, rows: Range<usize>, out: &mut [[T; D]]) {
+        let mut tile = Tile::<T, D>::new(self.geo);
+        let mut o = vec![T::zero(); D * TILE];
+        let first = rows.start;
+        for (start, n) in tiles(rows) {
+            tile.attend(&self.w[start..start + n], self.c);
+            o.fill(T::zero());
+            for (j, cj) in self.c.iter().enumerate() {
+                for (e, &ce) in cj.iter().enumerate() {
+                    for (o, &a) in lanes_mut(&mut o, e, n).iter_mut().zip(tile.a(j)) {
+                        *o += a * ce;
+                    }
                 }
             }
+            store_lanes(&o, &mut out[start - first..start - first + n]);
         }
-    });
+    }
 }
 
 /// Hard assignment `index_i = argmin_j dist(w_i, c_j)` (ties go to the lower
 /// index). Kernel: `hard_assign`.
 pub fn hard_assign<T: Real>(w: &[T], c: &[T], d: usize, out: &mut [u32]) {
-    map_rows(out, 1, |rows, out| {
+    map_rows(out, &HardAssign { w, c, d })
+}
+
+/// [`hard_assign`] on one chunk.
+struct HardAssign<'a, T> {
+    w: &'a [T],
+    c: &'a [T],
+    d: usize,
+}
+
+impl<T: Real> Pass for HardAssign<'_, T> {
+    type Out = u32;
+
+    #[inline(always)]
+    fn chunk(&self, rows: Range<usize>, out: &mut [u32]) {
+        let d = self.d;
         for (i, oi) in rows.zip(out.iter_mut()) {
-            let wi = &w[i * d..(i + 1) * d];
+            let wi = &self.w[i * d..(i + 1) * d];
             let mut best = (T::infinity(), 0u32);
-            for (j, cj) in c.chunks_exact(d).enumerate() {
+            for (j, cj) in self.c.chunks_exact(d).enumerate() {
                 let e2 = wi.iter().zip(cj).fold(T::zero(), |s, (&a, &b)| s + (a - b) * (a - b));
                 if e2 < best.0 {
                     best = (e2, j as u32);
@@ -310,36 +731,81 @@ pub fn hard_assign<T: Real>(w: &[T], c: &[T], d: usize, out: &mut [u32]) {
             }
             *oi = best.1;
         }
-    });
+    }
 }
 
 // ----------------------------------------------------------------------------
 // Backward passes
 
-/// Centroid cotangent `h = G_C^T g`:
+/// The sums the backward needs before its solve, in one pass: the moments
+/// at `c` (as [`soft_assign_reduce`]) and the centroid cotangent `h = G_C^T g`,
 /// `h_j = sum_i a_ij g_i - sum_i qc_ij coef_ij e_ij` with `q_ij = g_i . c_j`.
 ///
-/// `g`: m x d upstream gradient. Returns k x d. Kernel: `centroid_cotangent`.
-pub fn centroid_cotangent<T: Real>(w: &[T], c: &[T], g: &[T], geo: &Geometry) -> Vec<f64> {
+/// `g`: m x d upstream gradient. Returns the moments and h (k x d).
+/// Kernels: `soft_assign_reduce` and `centroid_cotangent` (same attention).
+pub fn cotangent_reduce<T: Real>(w: &[T], c: &[T], g: &[T], geo: &Geometry) -> (Moments, Vec<f64>) {
     let (k, d) = (geo.k, geo.d);
-    sum_rows(w.len() / d, k * d, |rows, h| {
-        let mut row = Row::new(k);
-        let mut q = vec![T::zero(); k];
-        for i in rows {
-            let (wi, gi) = (&w[i * d..(i + 1) * d], &g[i * d..(i + 1) * d]);
-            row.attend(wi, c, geo);
-            for (qj, cj) in q.iter_mut().zip(c.chunks_exact(d)) {
-                *qj = gi.iter().zip(cj).fold(T::zero(), |s, (&a, &b)| s + a * b);
-            }
-            centre(&row.a, &mut q);
-            for (j, cj) in c.chunks_exact(d).enumerate() {
-                let (a, t) = (row.a[j], q[j] * row.coef[j]);
-                for e in 0..d {
-                    h[j * d + e] += (a * gi[e] - t * (wi[e] - cj[e])).wide();
+    let sums = with_dim!(d, D => {
+        let pass = Cotangent::<T, D> { w: vectors(w), c: vectors(c), g: vectors(g), geo };
+        sum_rows(pass.w.len(), k * (2 * D + 1), &pass)
+    });
+    let (mass, rest) = sums.split_at(k);
+    let (weighted, h) = rest.split_at(k * d);
+    (Moments { mass: mass.to_vec(), weighted: weighted.to_vec() }, h.to_vec())
+}
+
+/// The centroid cotangent `h` alone (k x d): [`cotangent_reduce`] without
+/// its moments. Kernel: `centroid_cotangent`.
+pub fn centroid_cotangent<T: Real>(w: &[T], c: &[T], g: &[T], geo: &Geometry) -> Vec<f64> {
+    cotangent_reduce(w, c, g, geo).1
+}
+
+/// [`cotangent_reduce`] on one chunk: partial sums `[S (k), sum a w (k x d), h (k x d)]`.
+struct Cotangent<'a, T, const D: usize> {
+    w: &'a [[T; D]],
+    c: &'a [[T; D]],
+    g: &'a [[T; D]],
+    geo: &'a Geometry,
+}
+
+impl<T: Real, const D: usize> Pass for Cotangent<'_, T, D> {
+    type Out = f64;
+
+    #[inline(always)]
+    fn chunk(&self, rows: Range<usize>, out: &mut [f64]) {
+        let k = self.geo.k;
+        let mut tile = Tile::<T, D>::new(self.geo);
+        let mut sums = LaneSums::<T>::new(out.len());
+        let mut g = vec![T::zero(); D * TILE];
+        let (mut q, mut qbar) = (vec![T::zero(); k * TILE], vec![T::zero(); TILE]);
+        for (start, n) in tiles(rows) {
+            tile.attend(&self.w[start..start + n], self.c);
+            tile.add_moments(&mut sums);
+            tile.weigh();
+            load_lanes(&self.g[start..start + n], &mut g);
+            tile.set_output_dots(&g, self.c, &mut q);
+            tile.mean(&q, &mut qbar);
+            for (j, cj) in self.c.iter().enumerate() {
+                for (e, &ce) in cj.iter().enumerate() {
+                    let h = sums.get(k * (D + 1) + j * D + e, n).iter_mut();
+                    let terms = h.zip(tile.a(j)).zip(lanes(&g, e, n)).zip(tile.centred(j, &q, &qbar)).zip(tile.w(e));
+                    for ((((h, &a), &g), t), &w) in terms {
+                        *h += a * g - t * (w - ce);
+                    }
                 }
             }
+            sums.end_tile();
         }
-    })
+        sums.finish(out);
+    }
+}
+
+/// `u_j / S_j` for every centroid j (k x d), with `inv_mass = 1/S`, rounded to `T`.
+fn scaled_adjoint<T: Real>(u: &[f64], inv_mass: &[f64], d: usize) -> Vec<T> {
+    u.chunks_exact(d)
+        .zip(inv_mass)
+        .flat_map(|(uj, &s)| uj.iter().map(move |&x| T::of(x * s)))
+        .collect()
 }
 
 /// One Krylov matvec: `(J^T u)_j = -sum_i rc_ij coef_ij e_ij` with
@@ -355,32 +821,53 @@ pub fn adjoint_matvec<T: Real>(
     u: &[f64],
     geo: &Geometry,
 ) -> Vec<f64> {
-    let (k, d) = (geo.k, geo.d);
-    let v: Vec<T> = to_real(&scale_rows(u, inv_mass, d));
-    sum_rows(w.len() / d, k * d, |rows, out| {
-        let mut row = Row::new(k);
-        let mut r = vec![T::zero(); k];
-        for i in rows {
-            let wi = &w[i * d..(i + 1) * d];
-            row.attend(wi, c, geo);
-            for ((rj, fj), vj) in r.iter_mut().zip(f.chunks_exact(d)).zip(v.chunks_exact(d)) {
-                *rj = dot_e(wi, fj, vj);
-            }
-            centre(&row.a, &mut r);
-            for (j, cj) in c.chunks_exact(d).enumerate() {
-                let t = r[j] * row.coef[j];
-                for e in 0..d {
-                    out[j * d + e] -= (t * (wi[e] - cj[e])).wide();
-                }
-            }
-        }
+    let v: Vec<T> = scaled_adjoint(u, inv_mass, geo.d);
+    with_dim!(geo.d, D => {
+        let pass = Matvec::<T, D> { w: vectors(w), c: vectors(c), f: vectors(f), v: vectors(&v), geo };
+        sum_rows(pass.w.len(), geo.k * D, &pass)
     })
 }
 
+/// [`adjoint_matvec`] on one chunk, with `v = u / S` in `T`.
+struct Matvec<'a, T, const D: usize> {
+    w: &'a [[T; D]],
+    c: &'a [[T; D]],
+    f: &'a [[T; D]],
+    v: &'a [[T; D]],
+    geo: &'a Geometry,
+}
+
+impl<T: Real, const D: usize> Pass for Matvec<'_, T, D> {
+    type Out = f64;
+
+    #[inline(always)]
+    fn chunk(&self, rows: Range<usize>, out: &mut [f64]) {
+        let mut tile = Tile::<T, D>::new(self.geo);
+        let mut sums = LaneSums::<T>::new(out.len());
+        let (mut x, mut xbar) = (vec![T::zero(); self.geo.k * TILE], vec![T::zero(); TILE]);
+        for (start, n) in tiles(rows) {
+            tile.attend(&self.w[start..start + n], self.c);
+            tile.weigh();
+            tile.set_adjoint_dots(self.f, self.v, &mut x);
+            tile.mean(&x, &mut xbar);
+            for (j, cj) in self.c.iter().enumerate() {
+                for (e, &ce) in cj.iter().enumerate() {
+                    let terms = sums.get(j * D + e, n).iter_mut().zip(tile.centred(j, &x, &xbar)).zip(tile.w(e));
+                    for ((o, t), &w) in terms {
+                        *o -= t * (w - ce);
+                    }
+                }
+            }
+            sums.end_tile();
+        }
+        sums.finish(out);
+    }
+}
+
 /// The weight gradient, direct plus implicit term, written into `out` (m x d):
-/// `sum_j qc_ij coef_ij e_ij + sum_j (a_ij / S_j) u_j + sum_j rc_ij coef_ij e_ij`,
-/// with `r_ij` as in [`adjoint_matvec`] (`f = F(C)`). With `u = h` this is
-/// the JFB gradient. Kernel: `weight_grad`.
+/// `sum_j (qc_ij + rc_ij) coef_ij e_ij + sum_j (a_ij / S_j) u_j`, with
+/// `q_ij = g_i . c_j` and `r_ij` as in [`adjoint_matvec`] (`f = F(C)`).
+/// With `u = h` this is the JFB gradient. Kernel: `weight_grad`.
 pub fn weight_grad<T: Real>(
     w: &[T],
     c: &[T],
@@ -391,37 +878,143 @@ pub fn weight_grad<T: Real>(
     geo: &Geometry,
     out: &mut [T],
 ) {
-    let (k, d) = (geo.k, geo.d);
-    let v: Vec<T> = to_real(&scale_rows(u, inv_mass, d));
-    map_rows(out, d, |rows, out| {
-        let mut row = Row::new(k);
-        let mut q = vec![T::zero(); k];
-        let mut r = vec![T::zero(); k];
-        for (i, oi) in rows.zip(out.chunks_exact_mut(d)) {
-            let (wi, gi) = (&w[i * d..(i + 1) * d], &g[i * d..(i + 1) * d]);
-            row.attend(wi, c, geo);
-            for (j, ((cj, fj), vj)) in c.chunks_exact(d).zip(f.chunks_exact(d)).zip(v.chunks_exact(d)).enumerate() {
-                q[j] = gi.iter().zip(cj).fold(T::zero(), |s, (&a, &b)| s + a * b);
-                r[j] = dot_e(wi, fj, vj);
-            }
-            centre(&row.a, &mut q);
-            centre(&row.a, &mut r);
-            oi.fill(T::zero());
-            for (j, (cj, vj)) in c.chunks_exact(d).zip(v.chunks_exact(d)).enumerate() {
-                let t = (q[j] + r[j]) * row.coef[j];
-                let a = row.a[j];
-                for e in 0..d {
-                    oi[e] = oi[e] + t * (wi[e] - cj[e]) + a * vj[e];
-                }
-            }
-        }
-    });
+    let v: Vec<T> = scaled_adjoint(u, inv_mass, geo.d);
+    with_dim!(geo.d, D => {
+        let pass = Grad::<T, D> { w: vectors(w), c: vectors(c), f: vectors(f), g: vectors(g), v: vectors(&v), geo };
+        map_rows(vectors_mut(out), &pass)
+    })
 }
 
-/// `u_j / S_j` for every centroid j (k x d), with `inv_mass = 1/S`.
-pub fn scale_rows(u: &[f64], inv_mass: &[f64], d: usize) -> Vec<f64> {
-    u.chunks_exact(d)
-        .zip(inv_mass)
-        .flat_map(|(uj, &s)| uj.iter().map(move |&x| x * s))
-        .collect()
+/// [`weight_grad`] on one chunk, with `v = u / S` in `T`.
+struct Grad<'a, T, const D: usize> {
+    w: &'a [[T; D]],
+    c: &'a [[T; D]],
+    f: &'a [[T; D]],
+    g: &'a [[T; D]],
+    v: &'a [[T; D]],
+    geo: &'a Geometry,
+}
+
+impl<T: Real, const D: usize> Pass for Grad<'_, T, D> {
+    type Out = [T; D];
+
+    #[inline(always)]
+    fn chunk(&self, rows: Range<usize>, out: &mut [[T; D]]) {
+        let k = self.geo.k;
+        let mut tile = Tile::<T, D>::new(self.geo);
+        let mut g = vec![T::zero(); D * TILE];
+        let (mut q, mut qbar) = (vec![T::zero(); k * TILE], vec![T::zero(); TILE]);
+        let (mut r, mut rbar) = (vec![T::zero(); k * TILE], vec![T::zero(); TILE]);
+        let mut o = vec![T::zero(); D * TILE];
+        let first = rows.start;
+        for (start, n) in tiles(rows) {
+            tile.attend(&self.w[start..start + n], self.c);
+            tile.weigh();
+            load_lanes(&self.g[start..start + n], &mut g);
+            tile.set_output_dots(&g, self.c, &mut q);
+            tile.set_adjoint_dots(self.f, self.v, &mut r);
+            tile.mean(&q, &mut qbar);
+            tile.mean(&r, &mut rbar);
+            o.fill(T::zero());
+            for (j, (cj, vj)) in self.c.iter().zip(self.v).enumerate() {
+                for e in 0..D {
+                    let t = tile.centred(j, &q, &qbar).zip(tile.centred(j, &r, &rbar)).map(|(tq, tr)| tq + tr);
+                    let terms = lanes_mut(&mut o, e, n).iter_mut().zip(t).zip(tile.w(e)).zip(tile.a(j));
+                    for (((o, t), &w), &a) in terms {
+                        *o += t * (w - cj[e]) + a * vj[e];
+                    }
+                }
+            }
+            store_lanes(&o, &mut out[start - first..start - first + n]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `n` values uniform in [-1, 1), from a fixed linear congruential sequence.
+    fn uniform(n: usize, seed: u64) -> Vec<f32> {
+        let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (0..n)
+            .map(|_| {
+                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn softmax_exp_is_within_one_ulp() {
+        let mut worst = 0f64;
+        for n in 0..=800_000 {
+            let x = -80.0 * n as f32 / 800_000.0;
+            let exact = (x as f64).exp();
+            worst = worst.max(((x.softmax_exp() as f64) - exact).abs() / exact);
+        }
+        assert!(worst < f32::EPSILON as f64, "relative error {worst:e}");
+        assert_eq!((-80.5f32).softmax_exp(), 0.0);
+        assert_eq!(f32::NEG_INFINITY.softmax_exp(), 0.0);
+        assert_eq!(0f32.softmax_exp(), 1.0);
+    }
+
+    /// Runs `pass` on rows `0..m` with every instruction-set version of
+    /// [`Pass::chunk`] the CPU supports, on `len` outputs set to `zero`.
+    fn every_version<P: Pass>(pass: &P, m: usize, len: usize, zero: P::Out) -> Vec<Vec<P::Out>>
+    where
+        P::Out: Clone,
+    {
+        let run = |f: &dyn Fn(&mut [P::Out])| {
+            let mut out = vec![zero.clone(); len];
+            f(&mut out);
+            out
+        };
+        #[allow(unused_mut)]
+        let mut all = vec![run(&|out| pass.chunk(0..m, out))];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx2") {
+                // SAFETY: the CPU supports AVX2 (checked just above).
+                all.push(run(&|out| unsafe { chunk_avx2(pass, 0..m, out) }));
+            }
+            if has_avx512() {
+                // SAFETY: the CPU supports the features (checked just above).
+                all.push(run(&|out| unsafe { chunk_avx512(pass, 0..m, out) }));
+            }
+        }
+        all
+    }
+
+    fn assert_same<O: PartialEq + std::fmt::Debug>(what: &str, versions: Vec<Vec<O>>) {
+        for (n, v) in versions.iter().enumerate().skip(1) {
+            assert!(v == &versions[0], "{what}: version {n} differs from the baseline");
+        }
+    }
+
+    fn versions_agree<const D: usize>(distance: Distance) {
+        // 777 rows: full tiles, a partial one, and several folds.
+        let (m, k) = (777, 5);
+        let geo = Geometry { k, d: D, tau: 0.3, distance };
+        let (w, g) = (uniform(m * D, 1), uniform(m * D, 2));
+        let (c, v) = (uniform(k * D, 3), uniform(k * D, 4));
+        let f: Vec<f32> = c.iter().zip(uniform(k * D, 5)).map(|(c, x)| c + 0.01 * x).collect();
+        let (w, g, c, f, v) = (vectors::<_, D>(&w), vectors(&g), vectors(&c), vectors(&f), vectors(&v));
+        let label = |pass| format!("{pass} d={D} {distance:?}");
+        assert_same(&label("reduce"), every_version(&Reduce { w, c, geo: &geo }, m, k * (D + 1), 0.0));
+        assert_same(&label("output"), every_version(&Output { w, c, geo: &geo }, m, m, [0.0; D]));
+        assert_same(&label("cotangent"), every_version(&Cotangent { w, c, g, geo: &geo }, m, k * (2 * D + 1), 0.0));
+        assert_same(&label("matvec"), every_version(&Matvec { w, c, f, v, geo: &geo }, m, k * D, 0.0));
+        assert_same(&label("grad"), every_version(&Grad { w, c, f, g, v, geo: &geo }, m, m, [0.0; D]));
+    }
+
+    #[test]
+    fn instruction_set_versions_agree_bit_for_bit() {
+        for distance in [Distance::Squared, Distance::Euclidean] {
+            versions_agree::<1>(distance);
+            versions_agree::<2>(distance);
+            versions_agree::<4>(distance);
+            versions_agree::<8>(distance);
+        }
+    }
 }
