@@ -7,7 +7,9 @@
 //
 // Notation (shared/DESIGN.md): e_ij = w_i - c_j, coef_ij with
 // dz_ij/dw_i = coef_ij e_ij, centred weights xc_ij = a_ij (x_ij - sum_l a_il x_il),
-// q_ij = g_i . c_j, r_ij = (u_j / S_j) . (w_i - f_j). Here f = F(C) (k x d) is
+// q_ij = g_i . (c_j - w_i) (g_i . c_j shifted by a per-row constant that
+// centring removes: the same qc_ij, far less cancellation in q_ij - qbar_i),
+// r_ij = (u_j / S_j) . (w_i - f_j). Here f = F(C) (k x d) is
 // the k-means map at the centroids c, computed by the host from the moments
 // (f_j = sum_i a_ij w_i / S_j, or c_j for a dead centroid; the twins'
 // Moments::update); it equals c at an exact fixed point. Only the r-terms use
@@ -154,18 +156,18 @@ __device__ __forceinline__ void centroid_cotangent_body(const float* __restrict_
             float* a = as + r * k;
             float* t = ts + r * k;
             attend_row<D, true>(w, cs, k, G, lane, inv_tau, euclidean, a, t);
-            float mean = 0.f;  // sum_l a_il q_il
+            float mean = 0.f;  // sum_l a_il q_il, q_il = g_i . (c_l - w_i)
             for (int j = lane; j < k; j += G) {
                 float cj[D];
                 load_vec<D>(cs + j * D, cj);
-                mean += a[j] * dot_gc<D>(g, cj);
+                mean += a[j] * dot_gcw<D>(g, cj, w);
             }
             mean = group_sum(mean, G);
             for (int j = lane; j < k; j += G) {
                 float cj[D];
                 load_vec<D>(cs + j * D, cj);
-                const float qc = a[j] * (dot_gc<D>(g, cj) - mean);
-                t[j] = qc * t[j];
+                // qc_ij coef_ij as the twin rounds it: (a_ij coef_ij) (q_ij - qbar_i)
+                t[j] = (a[j] * t[j]) * (dot_gcw<D>(g, cj, w) - mean);
             }
             if (lane == 0) {
 #pragma unroll
@@ -283,8 +285,8 @@ __device__ __forceinline__ void adjoint_matvec_body(const float* __restrict__ w_
                 float fj[D], vj[D];
                 load_vec<D>(fs + j * D, fj);
                 load_vec<D>(vs + j * D, vj);
-                const float rc = a[j] * (dot_e<D>(w, fj, vj) - mean);
-                t[j] = rc * t[j];
+                // rc_ij coef_ij as the twin rounds it: (a_ij coef_ij) (r_ij - rbar_i)
+                t[j] = (a[j] * t[j]) * (dot_e<D>(w, fj, vj) - mean);
             }
             if (lane == 0) {
 #pragma unroll
@@ -373,13 +375,14 @@ __device__ __forceinline__ void weight_grad_body(const float* __restrict__ w_in,
         load_row<D>(w_in, i, valid, w);
         load_row<D>(g_in, i, valid, g);
         attend_row<D, true>(w, cs, k, G, lane, inv_tau, euclidean, a, coef);
-        float mq = 0.f, mr = 0.f;  // sum_l a_il q_il, sum_l a_il r_il (r_il = (w_i - f_l) . v_l)
+        // sum_l a_il q_il, sum_l a_il r_il (q_il = g_i . (c_l - w_i), r_il = (w_i - f_l) . v_l)
+        float mq = 0.f, mr = 0.f;
         for (int j = lane; j < k; j += G) {
             float cj[D], fj[D], vj[D];
             load_vec<D>(cs + j * D, cj);
             load_vec<D>(fs + j * D, fj);
             load_vec<D>(vs + j * D, vj);
-            mq += a[j] * dot_gc<D>(g, cj);
+            mq += a[j] * dot_gcw<D>(g, cj, w);
             mr += a[j] * dot_e<D>(w, fj, vj);
         }
         mq = group_sum(mq, G);
@@ -393,9 +396,10 @@ __device__ __forceinline__ void weight_grad_body(const float* __restrict__ w_in,
             load_vec<D>(fs + j * D, fj);
             load_vec<D>(vs + j * D, vj);
             const float aj = a[j];
-            const float qc = aj * (dot_gc<D>(g, cj) - mq);
-            const float rc = aj * (dot_e<D>(w, fj, vj) - mr);
-            const float t = (qc + rc) * coef[j];  // times e_ij = w_i - c_j
+            // (qc_ij + rc_ij) coef_ij as the twin rounds it, b_ij = a_ij coef_ij:
+            // b_ij (q_ij - qbar_i) + b_ij (r_ij - rbar_i); times e_ij = w_i - c_j below.
+            const float b = aj * coef[j];
+            const float t = b * (dot_gcw<D>(g, cj, w) - mq) + b * (dot_e<D>(w, fj, vj) - mr);
 #pragma unroll
             for (int e = 0; e < D; ++e) o[e] += t * (w[e] - cj[e]) + aj * vj[e];
         }

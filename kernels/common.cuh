@@ -200,12 +200,14 @@ __device__ __forceinline__ void attend_row(const float (&w)[D], const float* c, 
     for (int j = lane; j < k; j += G) a[j] *= inv_sum;
 }
 
-// q_ij = g_i . c_j (streaming.rs: the fold in centroid_cotangent/weight_grad).
+// q_ij = g_i . (c_j - w_i) (streaming.rs: Tile::set_output_dots): g_i . c_j
+// shifted by the per-row constant -g_i . w_i, which centring removes; the
+// shift keeps q_ij small where a_ij is large, so q_ij - qbar_i loses few bits.
 template <int D>
-__device__ __forceinline__ float dot_gc(const float (&g)[D], const float (&cj)[D]) {
-    float s = 0.f;
+__device__ __forceinline__ float dot_gcw(const float (&g)[D], const float (&cj)[D], const float (&w)[D]) {
+    float s = g[0] * (cj[0] - w[0]);
 #pragma unroll
-    for (int e = 0; e < D; ++e) s += g[e] * cj[e];
+    for (int e = 1; e < D; ++e) s += g[e] * (cj[e] - w[e]);
     return s;
 }
 
@@ -213,9 +215,9 @@ __device__ __forceinline__ float dot_gc(const float (&g)[D], const float (&cj)[D
 // adjoint.cu passes f_j, not c_j, as the second argument).
 template <int D>
 __device__ __forceinline__ float dot_e(const float (&w)[D], const float (&cj)[D], const float (&vj)[D]) {
-    float s = 0.f;
+    float s = (w[0] - cj[0]) * vj[0];
 #pragma unroll
-    for (int e = 0; e < D; ++e) s += (w[e] - cj[e]) * vj[e];
+    for (int e = 1; e < D; ++e) s += (w[e] - cj[e]) * vj[e];
     return s;
 }
 

@@ -10,7 +10,7 @@
 //
 //   soft_assign_reduce_f32_dD  one k-means step's sums, per-block partials
 //   reduce_partials            partials -> one vector, blocks in fixed order
-//   kmeans_update              F(C) (dead centroids kept), max shift, converged flag
+//   kmeans_update              F(C) (dead centroids kept), max shift (on the f32 values), converged flag
 //   inverse_mass               1/S_j or 0 for a dead centroid
 //   soft_assign_output_f32_dD  Wt_i = sum_j a_ij c_j
 //   hard_assign_f32_dD         argmin_j ||w_i - c_j|| (ties to the lower j)
@@ -176,10 +176,13 @@ extern "C" __global__ void kmeans_update(
         const double s = sums[j];
         double moved = 0.0;
         for (int e = 0; e < d; ++e) {
-            const double cj = (double)c[j * d + e];
-            const double v = s > DEAD_MASS ? sums[k + j * d + e] / s : cj;
-            moved += (v - cj) * (v - cj);
-            next[j * d + e] = (float)v;
+            // The move is measured on the stored (f32-rounded) centroid, as
+            // the twin does; _rn: no FMA contraction, the same bits as the twin.
+            const float cj = c[j * d + e];
+            const float v = s > DEAD_MASS ? (float)(sums[k + j * d + e] / s) : cj;
+            const double diff = (double)v - (double)cj;
+            moved = __dadd_rn(moved, __dmul_rn(diff, diff));
+            next[j * d + e] = v;
         }
         local = fmax(local, sqrt(moved));
     }

@@ -55,26 +55,7 @@ pub fn implicit_backward<T: Real>(
         Method::IdkmJfb | Method::Dkm => (h, Adjoint::JacobianFree),
         Method::Idkm => {
             let (u, report) = match cfg.solver {
-                Solver::Cg => {
-                    // Symmetrised system B v = h, B v = D v - J^T (D v), u = D v,
-                    // with D = diag(S_j) (1 for a dead centroid, which decouples).
-                    // B is symmetric when F(C) = C; away from the fixed point
-                    // (a forward stopped early) it is not quite, and CG needs
-                    // more steps than k d, or breaks down (then see below).
-                    let scale: Vec<f64> = moments
-                        .mass
-                        .iter()
-                        .zip(&inv_mass)
-                        .flat_map(|(&s, &inv)| std::iter::repeat_n(if inv > 0.0 { s } else { 1.0 }, d))
-                        .collect();
-                    let apply = |v: &[f64]| {
-                        let dv: Vec<f64> = v.iter().zip(&scale).map(|(v, s)| v * s).collect();
-                        let jtdv = jt(&dv);
-                        dv.iter().zip(jtdv).map(|(a, b)| a - b).collect()
-                    };
-                    let (v, report) = solve::conjugate_gradient(apply, &h, cfg.tol, cfg.max_steps);
-                    (v.iter().zip(&scale).map(|(v, s)| v * s).collect(), report)
-                }
+                Solver::Cg => symmetrised_cg(&moments.mass, &inv_mass, d, jt, &h, cfg.tol, cfg.max_steps),
                 Solver::Gmres => {
                     let apply = |u: &[f64]| {
                         let jtu = jt(u);
@@ -84,31 +65,71 @@ pub fn implicit_backward<T: Real>(
                 }
                 Solver::Neumann => solve::neumann(jt, &h, cfg.tol, cfg.max_steps),
             };
-            if report.converged {
-                tracing::debug!(layer = name, steps = report.steps, residual = report.rel_residual, "adjoint solved");
-                (u, Adjoint::Solved(report))
-            } else if report.rel_residual < 1.0 {
-                tracing::warn!(
-                    layer = name,
-                    steps = report.steps,
-                    residual = report.rel_residual,
-                    tol = cfg.tol,
-                    "adjoint solver missed its tolerance: using its best iterate"
-                );
-                (u, Adjoint::BestIterate(report))
-            } else {
-                tracing::warn!(
-                    layer = name,
-                    steps = report.steps,
-                    residual = report.rel_residual,
-                    "adjoint solver diverged: falling back to the Jacobian-free (JFB) gradient"
-                );
-                (h, Adjoint::FellBackToJfb(report))
-            }
+            let (adjoint, use_solution) = fallback(report, cfg.tol, name);
+            (if use_solution { u } else { h }, adjoint)
         }
     };
     pass::weight_grad(w, c, &f, g, &inv_mass, &u, geo, out);
     adjoint
+}
+
+/// CG on the symmetrised adjoint system `B v = h`, `B v = D v - J^T (D v)`,
+/// `u = D v`, with `D = diag(S_j)` from the masses (1 for a dead centroid,
+/// whose `inv_mass` is 0 and which decouples), `jt` the matvec `J^T`. B is
+/// symmetric when F(C) = C; away from the fixed point (a forward stopped
+/// early) it is not quite, and CG needs more steps than k d, or breaks down
+/// (then see [`fallback`]). Returns `u` and the solver's report.
+pub fn symmetrised_cg(
+    mass: &[f64],
+    inv_mass: &[f64],
+    d: usize,
+    jt: impl Fn(&[f64]) -> Vec<f64>,
+    h: &[f64],
+    tol: f64,
+    max_steps: usize,
+) -> (Vec<f64>, SolveReport) {
+    let scale: Vec<f64> = mass
+        .iter()
+        .zip(inv_mass)
+        .flat_map(|(&s, &inv)| std::iter::repeat_n(if inv > 0.0 { s } else { 1.0 }, d))
+        .collect();
+    let apply = |v: &[f64]| {
+        let dv: Vec<f64> = v.iter().zip(&scale).map(|(v, s)| v * s).collect();
+        let jtdv = jt(&dv);
+        dv.iter().zip(jtdv).map(|(a, b)| a - b).collect()
+    };
+    let (v, report) = solve::conjugate_gradient(apply, h, tol, max_steps);
+    (v.iter().zip(&scale).map(|(v, s)| v * s).collect(), report)
+}
+
+/// The policy after an adjoint solve, shared by the CPU and CUDA backwards:
+/// converged gives [`Adjoint::Solved`]; a missed tolerance with a relative
+/// residual below 1 (better than `u = 0`) gives [`Adjoint::BestIterate`];
+/// otherwise [`Adjoint::FellBackToJfb`]. Logs the outcome for the layer
+/// `name` (debug when solved, warn otherwise). Returns the outcome and
+/// whether to use the solver's `u` (`true`) or the JFB adjoint `u = h`.
+pub(crate) fn fallback(report: SolveReport, tol: f64, name: &str) -> (Adjoint, bool) {
+    if report.converged {
+        tracing::debug!(layer = name, steps = report.steps, residual = report.rel_residual, "adjoint solved");
+        (Adjoint::Solved(report), true)
+    } else if report.rel_residual < 1.0 {
+        tracing::warn!(
+            layer = name,
+            steps = report.steps,
+            residual = report.rel_residual,
+            tol,
+            "adjoint solver missed its tolerance: using its best iterate"
+        );
+        (Adjoint::BestIterate(report), true)
+    } else {
+        tracing::warn!(
+            layer = name,
+            steps = report.steps,
+            residual = report.rel_residual,
+            "adjoint solver diverged: falling back to the Jacobian-free (JFB) gradient"
+        );
+        (Adjoint::FellBackToJfb(report), false)
+    }
 }
 
 /// GMRES restart length: the Krylov basis is kept in memory, so it is capped.

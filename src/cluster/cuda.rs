@@ -29,7 +29,7 @@
 //! The PTX is compiled by `build.rs` for `CUDA_COMPUTE_CAP` (default 90) and
 //! loaded once per device with `CudaDevice::get_or_load_custom_func`.
 
-use super::backward::{Adjoint, BackwardConfig, GMRES_RESTART};
+use super::backward::{fallback, Adjoint, BackwardConfig, GMRES_RESTART};
 use super::config::{Distance, Method, Solver};
 use super::solve::{self, SolveReport};
 use super::streaming::Geometry;
@@ -775,27 +775,8 @@ pub fn implicit_backward(
                 solver => host_solve(dev, p, w, c, &at, &h, solver, cfg.tol, cfg.max_steps)?,
             };
             // backward.rs: the same policy and log lines.
-            if report.converged {
-                tracing::debug!(layer = name, steps = report.steps, residual = report.rel_residual, "adjoint solved");
-                (Some(u), Adjoint::Solved(report))
-            } else if report.rel_residual < 1.0 {
-                tracing::warn!(
-                    layer = name,
-                    steps = report.steps,
-                    residual = report.rel_residual,
-                    tol = cfg.tol,
-                    "adjoint solver missed its tolerance: using its best iterate"
-                );
-                (Some(u), Adjoint::BestIterate(report))
-            } else {
-                tracing::warn!(
-                    layer = name,
-                    steps = report.steps,
-                    residual = report.rel_residual,
-                    "adjoint solver diverged: falling back to the Jacobian-free (JFB) gradient"
-                );
-                (None, Adjoint::FellBackToJfb(report))
-            }
+            let (adjoint, use_solution) = fallback(report, cfg.tol, name);
+            (use_solution.then_some(u), adjoint)
         }
     };
     let mut out = alloc::<f32>(dev, p.m * p.d)?;

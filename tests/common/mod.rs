@@ -77,3 +77,50 @@ pub fn rel_l2(a: &Tensor, b: &Tensor) -> f64 {
     let norm: f64 = b.iter().map(|y| y * y).sum();
     (diff / norm.max(1e-300)).sqrt()
 }
+
+/// One random clustering problem for the kernel tests (tests/gpu.rs on a
+/// device, tests/kernel_emu.rs on the emulator).
+pub struct KernelCase {
+    pub m: usize,
+    pub geo: idkm::cluster::streaming::Geometry,
+    pub w: Vec<f32>,
+    pub c: Vec<f32>,
+    pub g: Vec<f32>,
+    /// A random adjoint vector (k x d).
+    pub u: Vec<f64>,
+}
+
+impl KernelCase {
+    /// Standard normal weights, centroids on k of the rows (spread over the
+    /// data) plus jitter, a temperature at which the attention is soft but
+    /// not uniform; `dead` moves centroid 0 far away (zero mass).
+    pub fn new(m: usize, k: usize, d: usize, distance: idkm::cluster::Distance, seed: u64, dead: bool) -> Self {
+        let w: Vec<f32> = normal(m * d, seed).iter().map(|&x| x as f32).collect();
+        let jitter = normal(k * d, seed ^ 0xc0ffee);
+        let mut c = Vec::with_capacity(k * d);
+        for j in 0..k {
+            let i = (j * m) / k;
+            for e in 0..d {
+                let row = if m > 0 { w[i * d + e] } else { 0.0 };
+                c.push(row + 0.01 * jitter[j * d + e] as f32);
+            }
+        }
+        if dead {
+            c[..d].fill(1e3);
+        }
+        let sq = soft_tau(k, d);
+        let tau = match distance {
+            idkm::cluster::Distance::Squared => sq,
+            idkm::cluster::Distance::Euclidean => sq.sqrt(),
+        };
+        let g: Vec<f32> = normal(m * d, seed ^ 0x9e37).iter().map(|&x| x as f32).collect();
+        let u = normal(k * d, seed ^ 0x51ab);
+        Self { m, geo: idkm::cluster::streaming::Geometry { k, d, tau, distance }, w, c, g, u }
+    }
+
+    /// `m=.. k=.. d=.. Distance[ dead]`, for failure messages.
+    pub fn label(&self) -> String {
+        let dead = if self.c.first() == Some(&1e3) { " dead" } else { "" };
+        format!("m={} k={} d={} {:?}{dead}", self.m, self.geo.k, self.geo.d, self.geo.distance)
+    }
+}
