@@ -13,7 +13,13 @@
 //!
 //! Environment (all optional): `IDKM_STEP_ARCH` (resnet18-cifar),
 //! `IDKM_STEP_BATCH` (32), `IDKM_STEP_BITS` (4,8), `IDKM_STEP_DKM_ITERS`
-//! (1,3,10,30), `IDKM_STEP_ITERS` (30: t of IDKM and IDKM-JFB),
+//! (1,3,10,30), `IDKM_STEP_ITERS` (30: t of IDKM and IDKM-JFB, the most
+//! k-means iterations of a forward pass), `IDKM_STEP_TOL` (the trainer's
+//! default k-means tolerance, for IDKM and IDKM-JFB; 0 forces exactly t
+//! iterations, as DKM always runs), `IDKM_STEP_STEADY_BITS` (4: the bits
+//! of the steady-state rows, IDKM and IDKM-JFB starting every step at the
+//! k-means fixed point, as a long fine-tune does; empty for none),
+//! `IDKM_STEP_CONVERGE_ITERS` (1000: k-means iterations that reach it first),
 //! `IDKM_STEP_METHODS` (dkm,idkm,idkm-jfb), `IDKM_STEP_BUDGET_GIB` (16, and
 //! never more than the memory available less 1 GiB), `IDKM_STEP_ALLOCS`
 //! (system; system,mimalloc with `--features mimalloc`: the first for every
@@ -98,6 +104,12 @@ fn main() -> anyhow::Result<()> {
     let bits: Vec<u32> = list("IDKM_STEP_BITS", "4,8");
     let dkm_iters: Vec<usize> = list("IDKM_STEP_DKM_ITERS", "1,3,10,30");
     let iters: usize = env_or("IDKM_STEP_ITERS", "30").parse()?;
+    let steady_bits: Vec<u32> = list("IDKM_STEP_STEADY_BITS", "4");
+    let converge: usize = env_or("IDKM_STEP_CONVERGE_ITERS", "1000").parse()?;
+    let tol: f64 = match std::env::var("IDKM_STEP_TOL") {
+        Ok(v) => v.parse()?,
+        Err(_) => idkm::cluster::KmeansConfig::default().tol,
+    };
     let methods: Vec<String> = list("IDKM_STEP_METHODS", "dkm,idkm,idkm-jfb");
     let allocs: Vec<AllocKind> = list(
         "IDKM_STEP_ALLOCS",
@@ -136,7 +148,7 @@ fn main() -> anyhow::Result<()> {
         iters,
         tol: 0.0,
         tau: 1e-4,
-        solver: "cg".into(),
+        solver: idkm::cluster::KmeansConfig::default().solver.to_string(),
         min_weights: idkm::quantize::QuantizePlan::MIN_WEIGHTS,
         classes: 10,
         warmup,
@@ -145,6 +157,7 @@ fn main() -> anyhow::Result<()> {
         device: "cpu".into(),
         data: None,
         seed: 0,
+        converge_iters: None,
     };
     let mut configs = vec![(base.clone(), true)];
     for &b in &bits {
@@ -155,14 +168,30 @@ fn main() -> anyhow::Result<()> {
                 vec![iters]
             };
             for t in ts {
+                // DKM runs exactly t iterations: its memory grows with them.
                 let c = StepConfig {
                     method: m.clone(),
                     bits: b,
                     iters: t,
+                    tol: if m == "dkm" { 0.0 } else { tol },
                     ..base.clone()
                 };
                 configs.push((c, false));
             }
+        }
+    }
+    // The steady state of a long fine-tune: k-means starts each step at its
+    // fixed point (reached here by up to `converge` iterations first).
+    for &b in &steady_bits {
+        for m in methods.iter().filter(|m| *m != "dkm") {
+            let c = StepConfig {
+                method: m.clone(),
+                bits: b,
+                tol,
+                converge_iters: Some(converge),
+                ..base.clone()
+            };
+            configs.push((c, false));
         }
     }
     let channels = if arch == "small-cnn" { 1 } else { 3 };
@@ -187,15 +216,7 @@ fn main() -> anyhow::Result<()> {
             .env(memory::ALLOC_ENV, alloc.to_string());
         Ok(cmd)
     };
-    let report = |r: &Record| {
-        eprintln!(
-            "{}",
-            memory::table(std::slice::from_ref(r))
-                .lines()
-                .last()
-                .unwrap_or("")
-        )
-    };
+    let report = |r: &Record| eprintln!("{}", memory::table_row(r));
     let records = memory::profile(&shape, &plan, budget, timeout, command, report)?;
     finish(&records, &arch, batch, &bits, budget, &out_dir)
 }

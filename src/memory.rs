@@ -43,7 +43,7 @@
 //! `--memory-budget`, with the alternatives that fit.
 
 use crate::cluster::backward::Adjoint;
-use crate::cluster::{KmeansConfig, Method, Solver};
+use crate::cluster::{ClusteredWeight, KmeansConfig, Method, Solver};
 use crate::model::{Arch, Model, Weights};
 use crate::quantize::{Clustering, QuantizePlan};
 use crate::train::{Optimizer, OptimizerKind, SgdConfig};
@@ -815,8 +815,9 @@ pub fn estimate(shape: &ModelShape, specs: &[ClusterSpec], work: &Workload) -> E
 }
 
 /// Seconds per `m x k` element of one streaming pass (IDKM, IDKM-JFB) on
-/// this project's CI-class machine, from the layer benchmark.
-const STREAMING_SECONDS_PER_MK: f64 = 1.2e-8;
+/// this project's CI-class machine, from the layer benchmark (the
+/// vectorised passes: 0.3-0.5 ns on 2 threads).
+const STREAMING_SECONDS_PER_MK: f64 = 5e-10;
 
 /// Seconds per `m x k` element and recorded iteration of reference DKM
 /// (forward and backward), from the layer benchmark.
@@ -835,12 +836,12 @@ pub fn predict_seconds(specs: &[ClusterSpec], fp32_seconds: f64) -> f64 {
         let t = c.max_iter as f64;
         s += match c.method {
             Method::Dkm => DKM_SECONDS_PER_MK_ITER * mk * (t + 1.0),
-            // The fixed point, the output, the cotangent and gradient passes,
-            // and the solver's matvecs (about 35 at tau = 1e-4).
+            // The fixed point, the output pass, the moments-and-cotangent and
+            // gradient passes, and the solver's matvecs (about 35 at tau = 1e-4).
             Method::Idkm => {
-                STREAMING_SECONDS_PER_MK * mk * (t + 4.0 + c.solver_max_steps.min(35) as f64)
+                STREAMING_SECONDS_PER_MK * mk * (t + 3.0 + c.solver_max_steps.min(35) as f64)
             }
-            Method::IdkmJfb => STREAMING_SECONDS_PER_MK * mk * (t + 4.0),
+            Method::IdkmJfb => STREAMING_SECONDS_PER_MK * mk * (t + 3.0),
         };
     }
     s
@@ -1083,6 +1084,11 @@ pub struct StepConfig {
     pub data: Option<PathBuf>,
     /// Seed of the model, the data and the clustering.
     pub seed: u64,
+    /// k-means iterations run on each clustered layer before the warm-up
+    /// (no graph), so that the steps start at the fixed point, as the steps
+    /// of a long fine-tune do; `None` starts them cold.
+    #[serde(default)]
+    pub converge_iters: Option<usize>,
 }
 
 impl StepConfig {
@@ -1091,7 +1097,8 @@ impl StepConfig {
         if self.method == "fp32" {
             "fp32".into()
         } else {
-            format!("{} {}-bit t={}", self.method, self.bits, self.iters)
+            let steady = if self.converge_iters.is_some() { " steady" } else { "" };
+            format!("{} {}-bit t={}{steady}", self.method, self.bits, self.iters)
         }
     }
 
@@ -1323,6 +1330,22 @@ fn adjoint_report(a: Option<Adjoint>) -> (Option<String>, Option<usize>, Option<
     }
 }
 
+/// Runs each clustered layer's k-means on the model's weights for up to
+/// `iters` iterations, without a graph, and makes the result its warm start.
+fn converge(model: &Model, clustering: &Clustering, iters: usize) -> anyhow::Result<()> {
+    for (name, w) in model.weights() {
+        let Some(layer) = clustering.layers().get(&name) else { continue };
+        // The fixed point does not depend on the gradient method; DKM's would
+        // record every iteration.
+        let config = KmeansConfig { max_iter: iters, method: Method::IdkmJfb, ..layer.config().clone() };
+        let long = ClusteredWeight::new(name.clone(), config)?;
+        long.forward(&w.detach())?;
+        let c = long.centroids().with_context(|| format!("no centroids for {name}"))?;
+        layer.set_centroids(c)?;
+    }
+    Ok(())
+}
+
 /// Runs the configuration's training steps in this process and measures
 /// them: what a profile child does. Peaks are of the measured steps (the
 /// resident-set peak and the counted peak are reset after the warm-up).
@@ -1351,6 +1374,9 @@ pub fn run_steps(config: &StepConfig) -> anyhow::Result<Measured> {
         Some(plan) => Some(Clustering::new(&model, &plan)?),
         None => None,
     };
+    if let (Some(c), Some(iters)) = (&clustering, config.converge_iters) {
+        converge(&model, c, iters)?;
+    }
     let weights = match &clustering {
         Some(c) => Weights::Clustered(c),
         None => Weights::Float,
@@ -1634,6 +1660,12 @@ pub fn profile(
 
 fn mib(bytes: u64) -> String {
     format!("{:.0}", bytes as f64 / (1u64 << 20) as f64)
+}
+
+/// The row of [`table`] for one record, as printed when its configuration
+/// has finished.
+pub fn table_row(record: &Record) -> String {
+    table(std::slice::from_ref(record)).lines().last().unwrap_or("").to_string()
 }
 
 /// The records as a Markdown table (also readable on a terminal): method,
@@ -1963,7 +1995,8 @@ where
         }
     }
     let mut keys: Vec<(String, u32)> = Vec::new();
-    for r in records.iter().filter(|r| r.config.method != "fp32") {
+    // Steady-state rows share t with the cold ones: the table has them.
+    for r in records.iter().filter(|r| r.config.method != "fp32" && r.config.converge_iters.is_none()) {
         let key = (r.config.method.clone(), r.config.bits);
         if !keys.contains(&key) {
             keys.push(key);
@@ -1975,7 +2008,7 @@ where
         let k = nudge(&method, bits);
         let mut pts: Vec<(f64, f64, bool)> = records
             .iter()
-            .filter(|r| r.config.method == method && r.config.bits == bits)
+            .filter(|r| r.config.method == method && r.config.bits == bits && r.config.converge_iters.is_none())
             .filter_map(|r| value(r).map(|(v, ran)| (r.config.iters as f64 * k, v, ran)))
             .collect();
         pts.sort_by(|a, b| a.0.total_cmp(&b.0));

@@ -1,5 +1,6 @@
 //! Relations between the three gradients: DKM unrolled from the fixed point
-//! tends to IDKM, JFB tends to IDKM as tau -> 0, and the solvers agree.
+//! tends to IDKM, JFB tends to IDKM as tau -> 0, and the solvers agree; and
+//! when the forward k-means stops.
 
 mod common;
 
@@ -99,4 +100,45 @@ fn solvers_agree() {
         other => panic!("not solved: {other:?}"),
     };
     assert!(steps(a) < steps(c), "cg {a:?} vs neumann {c:?}");
+}
+
+/// The k-means tolerance is relative to the spread of the weights: weights
+/// scaled by 2^10 (tau by 2^20, so every logit is bit for bit the same) stop
+/// after the same number of steps at centroids scaled exactly by 2^10. An
+/// absolute tolerance would stop the two at different steps.
+#[test]
+fn kmeans_tolerance_is_relative_to_the_weights_spread() {
+    let w = randn(5000, 1, 21, DType::F32);
+    let run = |scale: f64| {
+        let config = KmeansConfig { bits: 3, tau: 1e-2 * scale * scale, tol: 1e-4, max_iter: 500, ..Default::default() };
+        let layer = ClusteredWeight::new("scaled", config).unwrap();
+        layer.forward(&(&w * scale).unwrap()).unwrap();
+        (layer.last_forward().unwrap().steps, layer.centroids().unwrap())
+    };
+    let (steps, c) = run(1.0);
+    let (steps_scaled, c_scaled) = run(1024.0);
+    assert!(steps > 3 && steps < 500, "a cold start takes a few steps, not the limit: {steps}");
+    assert_eq!(steps, steps_scaled, "the same step count at any weight scale");
+    let diff = ((c * 1024.0).unwrap() - c_scaled).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert_eq!(diff, 0.0, "centroids scale exactly with the weights");
+}
+
+/// Warm start: once k-means has reached its fixed point, a forward pass on
+/// slightly moved weights starts there and stops within a few steps. (Weights
+/// in 16 well-separated groups: on unimodal weights soft k-means drifts for
+/// hundreds of steps, and the warm start continues that drift.)
+#[test]
+fn warm_start_stops_within_a_few_steps() {
+    let m = 20_000;
+    let noise = randn(m, 1, 22, DType::F32);
+    let groups: Vec<f32> = (0..m).map(|i| (i % 16) as f32).collect();
+    let w = (Tensor::from_vec(groups, (m, 1), &Device::Cpu).unwrap() + (noise * 0.05).unwrap()).unwrap();
+    let layer = ClusteredWeight::new("warm", KmeansConfig { bits: 4, tau: 1e-2, max_iter: 300, ..Default::default() }).unwrap();
+    layer.forward(&w).unwrap();
+    let cold = layer.last_forward().unwrap().steps;
+    let nudged = (&w + (randn(m, 1, 23, DType::F32) * 1e-3).unwrap()).unwrap();
+    layer.forward(&nudged).unwrap();
+    let warm = layer.last_forward().unwrap().steps;
+    assert!(cold < 300, "the cold start converges: {cold} steps");
+    assert!(warm <= 3 && cold >= 3 * warm, "cold start {cold} steps, warm start {warm}");
 }

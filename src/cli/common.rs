@@ -30,12 +30,13 @@ pub struct KmeansArgs {
     #[arg(long, default_value_t = Method::Idkm)]
     pub method: Method,
     /// Adjoint solver: cg | gmres | neumann.
-    #[arg(long, default_value_t = Solver::Cg)]
+    #[arg(long, default_value_t = KmeansConfig::default().solver)]
     pub solver: Solver,
     /// Maximum k-means iterations.
     #[arg(long, default_value_t = KmeansConfig::default().max_iter)]
     pub max_iter: usize,
-    /// k-means tolerance (largest centroid move).
+    /// k-means tolerance: the largest centroid move, relative to the spread of
+    /// the weights (their RMS distance from the mean); 0 runs --max-iter steps.
     #[arg(long, default_value_t = KmeansConfig::default().tol)]
     pub tol: f64,
     /// Relative residual of the adjoint solve.

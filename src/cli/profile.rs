@@ -50,7 +50,7 @@ pub struct ProfileArgs {
     #[arg(long, default_value_t = 0.0)]
     tol: f64,
     /// Adjoint solver of IDKM: cg | gmres | neumann.
-    #[arg(long, default_value_t = Solver::Cg)]
+    #[arg(long, default_value_t = KmeansConfig::default().solver)]
     solver: Solver,
     /// Layers with fewer weights stay in float.
     #[arg(long, default_value_t = QuantizePlan::MIN_WEIGHTS)]
@@ -129,6 +129,7 @@ pub fn run(a: ProfileArgs) -> Result<()> {
         device: a.device.clone(),
         data: a.data.clone(),
         seed: a.seed,
+        converge_iters: None,
     };
     let mut configs = Vec::new();
     if !a.no_fp32 {
@@ -188,15 +189,7 @@ pub fn run(a: ProfileArgs) -> Result<()> {
                 .env("RUST_LOG", "warn");
             Ok(cmd)
         };
-    let report = |r: &Record| {
-        eprintln!(
-            "{}",
-            memory::table(std::slice::from_ref(r))
-                .lines()
-                .last()
-                .unwrap_or("")
-        )
-    };
+    let report = |r: &Record| eprintln!("{}", memory::table_row(r));
     let mut records = memory::profile(&shape, &configs, budget, a.timeout, command, report)?;
     // A binary without the counting allocator runs the system allocator and counts nothing.
     let mut uncounted = false;

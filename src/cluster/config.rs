@@ -30,9 +30,13 @@ pub enum Method {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Solver {
     /// Conjugate gradient on the symmetrised system (squared distance only).
-    #[default]
+    /// The system is symmetric only at an exact fixed point; a forward pass
+    /// stopped by `max_iter` leaves it slightly unsymmetric, and CG can then
+    /// miss its tolerance.
     Cg,
-    /// Restarted GMRES (any distance).
+    /// Restarted GMRES (any distance; the default: it needs no symmetry and
+    /// fewer steps than CG on the systems of training).
+    #[default]
     Gmres,
     /// Plain fixed-point iteration `u <- h + J^T u` (any distance).
     Neumann,
@@ -59,7 +63,11 @@ pub struct KmeansConfig {
     pub tau: f64,
     /// Maximum number of k-means iterations per forward pass.
     pub max_iter: usize,
-    /// Stop when no centroid moves by more than this (Euclidean norm).
+    /// Stop when no centroid moves by more than `tol` times the spread of
+    /// the weights (the RMS distance of a weight vector from their mean), so
+    /// that the test does not depend on the weights' scale (scikit-learn
+    /// scales its k-means tolerance by the data's variance in the same way).
+    /// `0` runs exactly `max_iter` steps.
     pub tol: f64,
     /// Distance in the attention logits.
     pub distance: Distance,
@@ -84,10 +92,10 @@ impl Default for KmeansConfig {
             cluster_dim: 1,
             tau: 1e-4,
             max_iter: 30,
-            tol: 1e-6,
+            tol: 1e-4,
             distance: Distance::Squared,
             method: Method::Idkm,
-            solver: Solver::Cg,
+            solver: Solver::Gmres,
             solver_tol: 1e-6,
             solver_max_steps: 100,
             init: Init::KmeansPlusPlus,
@@ -233,7 +241,7 @@ mod tests {
             KmeansConfig { tau: -1.0, ..ok.clone() },
             KmeansConfig { tau: f64::NAN, ..ok.clone() },
             KmeansConfig { max_iter: 0, ..ok.clone() },
-            KmeansConfig { distance: Distance::Euclidean, ..ok.clone() },
+            KmeansConfig { distance: Distance::Euclidean, solver: Solver::Cg, ..ok.clone() },
             KmeansConfig { init: Init::Optimal1d, cluster_dim: 2, ..ok.clone() },
         ] {
             assert!(matches!(bad.validate(), Err(Error::Config(_))), "{bad:?}");

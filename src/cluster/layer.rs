@@ -120,6 +120,25 @@ impl ClusteredWeight {
         Ok(Tensor::from_vec(c, (k, d), device)?)
     }
 
+    /// The largest centroid move at which k-means stops: the configured
+    /// tolerance times the spread of `vectors` (m x d), the RMS distance of a
+    /// vector from their mean, `sqrt(sum ||w_i||^2 / m - ||mean||^2)`. The
+    /// sum of squares is a 1 x 1 matrix product, so no weight-sized
+    /// temporary is allocated (the streaming passes' memory bound holds).
+    fn stopping_shift(&self, vectors: &Tensor) -> Result<f64> {
+        if self.config.tol == 0.0 {
+            return Ok(0.0);
+        }
+        let v = vectors.detach();
+        let m = v.dim(0)? as f64;
+        let flat = v.flatten_all()?;
+        let squares = flat.unsqueeze(0)?.matmul(&flat.unsqueeze(1)?)?;
+        let squares = squares.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?[0];
+        let mean: Vec<f64> = v.sum(0)?.to_dtype(DType::F64)?.to_vec1::<f64>()?.iter().map(|s| s / m).collect();
+        let variance = squares / m - mean.iter().map(|x| x * x).sum::<f64>();
+        Ok(self.config.tol * variance.max(0.0).sqrt())
+    }
+
     /// Runs k-means to its fixed point without a graph and remembers it.
     fn fixed_point(&self, vectors: &Tensor) -> Result<Tensor> {
         let c0 = self.start(vectors)?;
@@ -127,7 +146,7 @@ impl ClusteredWeight {
             tensor: self.name.clone(),
             geo: self.geometry(),
             max_iter: self.config.max_iter,
-            tol: self.config.tol,
+            tol: self.stopping_shift(vectors)?,
             report: Mutex::default(),
         };
         let c = vectors.detach().apply_op2_no_bwd(&c0, &op)?;
@@ -151,8 +170,8 @@ impl ClusteredWeight {
         let out = match self.config.method {
             Method::Dkm => {
                 let c0 = self.start(&vectors)?;
-                let (out, c, steps) =
-                    reference::dkm(&vectors, &c0, &self.geometry(), self.config.max_iter, self.config.tol)?;
+                let tol = self.stopping_shift(&vectors)?;
+                let (out, c, steps) = reference::dkm(&vectors, &c0, &self.geometry(), self.config.max_iter, tol)?;
                 let mut state = self.state.lock().expect("state lock");
                 state.start = Some(c0);
                 state.centroids = Some(c.detach());
@@ -190,8 +209,8 @@ impl ClusteredWeight {
                     Some(c0) => c0,
                     None => self.start(&vectors)?,
                 };
-                let (out, _, _) =
-                    reference::dkm(&var, &c0, &self.geometry(), self.config.max_iter, self.config.tol)?;
+                let tol = self.stopping_shift(&vectors)?;
+                let (out, _, _) = reference::dkm(&var, &c0, &self.geometry(), self.config.max_iter, tol)?;
                 let grads = (out * g)?.sum_all()?.backward()?;
                 grads.get(&var).cloned().unwrap_or(var.zeros_like()?)
             }

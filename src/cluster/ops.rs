@@ -87,7 +87,8 @@ pub struct FixedPoint {
     pub geo: Geometry,
     /// Maximum steps.
     pub max_iter: usize,
-    /// Stop when no centroid moves more than this.
+    /// Stop when no centroid moves more than this (absolute; the layer scales
+    /// its relative tolerance by the spread of the weights).
     pub tol: f64,
     /// Filled by the forward pass.
     pub report: Mutex<Option<FixedPointReport>>,
