@@ -327,3 +327,24 @@ fn steady_state_steps_start_at_the_fixed_point() {
         "k-means iterations: cold {cold_iters:?}, steady {steady_iters:?}"
     );
 }
+
+/// `idkm profile --steady N`: the records say so in their label, and the
+/// measured steps start at the fixed point (fewer k-means iterations than
+/// the limit on every clustered layer).
+#[test]
+fn profile_steady_starts_the_steps_at_the_fixed_point() {
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = dir.path().join("s");
+    let run = idkm(&[
+        "profile", "--model", "small-cnn", "--batch", "8", "--bits", "2", "--methods", "idkm", "--iters", "30",
+        "--tol", "1e-4", "--steady", "3000", "--no-fp32", "--output", prefix.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(run.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&run.stderr));
+    assert!(stdout.contains("idkm 2-bit t=30 steady"), "{stdout}");
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("s.json")).unwrap()).unwrap();
+    let records: Vec<memory::Record> = serde_json::from_value(json["records"].clone()).unwrap();
+    let Outcome::Measured(m) = &records[0].outcome else { panic!("{:?}", records[0].outcome) };
+    assert!(m.layers.iter().all(|l| l.forward_iters.unwrap() < 30), "{:?}", m.layers);
+}

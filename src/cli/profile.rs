@@ -49,6 +49,12 @@ pub struct ProfileArgs {
     /// k-means tolerance; 0 runs exactly t iterations in every step.
     #[arg(long, default_value_t = 0.0)]
     tol: f64,
+    /// Before the warm-up, run each clustered layer's k-means for up to N
+    /// iterations (no graph), so that the measured steps start at its fixed
+    /// point, as the steps of a long fine-tune do (with --tol > 0 they then
+    /// stop early) [default: start cold].
+    #[arg(long, value_name = "N")]
+    steady: Option<usize>,
     /// Adjoint solver of IDKM: cg | gmres | neumann.
     #[arg(long, default_value_t = KmeansConfig::default().solver)]
     solver: Solver,
@@ -129,7 +135,7 @@ pub fn run(a: ProfileArgs) -> Result<()> {
         device: a.device.clone(),
         data: a.data.clone(),
         seed: a.seed,
-        converge_iters: None,
+        converge_iters: a.steady,
     };
     let mut configs = Vec::new();
     if !a.no_fp32 {
