@@ -716,9 +716,19 @@ pub fn layer_bytes(numel: usize, config: &KmeansConfig) -> (u64, u64) {
             ((kept * F32 as f64) as u64, (transient * F32 as f64) as u64)
         }
         Method::Idkm | Method::IdkmJfb => {
-            // The soft weights; the per-chunk partial sums (f64) are small.
+            // The soft weights; the per-chunk partial sums (f64) are small,
+            // except the dense adjoint's: (k d)^2 doubles each, at least two
+            // and up to 1 MiB of them in flight, plus the matrix and its LU.
             let kept = numel as f64;
-            let transient = STREAMING_TRANSIENT_COPIES * numel as f64 + 64.0 * k * d * 2.0;
+            let n = k * d;
+            let dense = if config.method == Method::Idkm && config.solver.resolve(n as usize) == Solver::Dense {
+                let partial = n * n * 8.0;
+                let in_flight = ((1u64 << 20) as f64 / partial).floor().clamp(2.0, 16.0);
+                partial * (in_flight + 2.0) / F32 as f64
+            } else {
+                0.0
+            };
+            let transient = STREAMING_TRANSIENT_COPIES * numel as f64 + 64.0 * k * d * 2.0 + dense;
             ((kept * F32 as f64) as u64, (transient * F32 as f64) as u64)
         }
     }
@@ -837,9 +847,16 @@ pub fn predict_seconds(specs: &[ClusterSpec], fp32_seconds: f64) -> f64 {
         s += match c.method {
             Method::Dkm => DKM_SECONDS_PER_MK_ITER * mk * (t + 1.0),
             // The fixed point, the output pass, the moments-and-cotangent and
-            // gradient passes, and the solver's matvecs (about 35 at tau = 1e-4).
+            // gradient passes, and the solve: the dense assembly costs about
+            // k d / 8 passes (measured at k d = 16 and 256), a Krylov
+            // solver one pass a step (about 35 at tau = 1e-4).
             Method::Idkm => {
-                STREAMING_SECONDS_PER_MK * mk * (t + 3.0 + c.solver_max_steps.min(35) as f64)
+                let n = c.k() * c.cluster_dim;
+                let solve = match c.solver.resolve(n) {
+                    Solver::Dense => (n as f64 / 8.0).max(1.0),
+                    _ => c.solver_max_steps.min(35) as f64,
+                };
+                STREAMING_SECONDS_PER_MK * mk * (t + 3.0 + solve)
             }
             Method::IdkmJfb => STREAMING_SECONDS_PER_MK * mk * (t + 3.0),
         };

@@ -91,10 +91,15 @@ fn solvers_agree() {
     let (neumann, c) = grad(Distance::Squared, Solver::Neumann, 0.8);
     assert!(rel_err(&gmres, &cg) < 1e-9, "gmres vs cg ({a:?}, {b:?})");
     assert!(rel_err(&neumann, &cg) < 1e-9, "neumann vs cg ({a:?}, {c:?})");
+    let (dense, e) = grad(Distance::Squared, Solver::Dense, 0.8);
+    assert!(rel_err(&dense, &cg) < 1e-9, "dense vs cg ({a:?}, {e:?})");
     let (gmres, _) = grad(Distance::Euclidean, Solver::Gmres, 0.4);
     let (neumann, _) = grad(Distance::Euclidean, Solver::Neumann, 0.4);
+    let (dense, _) = grad(Distance::Euclidean, Solver::Dense, 0.4);
     assert!(rel_err(&neumann, &gmres) < 1e-9, "euclidean: neumann vs gmres");
-    // CG needs fewer passes than the fixed-point iteration.
+    assert!(rel_err(&dense, &gmres) < 1e-9, "euclidean: dense vs gmres");
+    // CG needs fewer passes than the fixed-point iteration; the dense solver one.
+    assert!(matches!(e, idkm::cluster::backward::Adjoint::Solved(r) if r.steps == 1), "{e:?}");
     let steps = |a: idkm::cluster::backward::Adjoint| match a {
         idkm::cluster::backward::Adjoint::Solved(r) => r.steps,
         other => panic!("not solved: {other:?}"),

@@ -78,12 +78,15 @@ fn idkm_gradient_matches_finite_differences() {
     for (n, case) in CASES.iter().enumerate() {
         let w = randn(case.m, case.d, 10 + n as u64, DType::F64);
         let g = randn(case.m, case.d, 20 + n as u64, DType::F64);
-        let layer = ClusteredWeight::new("w", config(case, Method::Idkm)).unwrap();
-        let grad = layer_grad(&layer, &w, &g);
-        // Each evaluation warm-starts from the last fixed point and converges to 1e-14.
-        let fd = finite_differences(&w, |w| dot(&layer.forward(w).unwrap(), &g));
-        let err = rel_err(&grad, &fd);
-        assert!(err < 1e-6, "case {n} ({:?}, d = {}): relative error {err:e}", case.distance, case.d);
+        // The Krylov solver of the distance, then the dense solver.
+        for solver in [config(case, Method::Idkm).solver, Solver::Dense] {
+            let layer = ClusteredWeight::new("w", KmeansConfig { solver, ..config(case, Method::Idkm) }).unwrap();
+            let grad = layer_grad(&layer, &w, &g);
+            // Each evaluation warm-starts from the last fixed point and converges to 1e-14.
+            let fd = finite_differences(&w, |w| dot(&layer.forward(w).unwrap(), &g));
+            let err = rel_err(&grad, &fd);
+            assert!(err < 1e-6, "case {n} ({:?}, d = {}, {solver}): relative error {err:e}", case.distance, case.d);
+        }
     }
 }
 

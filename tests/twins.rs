@@ -14,7 +14,7 @@ mod common;
 use candle_core::{DType, Tensor, Var};
 use common::{mixture, randn, rel_err, soft_tau};
 use idkm::cluster::reference::{self, Adjoint};
-use idkm::cluster::streaming::Geometry;
+use idkm::cluster::streaming::{self as pass, Geometry};
 use idkm::cluster::{ClusteredWeight, Distance, KmeansConfig, Method, Solver};
 
 /// The reference fixed point: k-means steps in composed ops, from `c0`.
@@ -162,6 +162,35 @@ fn streaming_matches_reference_many_centroids() {
     let mut failures = Vec::new();
     for (n, (m, d, bits, data)) in cases.into_iter().enumerate() {
         failures.extend(check(&Case { m, d, bits, seed: 7 + n as u64, distance: Distance::Squared, data }, Method::Idkm));
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// `adjoint_matrix` (J^T assembled in one pass, for the dense solver) times
+/// a random u equals the matvec pass `adjoint_matvec(u)`, for k d up to
+/// 256, both distances and a dead centroid (whose column is zero).
+#[test]
+fn adjoint_matrix_matches_the_matvec() {
+    let mut failures = Vec::new();
+    let mut seed = 500;
+    for (k, d) in [(2, 1), (2, 8), (4, 4), (16, 1), (16, 2), (16, 4), (32, 2), (64, 1), (256, 1), (128, 2)] {
+        for distance in [Distance::Squared, Distance::Euclidean] {
+            seed += 1;
+            let case = common::KernelCase::new(1037, k, d, distance, seed, seed % 3 == 0);
+            let moments = pass::soft_assign_reduce(&case.w, &case.c, &case.geo);
+            let inv_mass = moments.inverse_mass();
+            let mut f = case.c.clone();
+            moments.update(&case.c, &mut f, d);
+            let jt = pass::adjoint_matrix(&case.w, &case.c, &f, &inv_mass, &case.geo);
+            let n = k * d;
+            let by_matrix: Vec<f64> = jt.chunks_exact(n).map(|row| row.iter().zip(&case.u).map(|(a, b)| a * b).sum()).collect();
+            let by_pass = pass::adjoint_matvec(&case.w, &case.c, &f, &inv_mass, &case.u, &case.geo);
+            let scale = by_pass.iter().map(|x| x * x).sum::<f64>().sqrt().max(1e-30);
+            let err = by_matrix.iter().zip(&by_pass).map(|(a, b)| (a - b) * (a - b)).sum::<f64>().sqrt() / scale;
+            if !(err <= 1e-5) {
+                failures.push(format!("{}: relative error {err:e}", case.label()));
+            }
+        }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }

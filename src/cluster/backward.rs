@@ -54,8 +54,11 @@ pub fn implicit_backward<T: Real>(
     let (u, adjoint) = match cfg.method {
         Method::IdkmJfb | Method::Dkm => (h, Adjoint::JacobianFree),
         Method::Idkm => {
-            let (u, report) = match cfg.solver {
+            let (u, report) = match cfg.solver.resolve(h.len()) {
                 Solver::Cg => symmetrised_cg(&moments.mass, &inv_mass, d, jt, &h, cfg.tol, cfg.max_steps),
+                Solver::Dense | Solver::Auto => {
+                    solve::dense(&pass::adjoint_matrix(w, c, &f, &inv_mass, geo), &h, cfg.tol, 1)
+                }
                 Solver::Gmres => {
                     let apply = |u: &[f64]| {
                         let jtu = jt(u);

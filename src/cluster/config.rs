@@ -34,12 +34,35 @@ pub enum Solver {
     /// stopped by `max_iter` leaves it slightly unsymmetric, and CG can then
     /// miss its tolerance.
     Cg,
-    /// Restarted GMRES (any distance; the default: it needs no symmetry and
-    /// fewer steps than CG on the systems of training).
-    #[default]
+    /// Restarted GMRES (any distance): needs no symmetry and fewer steps
+    /// than CG on the systems of training, but about k d of them.
     Gmres,
     /// Plain fixed-point iteration `u <- h + J^T u` (any distance).
     Neumann,
+    /// `J^T` (k d x k d) assembled in one pass over the weights and the
+    /// system solved by LU (any distance): exact whether or not the forward
+    /// pass reached its fixed point, and one pass instead of up to k d; the
+    /// pass costs (k d)^2 multiply-adds per weight vector (about k d / 8
+    /// ordinary passes) and its partial sums up to 1 MiB plus 4 (k d)^2
+    /// bytes; for k d <= [`DENSE_MAX_UNKNOWNS`].
+    Dense,
+    /// [`Solver::Dense`] for k d <= [`DENSE_MAX_UNKNOWNS`], [`Solver::Gmres`] above.
+    #[default]
+    Auto,
+}
+
+/// The most unknowns (k d) of [`Solver::Dense`].
+pub const DENSE_MAX_UNKNOWNS: usize = 256;
+
+impl Solver {
+    /// The solver that runs for `unknowns` = k d: `Auto` resolved.
+    pub fn resolve(self, unknowns: usize) -> Solver {
+        match self {
+            Solver::Auto if unknowns <= DENSE_MAX_UNKNOWNS => Solver::Dense,
+            Solver::Auto => Solver::Gmres,
+            other => other,
+        }
+    }
 }
 
 /// How the centroids are chosen before the first k-means iteration.
@@ -95,7 +118,7 @@ impl Default for KmeansConfig {
             tol: 1e-4,
             distance: Distance::Squared,
             method: Method::Idkm,
-            solver: Solver::Gmres,
+            solver: Solver::Auto,
             solver_tol: 1e-6,
             solver_max_steps: 100,
             init: Init::KmeansPlusPlus,
@@ -143,6 +166,13 @@ impl KmeansConfig {
                  use the gmres or neumann solver with the euclidean distance"
                     .into(),
             );
+        }
+        let unknowns = self.k() * self.cluster_dim;
+        if self.solver == Solver::Dense && unknowns > DENSE_MAX_UNKNOWNS {
+            return bad(format!(
+                "the dense solver takes at most {DENSE_MAX_UNKNOWNS} unknowns (k * cluster dimension), got {unknowns}; \
+                 use gmres or auto"
+            ));
         }
         if self.init == Init::Optimal1d && self.cluster_dim != 1 {
             return bad("optimal 1-D initialisation needs cluster dimension 1".into());
@@ -222,7 +252,7 @@ macro_rules! cli_names {
 
 cli_names!(Distance, "distance", Squared => "squared", Euclidean => "euclidean");
 cli_names!(Method, "method", Dkm => "dkm", Idkm => "idkm", IdkmJfb => "idkm-jfb");
-cli_names!(Solver, "solver", Cg => "cg", Gmres => "gmres", Neumann => "neumann");
+cli_names!(Solver, "solver", Cg => "cg", Gmres => "gmres", Neumann => "neumann", Dense => "dense", Auto => "auto");
 cli_names!(Init, "initialisation", KmeansPlusPlus => "kmeans++", Optimal1d => "optimal-1d");
 
 #[cfg(test)]
@@ -243,6 +273,7 @@ mod tests {
             KmeansConfig { max_iter: 0, ..ok.clone() },
             KmeansConfig { distance: Distance::Euclidean, solver: Solver::Cg, ..ok.clone() },
             KmeansConfig { init: Init::Optimal1d, cluster_dim: 2, ..ok.clone() },
+            KmeansConfig { solver: Solver::Dense, bits: 7, cluster_dim: 4, ..ok.clone() },
         ] {
             assert!(matches!(bad.validate(), Err(Error::Config(_))), "{bad:?}");
         }

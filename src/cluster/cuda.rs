@@ -19,7 +19,8 @@
 //!   CG state every [`CG_CHECK_EVERY`] steps (the kernels are no-ops once the
 //!   solve has stopped, so the steps are exactly those of
 //!   `solve::conjugate_gradient`).
-//! - Solver::Gmres and Solver::Neumann run the host solvers of
+//! - Solver::Gmres, Solver::Neumann and Solver::Dense (whose J^T is
+//!   assembled from n device matvecs) run the host solvers of
 //!   [`super::solve`] unchanged, each matvec being one `adjoint_matvec`
 //!   pass on the device with the k*d vector copied in and out (a few KiB).
 //! - Determinism: every reduction goes through per-block partials added in
@@ -740,6 +741,20 @@ fn host_solve(
             solve::gmres(apply, &h_host, tol, max_steps, GMRES_RESTART)
         }
         Solver::Neumann => solve::neumann(&mut jt, &h_host, tol, max_steps),
+        // J^T column by column: n device matvecs of the unit vectors (the
+        // CPU assembles it in one pass; there is no kernel for that).
+        Solver::Dense | Solver::Auto => {
+            let mut columns = vec![0f64; n * n];
+            let mut unit = vec![0f64; n];
+            for q in 0..n {
+                unit[q] = 1.0;
+                for (r, x) in jt(&unit).into_iter().enumerate() {
+                    columns[r * n + q] = x;
+                }
+                unit[q] = 0.0;
+            }
+            solve::dense(&columns, &h_host, tol, n)
+        }
         Solver::Cg => unreachable!("CG runs on the device"),
     };
     if let Some(e) = failure {
@@ -770,9 +785,10 @@ pub fn implicit_backward(
     let (u, adjoint): (Option<CudaSlice<f64>>, Adjoint) = match cfg.method {
         Method::IdkmJfb | Method::Dkm => (None, Adjoint::JacobianFree),
         Method::Idkm => {
-            let (u, report) = match cfg.solver {
+            let solver = cfg.solver.resolve(p.n());
+            let (u, report) = match solver {
                 Solver::Cg => conjugate_gradient(dev, p, w, c, &at, &h, cfg.tol, cfg.max_steps)?,
-                solver => host_solve(dev, p, w, c, &at, &h, solver, cfg.tol, cfg.max_steps)?,
+                _ => host_solve(dev, p, w, c, &at, &h, solver, cfg.tol, cfg.max_steps)?,
             };
             // backward.rs: the same policy and log lines.
             let (adjoint, use_solution) = fallback(report, cfg.tol, name);

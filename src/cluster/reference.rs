@@ -128,31 +128,6 @@ fn flat_f64(t: &Tensor) -> Result<Vec<f64>> {
 }
 
 /// Gaussian elimination with partial pivoting.
-fn dense_solve(mut a: Vec<Vec<f64>>, mut b: Vec<f64>) -> Result<Vec<f64>> {
-    let n = b.len();
-    for col in 0..n {
-        let piv = (col..n)
-            .max_by(|&x, &y| a[x][col].abs().total_cmp(&a[y][col].abs()))
-            .unwrap_or(col);
-        if a[piv][col].abs() < 1e-300 {
-            return Err(Error::Config("reference: singular adjoint system".into()));
-        }
-        a.swap(col, piv);
-        b.swap(col, piv);
-        for row in col + 1..n {
-            let f = a[row][col] / a[col][col];
-            if f != 0.0 {
-                for x in col..n {
-                    a[row][x] -= f * a[col][x];
-                }
-                b[row] -= f * b[col];
-            }
-        }
-    }
-    let mut x = vec![0f64; n];
-    for row in (0..n).rev() {
-        let s: f64 = (row + 1..n).map(|c| a[row][c] * x[c]).sum();
-        x[row] = (b[row] - s) / a[row][row];
-    }
-    Ok(x)
+fn dense_solve(a: Vec<Vec<f64>>, b: Vec<f64>) -> Result<Vec<f64>> {
+    super::solve::lu_solve(a, b).ok_or_else(|| Error::Config("reference: singular adjoint system".into()))
 }

@@ -239,20 +239,34 @@ fn chunk_avx2<P: Pass>(pass: &P, rows: Range<usize>, out: &mut [P::Out]) {
 /// own partial sums, and the partials are added in chunk order.
 fn sum_rows<P: Pass<Out = f64>>(m: usize, len: usize, pass: &P) -> Vec<f64> {
     let chunk = chunk_rows(m);
-    let partials: Vec<Vec<f64>> = (0..m.div_ceil(chunk))
-        .into_par_iter()
-        .map(|n| {
-            let mut partial = vec![0f64; len];
-            run_chunk(pass, n * chunk..m.min((n + 1) * chunk), &mut partial);
-            partial
-        })
-        .collect();
+    let chunks = m.div_ceil(chunk);
     let mut total = vec![0f64; len];
-    for partial in partials {
-        total.iter_mut().zip(partial).for_each(|(t, p)| *t += p);
+    // Chunks run in parallel a batch at a time, so that the partials alive
+    // at once stay within PARTIALS_BYTES (at least 2 of them, at most
+    // SUM_BATCH); they are added in chunk order, so the batch size does not
+    // change the result.
+    let batch_len = (PARTIALS_BYTES / (len.max(1) * 8)).clamp(2, SUM_BATCH);
+    for batch in (0..chunks).step_by(batch_len) {
+        let partials: Vec<Vec<f64>> = (batch..chunks.min(batch + batch_len))
+            .into_par_iter()
+            .map(|n| {
+                let mut partial = vec![0f64; len];
+                run_chunk(pass, n * chunk..m.min((n + 1) * chunk), &mut partial);
+                partial
+            })
+            .collect();
+        for partial in partials {
+            total.iter_mut().zip(partial).for_each(|(t, p)| *t += p);
+        }
     }
     total
 }
+
+/// Most chunks of a reducing pass in flight at once (see [`sum_rows`]).
+const SUM_BATCH: usize = 16;
+/// Bytes of partial sums a reducing pass keeps alive at once, beyond two
+/// partials (see [`sum_rows`]): only the dense adjoint's (k d)^2 sums reach it.
+const PARTIALS_BYTES: usize = 1 << 20;
 
 /// Runs `pass` over chunks of the rows of `out` (one `P::Out` a row), in
 /// parallel; each chunk gets its rows' slice of `out`.
@@ -861,6 +875,94 @@ impl<T: Real, const D: usize> Pass for Matvec<'_, T, D> {
             sums.end_tile();
         }
         sums.finish(out);
+    }
+}
+
+/// The whole matrix of [`adjoint_matvec`], `J^T` (n x n with n = k d,
+/// row-major, unknowns ordered as u), in one pass instead of n matvecs:
+/// `(J^T)_{(j,e),(l,e')} = -S_l^{-1} sum_i b_ij (w_i - c_j)_e
+/// (delta_jl - a_il) (w_i - f_l)_e'` (`inv_mass` 0 zeroes a dead centroid's
+/// column). Per row it costs n^2 multiply-adds on top of the attention, and
+/// its partial sums n^2 f64 per chunk: meant for small n (see
+/// `Solver::Dense`). No kernel: on CUDA the matrix is assembled from n
+/// device matvecs.
+pub fn adjoint_matrix<T: Real>(w: &[T], c: &[T], f: &[T], inv_mass: &[f64], geo: &Geometry) -> Vec<f64> {
+    let n = geo.k * geo.d;
+    let mut jt = with_dim!(geo.d, D => {
+        let pass = Assemble::<T, D> { w: vectors(w), c: vectors(c), f: vectors(f), geo };
+        sum_rows(pass.w.len(), n * n, &pass)
+    });
+    for row in jt.chunks_exact_mut(n) {
+        for (x, &s) in row.iter_mut().zip(inv_mass.iter().flat_map(|s| std::iter::repeat_n(s, geo.d))) {
+            *x *= s;
+        }
+    }
+    jt
+}
+
+/// `sum_i p_i q_i` over a tile's lanes, with 8 independent partial sums (so
+/// that it vectorises), in a fixed order.
+#[inline(always)]
+fn lane_dot<T: Real>(p: &[T], q: &[T]) -> f64 {
+    let mut acc = [T::zero(); 8];
+    let (pc, qc) = (p.chunks_exact(8), q.chunks_exact(8));
+    let mut rest = T::zero();
+    for (&a, &b) in pc.remainder().iter().zip(qc.remainder()) {
+        rest = rest + a * b;
+    }
+    for (a, b) in pc.zip(qc) {
+        for l in 0..8 {
+            acc[l] = acc[l] + a[l] * b[l];
+        }
+    }
+    acc.iter().fold(rest, |s, &a| s + a).wide()
+}
+
+/// [`adjoint_matrix`] on one chunk, before the column scaling by `1/S_l`.
+struct Assemble<'a, T, const D: usize> {
+    w: &'a [[T; D]],
+    c: &'a [[T; D]],
+    f: &'a [[T; D]],
+    geo: &'a Geometry,
+}
+
+impl<T: Real, const D: usize> Pass for Assemble<'_, T, D> {
+    type Out = f64;
+
+    #[inline(always)]
+    fn chunk(&self, rows: Range<usize>, out: &mut [f64]) {
+        let (k, n) = (self.geo.k, self.geo.k * D);
+        let mut tile = Tile::<T, D>::new(self.geo);
+        // Lanes of x_(j,e) = b_ij (w_i - c_j)_e, y_(l,e') = (w_i - f_l)_e'
+        // and a_il y_(l,e').
+        let (mut x, mut y, mut ay) = (vec![T::zero(); n * TILE], vec![T::zero(); n * TILE], vec![T::zero(); n * TILE]);
+        for (start, len) in tiles(rows) {
+            tile.attend(&self.w[start..start + len], self.c);
+            tile.weigh();
+            for j in 0..k {
+                for e in 0..D {
+                    let q = j * D + e;
+                    let (b, a, wv) = (lanes(&tile.b, j, len), tile.a(j), tile.w(e));
+                    for (i, &wi) in wv.iter().enumerate() {
+                        x[q * TILE + i] = b[i] * (wi - self.c[j][e]);
+                        let yi = wi - self.f[j][e];
+                        y[q * TILE + i] = yi;
+                        ay[q * TILE + i] = a[i] * yi;
+                    }
+                }
+            }
+            for p in 0..n {
+                let xp = lanes(&x, p, len);
+                let row = &mut out[p * n..(p + 1) * n];
+                for (q, o) in row.iter_mut().enumerate() {
+                    *o += lane_dot(xp, lanes(&ay, q, len));
+                }
+                let j = p / D;
+                for e in 0..D {
+                    row[j * D + e] -= lane_dot(xp, lanes(&y, j * D + e, len));
+                }
+            }
+        }
     }
 }
 
