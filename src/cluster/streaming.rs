@@ -900,24 +900,6 @@ pub fn adjoint_matrix<T: Real>(w: &[T], c: &[T], f: &[T], inv_mass: &[f64], geo:
     jt
 }
 
-/// `sum_i p_i q_i` over a tile's lanes, with 8 independent partial sums (so
-/// that it vectorises), in a fixed order.
-#[inline(always)]
-fn lane_dot<T: Real>(p: &[T], q: &[T]) -> f64 {
-    let mut acc = [T::zero(); 8];
-    let (pc, qc) = (p.chunks_exact(8), q.chunks_exact(8));
-    let mut rest = T::zero();
-    for (&a, &b) in pc.remainder().iter().zip(qc.remainder()) {
-        rest = rest + a * b;
-    }
-    for (a, b) in pc.zip(qc) {
-        for l in 0..8 {
-            acc[l] = acc[l] + a[l] * b[l];
-        }
-    }
-    acc.iter().fold(rest, |s, &a| s + a).wide()
-}
-
 /// [`adjoint_matrix`] on one chunk, before the column scaling by `1/S_l`.
 struct Assemble<'a, T, const D: usize> {
     w: &'a [[T; D]],
@@ -933,9 +915,11 @@ impl<T: Real, const D: usize> Pass for Assemble<'_, T, D> {
     fn chunk(&self, rows: Range<usize>, out: &mut [f64]) {
         let (k, n) = (self.geo.k, self.geo.k * D);
         let mut tile = Tile::<T, D>::new(self.geo);
-        // Lanes of x_(j,e) = b_ij (w_i - c_j)_e, y_(l,e') = (w_i - f_l)_e'
-        // and a_il y_(l,e').
-        let (mut x, mut y, mut ay) = (vec![T::zero(); n * TILE], vec![T::zero(); n * TILE], vec![T::zero(); n * TILE]);
+        // Lanes of x_(j,e) = b_ij (w_i - c_j)_e and y_(l,e') = (w_i - f_l)_e';
+        // a_il y_(l,e') row by row (lane-major), so that the outer products
+        // run along contiguous rows of n; `acc` is one output row of a tile.
+        let (mut x, mut y) = (vec![T::zero(); n * TILE], vec![T::zero(); n * TILE]);
+        let (mut ay, mut acc) = (vec![T::zero(); TILE * n], vec![T::zero(); n]);
         for (start, len) in tiles(rows) {
             tile.attend(&self.w[start..start + len], self.c);
             tile.weigh();
@@ -947,19 +931,30 @@ impl<T: Real, const D: usize> Pass for Assemble<'_, T, D> {
                         x[q * TILE + i] = b[i] * (wi - self.c[j][e]);
                         let yi = wi - self.f[j][e];
                         y[q * TILE + i] = yi;
-                        ay[q * TILE + i] = a[i] * yi;
+                        ay[i * n + q] = a[i] * yi;
                     }
                 }
             }
             for p in 0..n {
-                let xp = lanes(&x, p, len);
-                let row = &mut out[p * n..(p + 1) * n];
-                for (q, o) in row.iter_mut().enumerate() {
-                    *o += lane_dot(xp, lanes(&ay, q, len));
-                }
+                // The block-diagonal term is summed in the same lane order as
+                // the outer products, so that the two cancel exactly where
+                // they should (a_il = 1).
                 let j = p / D;
-                for e in 0..D {
-                    row[j * D + e] -= lane_dot(xp, lanes(&y, j * D + e, len));
+                acc.fill(T::zero());
+                let mut diag = [T::zero(); D];
+                for (i, &xi) in lanes(&x, p, len).iter().enumerate() {
+                    for (o, &v) in acc.iter_mut().zip(&ay[i * n..(i + 1) * n]) {
+                        *o = *o + xi * v;
+                    }
+                    for (e, dg) in diag.iter_mut().enumerate() {
+                        *dg = *dg + xi * y[(j * D + e) * TILE + i];
+                    }
+                }
+                for (e, &dg) in diag.iter().enumerate() {
+                    acc[j * D + e] = acc[j * D + e] - dg;
+                }
+                for (o, &a) in out[p * n..(p + 1) * n].iter_mut().zip(&acc) {
+                    *o += a.wide();
                 }
             }
         }
