@@ -334,7 +334,8 @@ fn report(a: &Adjoint) -> Option<SolveReport> {
 #[test]
 fn implicit_backward_matches_cpu() {
     // At a converged fixed point (attracting: CG applies), every method and
-    // solver: the device CG, and GMRES / Neumann from the host loop.
+    // solver: the device CG, and GMRES / Neumann / dense (auto: dense up to
+    // k d = 256, GMRES above) from the host loop.
     let dev = gpu();
     let cd = cuda_dev(&dev);
     let mut failures = Vec::new();
@@ -345,6 +346,7 @@ fn implicit_backward_matches_cpu() {
             (Distance::Squared, Method::IdkmJfb, Solver::Cg),
             (Distance::Squared, Method::Idkm, Solver::Neumann),
             (Distance::Euclidean, Method::Idkm, Solver::Gmres),
+            (Distance::Euclidean, Method::Idkm, Solver::Auto),
         ] {
             seed += 1;
             let mut case = Case::new(20_011, k, d, distance, seed, false);
@@ -448,6 +450,7 @@ fn layer_on_cuda_matches_cpu() {
         (4, 2, Distance::Squared, Method::IdkmJfb, Solver::Cg),
         (2, 4, Distance::Euclidean, Method::Idkm, Solver::Gmres),
         (8, 1, Distance::Squared, Method::Idkm, Solver::Cg),
+        (4, 1, Distance::Squared, Method::Idkm, Solver::Auto),
         (3, 1, Distance::Squared, Method::Dkm, Solver::Cg),
     ] {
         let k = 1usize << bits;
