@@ -10,7 +10,7 @@
 
 mod common;
 
-use common::KernelCase as Case;
+use common::{rel_poisoned as rel, wide, KernelCase as Case};
 use candle_core::cuda_backend::cudarc::driver::CudaSlice;
 use candle_core::cuda_backend::CudaDevice;
 use candle_core::{DType, Device, Tensor, Var};
@@ -32,26 +32,6 @@ fn gpu() -> Device {
 
 fn cuda_dev(dev: &Device) -> &CudaDevice {
     dev.as_cuda_device().expect("a CUDA device")
-}
-
-/// `||a - b|| / ||b||`; infinite when `a` has a NaN or an infinity (an
-/// element the kernel did not write keeps its NaN poison).
-fn rel(a: &[f64], b: &[f64]) -> f64 {
-    assert_eq!(a.len(), b.len(), "lengths");
-    if a.iter().any(|x| !x.is_finite()) {
-        return f64::INFINITY;
-    }
-    let num: f64 = a.iter().zip(b).map(|(x, y)| (x - y).powi(2)).sum();
-    let den: f64 = b.iter().map(|y| y * y).sum();
-    if den == 0.0 {
-        num.sqrt()
-    } else {
-        (num / den).sqrt()
-    }
-}
-
-fn wide(v: &[f32]) -> Vec<f64> {
-    v.iter().map(|&x| x as f64).collect()
 }
 
 fn up<T: candle_core::cuda_backend::cudarc::driver::DeviceRepr + 'static>(cd: &CudaDevice, v: &[T]) -> CudaSlice<T> {

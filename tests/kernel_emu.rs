@@ -21,7 +21,7 @@
 
 mod common;
 
-use common::KernelCase as Case;
+use common::{rel_poisoned as rel, wide, KernelCase as Case};
 use idkm::cluster::backward::{self, BackwardConfig};
 use idkm::cluster::streaming::{self as pass, Geometry, Moments};
 use idkm::cluster::{Distance, Method, Solver};
@@ -481,26 +481,6 @@ fn cases() -> Vec<Case> {
     out.push(Case::new(1_503, 16, 1, Distance::Squared, seed + 2, true));
     out.push(Case::new(1_503, 16, 4, Distance::Euclidean, seed + 3, true));
     out
-}
-
-/// `||a - b|| / ||b||`; infinite when `a` has a NaN or an infinity (an
-/// element the kernel did not write keeps its NaN poison).
-fn rel(a: &[f64], b: &[f64]) -> f64 {
-    assert_eq!(a.len(), b.len(), "lengths");
-    if a.iter().any(|x| !x.is_finite()) {
-        return f64::INFINITY;
-    }
-    let num: f64 = a.iter().zip(b).map(|(x, y)| (x - y).powi(2)).sum();
-    let den: f64 = b.iter().map(|y| y * y).sum();
-    if den == 0.0 {
-        num.sqrt()
-    } else {
-        (num / den).sqrt()
-    }
-}
-
-fn wide(v: &[f32]) -> Vec<f64> {
-    v.iter().map(|&x| x as f64).collect()
 }
 
 /// The bits of a result, to compare runs in different orders exactly.

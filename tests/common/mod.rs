@@ -124,3 +124,25 @@ impl KernelCase {
         format!("m={} k={} d={} {:?}{dead}", self.m, self.geo.k, self.geo.d, self.geo.distance)
     }
 }
+
+/// `||a - b|| / ||b||` of slices (the absolute norm when `b` is 0); infinite
+/// when `a` has a NaN or an infinity (an element a kernel did not write
+/// keeps its NaN poison).
+pub fn rel_poisoned(a: &[f64], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len(), "lengths");
+    if a.iter().any(|x| !x.is_finite()) {
+        return f64::INFINITY;
+    }
+    let num: f64 = a.iter().zip(b).map(|(x, y)| (x - y).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| y * y).sum();
+    if den == 0.0 {
+        num.sqrt()
+    } else {
+        (num / den).sqrt()
+    }
+}
+
+/// f32 values widened to f64.
+pub fn wide(v: &[f32]) -> Vec<f64> {
+    v.iter().map(|&x| x as f64).collect()
+}
