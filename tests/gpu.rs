@@ -227,19 +227,11 @@ fn centroid_cotangent_matches_twin() {
     });
 }
 
-/// `F(C)` and `1/S` from the twin, the inputs of the adjoint passes.
-fn twin_at(case: &Case) -> (Vec<f32>, Vec<f64>) {
-    let moments = pass::soft_assign_reduce(&case.w, &case.c, &case.geo);
-    let mut f = case.c.clone();
-    moments.update(&case.c, &mut f, case.geo.d);
-    (f, moments.inverse_mass())
-}
-
 #[test]
 fn adjoint_matvec_matches_twin() {
     for_each_case("adjoint_matvec", KERNEL_TOL, |cd, case| {
         let p = case.problem();
-        let (f, inv) = twin_at(case);
+        let (f, inv) = case.twin_at();
         let (w, c, fd, invd, u) = (up(cd, &case.w), up(cd, &case.c), up(cd, &f), up(cd, &inv), up(cd, &case.u));
         let mut out = poison_f64(cd, p.n());
         let mut scratch = Partials::new(cd, &p, p.n()).unwrap();
@@ -252,7 +244,7 @@ fn adjoint_matvec_matches_twin() {
 fn weight_grad_matches_twin() {
     for_each_case("weight_grad", KERNEL_TOL, |cd, case| {
         let p = case.problem();
-        let (f, inv) = twin_at(case);
+        let (f, inv) = case.twin_at();
         let (w, c, fd, g, invd, u) =
             (up(cd, &case.w), up(cd, &case.c), up(cd, &f), up(cd, &case.g), up(cd, &inv), up(cd, &case.u));
         let mut out = poison_f32(cd, p.m * p.d);

@@ -536,14 +536,6 @@ fn for_each_case(kernel: &str, tol: f64, cases: &[Case], check: impl Fn(&Case) -
     assert!(failures.is_empty(), "{kernel} differs from its CPU twin (tol {tol:e}):\n{}", failures.join("\n"));
 }
 
-/// `F(C)` and `1/S` from the twin, the inputs of the adjoint passes.
-fn twin_at(case: &Case) -> (Vec<f32>, Vec<f64>) {
-    let moments = pass::soft_assign_reduce(&case.w, &case.c, &case.geo);
-    let mut f = case.c.clone();
-    moments.update(&case.c, &mut f, case.geo.d);
-    (f, moments.inverse_mass())
-}
-
 // ----------------------------------------------------------------------------
 // Forward kernels
 
@@ -679,7 +671,7 @@ fn centroid_cotangent_matches_twin() {
 fn adjoint_matvec_matches_twin() {
     for_each_case("adjoint_matvec", KERNEL_TOL, &cases(), |case| {
         let p = case.shape();
-        let (f, inv) = twin_at(case);
+        let (f, inv) = case.twin_at();
         let got = in_every_order(&case.label(), p.m < 500, |o| adjoint_matvec(o, &p, &case.w, &case.c, &f, &inv, &case.u));
         rel(&got, &pass::adjoint_matvec(&case.w, &case.c, &f, &inv, &case.u, &case.geo))
     });
@@ -689,7 +681,7 @@ fn adjoint_matvec_matches_twin() {
 fn weight_grad_matches_twin() {
     for_each_case("weight_grad", KERNEL_TOL, &cases(), |case| {
         let p = case.shape();
-        let (f, inv) = twin_at(case);
+        let (f, inv) = case.twin_at();
         let got = in_every_order(&case.label(), p.m < 500, |o| {
             weight_grad(o, &p, &case.w, &case.c, &f, &case.g, &inv, &case.u, None)
         });

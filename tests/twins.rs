@@ -177,10 +177,7 @@ fn adjoint_matrix_matches_the_matvec() {
         for distance in [Distance::Squared, Distance::Euclidean] {
             seed += 1;
             let case = common::KernelCase::new(1037, k, d, distance, seed, seed % 3 == 0);
-            let moments = pass::soft_assign_reduce(&case.w, &case.c, &case.geo);
-            let inv_mass = moments.inverse_mass();
-            let mut f = case.c.clone();
-            moments.update(&case.c, &mut f, d);
+            let (f, inv_mass) = case.twin_at();
             let jt = pass::adjoint_matrix(&case.w, &case.c, &f, &inv_mass, &case.geo);
             let n = k * d;
             let by_matrix: Vec<f64> = jt.chunks_exact(n).map(|row| row.iter().zip(&case.u).map(|(a, b)| a * b).sum()).collect();

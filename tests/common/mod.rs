@@ -118,6 +118,14 @@ impl KernelCase {
         Self { m, geo: idkm::cluster::streaming::Geometry { k, d, tau, distance }, w, c, g, u }
     }
 
+    /// `F(C)` and `1/S` from the CPU twin: the inputs of the adjoint passes.
+    pub fn twin_at(&self) -> (Vec<f32>, Vec<f64>) {
+        let moments = idkm::cluster::streaming::soft_assign_reduce(&self.w, &self.c, &self.geo);
+        let mut f = self.c.clone();
+        moments.update(&self.c, &mut f, self.geo.d);
+        (f, moments.inverse_mass())
+    }
+
     /// `m=.. k=.. d=.. Distance[ dead]`, for failure messages.
     pub fn label(&self) -> String {
         let dead = if self.c.first() == Some(&1e3) { " dead" } else { "" };
