@@ -944,14 +944,14 @@ impl<T: Real, const D: usize> Pass for Assemble<'_, T, D> {
                 let mut diag = [T::zero(); D];
                 for (i, &xi) in lanes(&x, p, len).iter().enumerate() {
                     for (o, &v) in acc.iter_mut().zip(&ay[i * n..(i + 1) * n]) {
-                        *o = *o + xi * v;
+                        *o += xi * v;
                     }
                     for (e, dg) in diag.iter_mut().enumerate() {
-                        *dg = *dg + xi * y[(j * D + e) * TILE + i];
+                        *dg += xi * y[(j * D + e) * TILE + i];
                     }
                 }
                 for (e, &dg) in diag.iter().enumerate() {
-                    acc[j * D + e] = acc[j * D + e] - dg;
+                    acc[j * D + e] -= dg;
                 }
                 for (o, &a) in out[p * n..(p + 1) * n].iter_mut().zip(&acc) {
                     *o += a.wide();
