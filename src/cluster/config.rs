@@ -43,8 +43,9 @@ pub enum Solver {
     /// system solved by LU (any distance): exact whether or not the forward
     /// pass reached its fixed point, and one pass instead of up to k d; the
     /// pass costs (k d)^2 multiply-adds per weight vector (about k d / 8
-    /// ordinary passes) and its partial sums up to 1 MiB plus 4 (k d)^2
-    /// bytes; for k d <= [`DENSE_MAX_UNKNOWNS`].
+    /// ordinary passes), and its memory is independent of m: partial sums of
+    /// 8 (k d)^2 bytes, as many as fit in 1 MiB (at least 2), plus the matrix
+    /// and its LU copy; for k d <= [`DENSE_MAX_UNKNOWNS`].
     Dense,
     /// [`Solver::Dense`] for k d <= [`DENSE_MAX_UNKNOWNS`], [`Solver::Gmres`] above.
     #[default]
