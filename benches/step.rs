@@ -20,6 +20,9 @@
 //! of the steady-state rows, IDKM and IDKM-JFB starting every step at the
 //! k-means fixed point, as a long fine-tune does; empty for none),
 //! `IDKM_STEP_CONVERGE_ITERS` (1000: k-means iterations that reach it first),
+//! `IDKM_STEP_TAU` (1e-4: the temperature at 4 bits; at b bits every method
+//! runs with `tau 4^(4-b)`, which keeps the attention as local relative to
+//! the centroid spacing, proportional to `2^-b`, as at 4 bits),
 //! `IDKM_STEP_METHODS` (dkm,idkm,idkm-jfb), `IDKM_STEP_BUDGET_GIB` (16, and
 //! never more than the memory available less 1 GiB), `IDKM_STEP_ALLOCS`
 //! (system; system,mimalloc with `--features mimalloc`: the first for every
@@ -106,6 +109,8 @@ fn main() -> anyhow::Result<()> {
     let iters: usize = env_or("IDKM_STEP_ITERS", "30").parse()?;
     let steady_bits: Vec<u32> = list("IDKM_STEP_STEADY_BITS", "4");
     let converge: usize = env_or("IDKM_STEP_CONVERGE_ITERS", "1000").parse()?;
+    let tau4: f64 = env_or("IDKM_STEP_TAU", "1e-4").parse()?;
+    let tau = |bits: usize| tau4 * 4f64.powi(4 - bits as i32);
     let tol: f64 = match std::env::var("IDKM_STEP_TOL") {
         Ok(v) => v.parse()?,
         Err(_) => idkm::cluster::KmeansConfig::default().tol,
@@ -147,7 +152,7 @@ fn main() -> anyhow::Result<()> {
         cluster_dim: 1,
         iters,
         tol: 0.0,
-        tau: 1e-4,
+        tau: tau4,
         solver: idkm::cluster::KmeansConfig::default().solver.to_string(),
         min_weights: idkm::quantize::QuantizePlan::MIN_WEIGHTS,
         classes: 10,
@@ -172,6 +177,7 @@ fn main() -> anyhow::Result<()> {
                 let c = StepConfig {
                     method: m.clone(),
                     bits: b,
+                    tau: tau(b),
                     iters: t,
                     tol: if m == "dkm" { 0.0 } else { tol },
                     ..base.clone()
@@ -187,6 +193,7 @@ fn main() -> anyhow::Result<()> {
             let c = StepConfig {
                 method: m.clone(),
                 bits: b,
+                tau: tau(b),
                 tol,
                 converge_iters: Some(converge),
                 ..base.clone()

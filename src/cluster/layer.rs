@@ -91,8 +91,19 @@ impl ClusteredWeight {
         Ok(w.flatten_all()?.reshape((numel / d, d))?)
     }
 
-    /// The centroids the next k-means run starts from.
+    /// The centroids the next k-means run starts from: the last fixed point,
+    /// else the initialisation. Scalar centroids on the CPU are put in
+    /// ascending order, which k-means keeps: the streaming passes then
+    /// attend each tile of weights only to the centroids within its reach.
     fn start(&self, vectors: &Tensor) -> Result<Tensor> {
+        let c = self.unordered_start(vectors)?;
+        if self.config.cluster_dim == 1 && c.device().is_cpu() {
+            return Ok(c.flatten_all()?.sort_last_dim(true)?.0.reshape(c.shape())?);
+        }
+        Ok(c)
+    }
+
+    fn unordered_start(&self, vectors: &Tensor) -> Result<Tensor> {
         let geo = self.geometry();
         if let Some(c) = self.state.lock().expect("state lock").centroids.as_ref() {
             if c.dims() == [geo.k, geo.d] && c.dtype() == vectors.dtype() && c.device().same_device(vectors.device()) {

@@ -418,6 +418,155 @@ impl<T: Real> LaneSums<T> {
     }
 }
 
+// ----------------------------------------------------------------------------
+// Visits: row order and centroid windows
+
+/// Fewest centroids at which a pass orders its rows and windows its
+/// centroids (see [`Visit`]): below it the attention of a tile spans most
+/// centroids anyway.
+const WINDOW_MIN_K: usize = 32;
+
+/// Rows per bucket (on average) of the counting sort that orders a chunk.
+const BUCKET_ROWS: usize = 8;
+
+/// How a pass visits the rows of one chunk, and which centroids each tile
+/// attends to.
+///
+/// With scalar weights (d = 1), at least [`WINDOW_MIN_K`] centroids and the
+/// centroids in ascending order (as the clustered layer keeps them), the
+/// chunk's rows are visited in order of value (a counting sort into buckets
+/// of the chunk's range), so that a tile's rows lie close together, and the
+/// tile attends only to the centroids within reach of them: every centroid
+/// outside the window has a logit at least `cutoff` below the row maximum
+/// of every row of the tile, for `cutoff = ln k + (p + 8) ln 2` with p the
+/// float type's mantissa bits. The dropped attention of a row is then below
+/// `2^-(p+8)` in all and its weight in the backward terms (`a_ij |z_ij|`)
+/// below `2^-(p+3)`: under a rounding of the row's sums. Otherwise rows are
+/// visited in order and every tile attends to all centroids.
+///
+/// The visit order and the windows are functions of the data only, so the
+/// results stay deterministic.
+struct Visit {
+    /// Number of rows in the chunk.
+    len: usize,
+    /// Number of centroids.
+    k: usize,
+    /// The chunk's rows (relative to its first) in visiting order; empty
+    /// when they are visited in order.
+    order: Vec<u32>,
+    /// The centroids in ascending order (d = 1) when tiles are windowed.
+    sorted: Vec<f64>,
+    /// Largest logit gap a window keeps, times tau.
+    reach: f64,
+    /// Distance in the logits.
+    distance: Distance,
+}
+
+impl Visit {
+    /// The visit of chunk `rows` of `w` for the centroids `c`.
+    #[inline(always)]
+    fn new<T: Real, const D: usize>(w: &[[T; D]], rows: Range<usize>, c: &[[T; D]], geo: &Geometry) -> Self {
+        let mut visit = Self { len: rows.len(), k: c.len(), order: Vec::new(), sorted: Vec::new(), reach: 0.0, distance: geo.distance };
+        let ascending = c.windows(2).all(|p| p[0][0] <= p[1][0]) && c.iter().all(|x| x[0].is_finite());
+        if D != 1 || c.len() < WINDOW_MIN_K || !ascending {
+            return visit;
+        }
+        let bits = if std::mem::size_of::<T>() == 4 { f32::MANTISSA_DIGITS } else { f64::MANTISSA_DIGITS };
+        let cutoff = (c.len() as f64).ln() + f64::from(bits + 8) * std::f64::consts::LN_2;
+        visit.reach = cutoff * geo.tau;
+        visit.sorted = c.iter().map(|x| x[0].wide()).collect();
+        visit.order = value_order(&w[rows], |x| x[0].wide());
+        visit
+    }
+
+    /// The tiles in visiting order: `(first position, number of rows)`.
+    fn tiles(&self) -> impl Iterator<Item = (usize, usize)> {
+        tiles(0..self.len)
+    }
+
+    /// The rows of `x` (the chunk's slice of a per-row input) at positions
+    /// `p..p + n` of the visit: a slice of `x`, or gathered into `buf`.
+    #[inline(always)]
+    fn rows<'x, T: Copy, const D: usize>(&self, x: &'x [[T; D]], (p, n): (usize, usize), buf: &'x mut [[T; D]]) -> &'x [[T; D]] {
+        if self.order.is_empty() {
+            return &x[p..p + n];
+        }
+        for (b, &i) in buf.iter_mut().zip(&self.order[p..p + n]) {
+            *b = x[i as usize];
+        }
+        &buf[..n]
+    }
+
+    /// Writes the lanes `buf` (`D` quantities) into the rows of `out` (the
+    /// chunk's slice of the output) at positions `p..p + n` of the visit.
+    #[inline(always)]
+    fn store<T: Real, const D: usize>(&self, buf: &[T], (p, n): (usize, usize), out: &mut [[T; D]]) {
+        if self.order.is_empty() {
+            return store_lanes(buf, &mut out[p..p + n]);
+        }
+        for (r, &i) in self.order[p..p + n].iter().enumerate() {
+            for e in 0..D {
+                out[i as usize][e] = buf[e * TILE + r];
+            }
+        }
+    }
+
+    /// The centroids (a range of indices) the tile of weight vectors `rows`
+    /// attends to: all of them, or, when windowed, those within reach.
+    ///
+    /// With `lo..=hi` the tile's range and `D` the distance from `lo` to its
+    /// nearest centroid, no row is farther than `D + hi - lo` from its
+    /// nearest centroid (the distance to the nearest centroid is
+    /// 1-Lipschitz). A centroid whose distance to every row exceeds
+    /// `sqrt((D + hi - lo)^2 + reach)` (squared distance) or
+    /// `D + hi - lo + reach` (Euclidean) is thus out of reach of every row.
+    #[inline(always)]
+    fn window<T: Real, const D: usize>(&self, rows: &[[T; D]]) -> Range<usize> {
+        let c = &self.sorted;
+        if c.is_empty() {
+            return 0..self.k;
+        }
+        let (lo, hi) = rows.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), x| {
+            (lo.min(x[0].wide()), hi.max(x[0].wide()))
+        });
+        let next = c.partition_point(|&x| x < lo);
+        let below = if next > 0 { lo - c[next - 1] } else { f64::INFINITY };
+        let above = if next < c.len() { c[next] - lo } else { f64::INFINITY };
+        let far = below.min(above) + (hi - lo);
+        let radius = match self.distance {
+            Distance::Squared => (far * far + self.reach).sqrt(),
+            Distance::Euclidean => far + self.reach,
+        };
+        // A relative margin covers the rounding of the bound itself.
+        let radius = radius * (1.0 + 1e-9) + f64::MIN_POSITIVE;
+        c.partition_point(|&x| x < lo - radius)..c.partition_point(|&x| x <= hi + radius)
+    }
+}
+
+/// The positions `0..x.len()` ordered by `key` up to buckets: a stable
+/// counting sort into `x.len() / BUCKET_ROWS` buckets of equal width over
+/// the range of the keys (all finite).
+fn value_order<X>(x: &[X], key: impl Fn(&X) -> f64) -> Vec<u32> {
+    let (lo, hi) = x.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| (lo.min(key(v)), hi.max(key(v))));
+    let buckets = (x.len() / BUCKET_ROWS).max(1);
+    let scale = if hi > lo { buckets as f64 / (hi - lo) } else { 0.0 };
+    let bucket = |v: &X| (((key(v) - lo) * scale) as usize).min(buckets - 1);
+    let mut start = vec![0u32; buckets + 1];
+    for v in x {
+        start[bucket(v) + 1] += 1;
+    }
+    for b in 1..=buckets {
+        start[b] += start[b - 1];
+    }
+    let mut order = vec![0u32; x.len()];
+    for (i, v) in x.iter().enumerate() {
+        let b = bucket(v);
+        order[start[b] as usize] = i as u32;
+        start[b] += 1;
+    }
+    order
+}
+
 /// The attention of one tile of rows.
 struct Tile<T, const D: usize> {
     /// Distance in the logits.
@@ -426,6 +575,8 @@ struct Tile<T, const D: usize> {
     inv_tau: T,
     /// Rows in the tile.
     n: usize,
+    /// Centroids the tile attends to (its window, see [`Visit::window`]).
+    k: usize,
     /// The tile's weight vectors: lanes of `w_ie` (D quantities).
     w: Vec<T>,
     /// Lanes of `a_ij` (k quantities).
@@ -446,6 +597,7 @@ impl<T: Real, const D: usize> Tile<T, D> {
             distance: geo.distance,
             inv_tau: T::of(1.0 / geo.tau),
             n: 0,
+            k: 0,
             w: vec![T::zero(); D * TILE],
             a: vec![T::zero(); geo.k * TILE],
             b: vec![T::zero(); geo.k * TILE],
@@ -467,12 +619,13 @@ impl<T: Real, const D: usize> Tile<T, D> {
     }
 
     /// Loads the weight vectors `rows` (at most [`TILE`]) and computes their
-    /// attention against the centroids `c`. The softmax subtracts the row
-    /// maximum.
+    /// attention against the centroids `c` (the tile's window: lane `j` is
+    /// `c[j]`). The softmax subtracts the row maximum.
     #[inline(always)]
     fn attend(&mut self, rows: &[[T; D]], c: &[[T; D]]) {
         let n = rows.len();
         self.n = n;
+        self.k = c.len();
         load_lanes(rows, &mut self.w);
         let inv_tau = self.inv_tau;
         let zmax = &mut self.row[..n];
@@ -527,7 +680,7 @@ impl<T: Real, const D: usize> Tile<T, D> {
     fn mean(&self, x: &[T], mean: &mut [T]) {
         let mean = &mut mean[..self.n];
         mean.fill(T::zero());
-        for j in 0..self.a.len() / TILE {
+        for j in 0..self.k {
             for ((m, &a), &x) in mean.iter_mut().zip(self.a(j)).zip(lanes(x, j, self.n)) {
                 *m += a * x;
             }
@@ -539,7 +692,7 @@ impl<T: Real, const D: usize> Tile<T, D> {
     #[inline(always)]
     fn weigh(&mut self) {
         let n = self.n;
-        for j in 0..self.a.len() / TILE {
+        for j in 0..self.k {
             let (a, b) = (lanes(&self.a, j, n), lanes_mut(&mut self.b, j, n));
             match self.distance {
                 Distance::Squared => {
@@ -560,17 +713,19 @@ impl<T: Real, const D: usize> Tile<T, D> {
         lanes(&self.b, j, n).iter().zip(lanes(x, j, n)).zip(xbar).map(|((&b, &x), &xbar)| b * (x - xbar))
     }
 
-    /// Adds the tile's `a_ij` into quantity `j` of `sums` and `a_ij w_ie`
-    /// into quantity `k + j D + e`.
+    /// Adds the tile's `a_ij` into quantity `lo + j` of `sums` and `a_ij w_ie`
+    /// into quantity `k + (lo + j) D + e`, for a window of the `k` centroids
+    /// that starts at `lo`.
     #[inline(always)]
-    fn add_moments(&self, sums: &mut LaneSums<T>) {
-        let (n, k) = (self.n, self.a.len() / TILE);
-        for j in 0..k {
-            for (s, &a) in sums.get(j, n).iter_mut().zip(self.a(j)) {
+    fn add_moments(&self, sums: &mut LaneSums<T>, lo: usize, k: usize) {
+        let n = self.n;
+        for j in 0..self.k {
+            for (s, &a) in sums.get(lo + j, n).iter_mut().zip(self.a(j)) {
                 *s += a;
             }
             for e in 0..D {
-                for ((s, &a), &w) in sums.get(k + j * D + e, n).iter_mut().zip(self.a(j)).zip(self.w(e)) {
+                let s = sums.get(k + (lo + j) * D + e, n);
+                for ((s, &a), &w) in s.iter_mut().zip(self.a(j)).zip(self.w(e)) {
                     *s += a * w;
                 }
             }
@@ -642,9 +797,13 @@ impl<T: Real, const D: usize> Pass for Reduce<'_, T, D> {
     fn chunk(&self, rows: Range<usize>, out: &mut [f64]) {
         let mut tile = Tile::<T, D>::new(self.geo);
         let mut sums = LaneSums::<T>::new(out.len());
-        for (start, len) in tiles(rows) {
-            tile.attend(&self.w[start..start + len], self.c);
-            tile.add_moments(&mut sums);
+        let visit = Visit::new(self.w, rows.clone(), self.c, self.geo);
+        let (w, mut wbuf) = (&self.w[rows], [[T::zero(); D]; TILE]);
+        for at in visit.tiles() {
+            let wt = visit.rows(w, at, &mut wbuf);
+            let win = visit.window(wt);
+            tile.attend(wt, &self.c[win.clone()]);
+            tile.add_moments(&mut sums, win.start, self.geo.k);
             sums.end_tile();
         }
         sums.finish(out);
@@ -699,18 +858,22 @@ impl<T: Real, const D: usize> Pass for Output<'_, T, D> {
     fn chunk(&self, rows: Range<usize>, out: &mut [[T; D]]) {
         let mut tile = Tile::<T, D>::new(self.geo);
         let mut o = vec![T::zero(); D * TILE];
-        let first = rows.start;
-        for (start, n) in tiles(rows) {
-            tile.attend(&self.w[start..start + n], self.c);
+        let visit = Visit::new(self.w, rows.clone(), self.c, self.geo);
+        let (w, mut wbuf) = (&self.w[rows], [[T::zero(); D]; TILE]);
+        for at in visit.tiles() {
+            let wt = visit.rows(w, at, &mut wbuf);
+            let c = &self.c[visit.window(wt)];
+            tile.attend(wt, c);
+            let n = tile.n;
             o.fill(T::zero());
-            for (j, cj) in self.c.iter().enumerate() {
+            for (j, cj) in c.iter().enumerate() {
                 for (e, &ce) in cj.iter().enumerate() {
                     for (o, &a) in lanes_mut(&mut o, e, n).iter_mut().zip(tile.a(j)) {
                         *o += a * ce;
                     }
                 }
             }
-            store_lanes(&o, &mut out[start - first..start - first + n]);
+            visit.store(&o, at, out);
         }
     }
 }
@@ -792,16 +955,23 @@ impl<T: Real, const D: usize> Pass for Cotangent<'_, T, D> {
         let mut sums = LaneSums::<T>::new(out.len());
         let mut g = vec![T::zero(); D * TILE];
         let (mut q, mut qbar) = (vec![T::zero(); k * TILE], vec![T::zero(); TILE]);
-        for (start, n) in tiles(rows) {
-            tile.attend(&self.w[start..start + n], self.c);
-            tile.add_moments(&mut sums);
+        let visit = Visit::new(self.w, rows.clone(), self.c, self.geo);
+        let (w, mut wbuf) = (&self.w[rows.clone()], [[T::zero(); D]; TILE]);
+        let (gs, mut gbuf) = (&self.g[rows], [[T::zero(); D]; TILE]);
+        for at in visit.tiles() {
+            let wt = visit.rows(w, at, &mut wbuf);
+            let win = visit.window(wt);
+            let c = &self.c[win.clone()];
+            tile.attend(wt, c);
+            let n = tile.n;
+            tile.add_moments(&mut sums, win.start, k);
             tile.weigh();
-            load_lanes(&self.g[start..start + n], &mut g);
-            tile.set_output_dots(&g, self.c, &mut q);
+            load_lanes(visit.rows(gs, at, &mut gbuf), &mut g);
+            tile.set_output_dots(&g, c, &mut q);
             tile.mean(&q, &mut qbar);
-            for (j, cj) in self.c.iter().enumerate() {
+            for (j, cj) in c.iter().enumerate() {
                 for (e, &ce) in cj.iter().enumerate() {
-                    let h = sums.get(k * (D + 1) + j * D + e, n).iter_mut();
+                    let h = sums.get(k * (D + 1) + (win.start + j) * D + e, n).iter_mut();
                     let terms = h.zip(tile.a(j)).zip(lanes(&g, e, n)).zip(tile.centred(j, &q, &qbar)).zip(tile.w(e));
                     for ((((h, &a), &g), t), &w) in terms {
                         *h += a * g - t * (w - ce);
@@ -859,14 +1029,21 @@ impl<T: Real, const D: usize> Pass for Matvec<'_, T, D> {
         let mut tile = Tile::<T, D>::new(self.geo);
         let mut sums = LaneSums::<T>::new(out.len());
         let (mut x, mut xbar) = (vec![T::zero(); self.geo.k * TILE], vec![T::zero(); TILE]);
-        for (start, n) in tiles(rows) {
-            tile.attend(&self.w[start..start + n], self.c);
+        let visit = Visit::new(self.w, rows.clone(), self.c, self.geo);
+        let (w, mut wbuf) = (&self.w[rows], [[T::zero(); D]; TILE]);
+        for at in visit.tiles() {
+            let wt = visit.rows(w, at, &mut wbuf);
+            let win = visit.window(wt);
+            let c = &self.c[win.clone()];
+            tile.attend(wt, c);
+            let n = tile.n;
             tile.weigh();
-            tile.set_adjoint_dots(self.f, self.v, &mut x);
+            tile.set_adjoint_dots(&self.f[win.clone()], &self.v[win.clone()], &mut x);
             tile.mean(&x, &mut xbar);
-            for (j, cj) in self.c.iter().enumerate() {
+            for (j, cj) in c.iter().enumerate() {
                 for (e, &ce) in cj.iter().enumerate() {
-                    let terms = sums.get(j * D + e, n).iter_mut().zip(tile.centred(j, &x, &xbar)).zip(tile.w(e));
+                    let out = sums.get((win.start + j) * D + e, n);
+                    let terms = out.iter_mut().zip(tile.centred(j, &x, &xbar)).zip(tile.w(e));
                     for ((o, t), &w) in terms {
                         *o -= t * (w - ce);
                     }
@@ -913,37 +1090,45 @@ impl<T: Real, const D: usize> Pass for Assemble<'_, T, D> {
 
     #[inline(always)]
     fn chunk(&self, rows: Range<usize>, out: &mut [f64]) {
-        let (k, n) = (self.geo.k, self.geo.k * D);
+        let n = self.geo.k * D;
         let mut tile = Tile::<T, D>::new(self.geo);
         // Lanes of x_(j,e) = b_ij (w_i - c_j)_e and y_(l,e') = (w_i - f_l)_e';
         // a_il y_(l,e') row by row (lane-major), so that the outer products
-        // run along contiguous rows of n; `acc` is one output row of a tile.
+        // run along contiguous rows; `acc` is one output row of a tile. A
+        // tile with a window of centroids adds only the window's block.
         let (mut x, mut y) = (vec![T::zero(); n * TILE], vec![T::zero(); n * TILE]);
         let (mut ay, mut acc) = (vec![T::zero(); TILE * n], vec![T::zero(); n]);
-        for (start, len) in tiles(rows) {
-            tile.attend(&self.w[start..start + len], self.c);
+        let visit = Visit::new(self.w, rows.clone(), self.c, self.geo);
+        let (w, mut wbuf) = (&self.w[rows], [[T::zero(); D]; TILE]);
+        for at in visit.tiles() {
+            let wt = visit.rows(w, at, &mut wbuf);
+            let win = visit.window(wt);
+            let (c, f) = (&self.c[win.clone()], &self.f[win.clone()]);
+            tile.attend(wt, c);
             tile.weigh();
-            for j in 0..k {
+            let (len, nw, first) = (tile.n, c.len() * D, win.start * D);
+            for (j, (cj, fj)) in c.iter().zip(f).enumerate() {
                 for e in 0..D {
                     let q = j * D + e;
                     let (b, a, wv) = (lanes(&tile.b, j, len), tile.a(j), tile.w(e));
                     for (i, &wi) in wv.iter().enumerate() {
-                        x[q * TILE + i] = b[i] * (wi - self.c[j][e]);
-                        let yi = wi - self.f[j][e];
+                        x[q * TILE + i] = b[i] * (wi - cj[e]);
+                        let yi = wi - fj[e];
                         y[q * TILE + i] = yi;
-                        ay[i * n + q] = a[i] * yi;
+                        ay[i * nw + q] = a[i] * yi;
                     }
                 }
             }
-            for p in 0..n {
+            for p in 0..nw {
                 // The block-diagonal term is summed in the same lane order as
                 // the outer products, so that the two cancel exactly where
                 // they should (a_il = 1).
                 let j = p / D;
+                let acc = &mut acc[..nw];
                 acc.fill(T::zero());
                 let mut diag = [T::zero(); D];
                 for (i, &xi) in lanes(&x, p, len).iter().enumerate() {
-                    for (o, &v) in acc.iter_mut().zip(&ay[i * n..(i + 1) * n]) {
+                    for (o, &v) in acc.iter_mut().zip(&ay[i * nw..(i + 1) * nw]) {
                         *o += xi * v;
                     }
                     for (e, dg) in diag.iter_mut().enumerate() {
@@ -953,7 +1138,8 @@ impl<T: Real, const D: usize> Pass for Assemble<'_, T, D> {
                 for (e, &dg) in diag.iter().enumerate() {
                     acc[j * D + e] -= dg;
                 }
-                for (o, &a) in out[p * n..(p + 1) * n].iter_mut().zip(&acc) {
+                let row = (first + p) * n + first;
+                for (o, &a) in out[row..row + nw].iter_mut().zip(acc.iter()) {
                     *o += a.wide();
                 }
             }
@@ -1003,17 +1189,23 @@ impl<T: Real, const D: usize> Pass for Grad<'_, T, D> {
         let (mut q, mut qbar) = (vec![T::zero(); k * TILE], vec![T::zero(); TILE]);
         let (mut r, mut rbar) = (vec![T::zero(); k * TILE], vec![T::zero(); TILE]);
         let mut o = vec![T::zero(); D * TILE];
-        let first = rows.start;
-        for (start, n) in tiles(rows) {
-            tile.attend(&self.w[start..start + n], self.c);
+        let visit = Visit::new(self.w, rows.clone(), self.c, self.geo);
+        let (w, mut wbuf) = (&self.w[rows.clone()], [[T::zero(); D]; TILE]);
+        let (gs, mut gbuf) = (&self.g[rows], [[T::zero(); D]; TILE]);
+        for at in visit.tiles() {
+            let wt = visit.rows(w, at, &mut wbuf);
+            let win = visit.window(wt);
+            let (c, v) = (&self.c[win.clone()], &self.v[win.clone()]);
+            tile.attend(wt, c);
+            let n = tile.n;
             tile.weigh();
-            load_lanes(&self.g[start..start + n], &mut g);
-            tile.set_output_dots(&g, self.c, &mut q);
-            tile.set_adjoint_dots(self.f, self.v, &mut r);
+            load_lanes(visit.rows(gs, at, &mut gbuf), &mut g);
+            tile.set_output_dots(&g, c, &mut q);
+            tile.set_adjoint_dots(&self.f[win], v, &mut r);
             tile.mean(&q, &mut qbar);
             tile.mean(&r, &mut rbar);
             o.fill(T::zero());
-            for (j, (cj, vj)) in self.c.iter().zip(self.v).enumerate() {
+            for (j, (cj, vj)) in c.iter().zip(v).enumerate() {
                 for e in 0..D {
                     let t = tile.centred(j, &q, &qbar).zip(tile.centred(j, &r, &rbar)).map(|(tq, tr)| tq + tr);
                     let terms = lanes_mut(&mut o, e, n).iter_mut().zip(t).zip(tile.w(e)).zip(tile.a(j));
@@ -1022,7 +1214,7 @@ impl<T: Real, const D: usize> Pass for Grad<'_, T, D> {
                     }
                 }
             }
-            store_lanes(&o, &mut out[start - first..start - first + n]);
+            visit.store(&o, at, out);
         }
     }
 }
@@ -1103,6 +1295,107 @@ mod tests {
         assert_same(&label("cotangent"), every_version(&Cotangent { w, c, g, geo: &geo }, m, k * (2 * D + 1), 0.0));
         assert_same(&label("matvec"), every_version(&Matvec { w, c, f, v, geo: &geo }, m, k * D, 0.0));
         assert_same(&label("grad"), every_version(&Grad { w, c, f, g, v, geo: &geo }, m, m, [0.0; D]));
+    }
+
+    /// Every pass at ascending centroids (windowed tiles) against the same
+    /// pass at the centroids in descending order (no windows), with the
+    /// per-centroid results put back in ascending order. Returns the largest
+    /// difference relative to the largest magnitude of each result.
+    fn windowed_vs_full<T: Real>(w: &[T], g: &[T], c: &[T], geo: &Geometry) -> f64 {
+        let k = geo.k;
+        let rev = |x: &[T]| x.iter().rev().copied().collect::<Vec<T>>();
+        let f: Vec<T> = c.iter().zip(uniform(k, 7)).map(|(&c, x)| c + T::of(1e-4 * x as f64)).collect();
+        let u: Vec<f64> = uniform(k, 8).iter().map(|&x| x as f64).collect();
+        let (cr, fr, ur) = (rev(c), rev(&f), u.iter().rev().copied().collect::<Vec<f64>>());
+        let back = |x: Vec<f64>| x.chunks_exact(k).flat_map(|b| b.iter().rev().copied().collect::<Vec<_>>()).collect::<Vec<_>>();
+        let mut worst = 0f64;
+        let mut compare = |what: &str, a: &[f64], b: &[f64]| {
+            assert_eq!(a.len(), b.len(), "{what}");
+            let scale = b.iter().fold(0f64, |s, x| s.max(x.abs())).max(f64::MIN_POSITIVE);
+            let diff = a.iter().zip(b).fold(0f64, |s, (x, y)| s.max((x - y).abs())) / scale;
+            worst = worst.max(diff);
+            eprintln!("{what}: {diff:e}");
+        };
+        let (mw, mf) = (soft_assign_reduce(w, c, geo), soft_assign_reduce(w, &cr, geo));
+        compare("mass", &mw.mass, &back(mf.mass.clone()));
+        compare("weighted", &mw.weighted, &back(mf.weighted.clone()));
+        let inv = mw.inverse_mass();
+        let inv_r: Vec<f64> = inv.iter().rev().copied().collect();
+        let widen = |x: Vec<T>| x.iter().map(|v| v.wide()).collect::<Vec<f64>>();
+        let (mut ow, mut of) = (vec![T::zero(); w.len()], vec![T::zero(); w.len()]);
+        soft_assign_output(w, c, geo, &mut ow);
+        soft_assign_output(w, &cr, geo, &mut of);
+        compare("output", &widen(ow), &widen(of));
+        let (hw, hf) = (centroid_cotangent(w, c, g, geo), centroid_cotangent(w, &cr, g, geo));
+        compare("cotangent", &hw, &back(hf));
+        let (vw, vf) = (adjoint_matvec(w, c, &f, &inv, &u, geo), adjoint_matvec(w, &cr, &fr, &inv_r, &ur, geo));
+        compare("matvec", &vw, &back(vf));
+        let (jw, jf) = (adjoint_matrix(w, c, &f, &inv, geo), adjoint_matrix(w, &cr, &fr, &inv_r, geo));
+        let jf: Vec<f64> = jf.chunks_exact(k).rev().flat_map(|row| row.iter().rev().copied().collect::<Vec<_>>()).collect();
+        compare("matrix", &jw, &jf);
+        let (mut gw, mut gf) = (vec![T::zero(); w.len()], vec![T::zero(); w.len()]);
+        weight_grad(w, c, &f, g, &inv, &u, geo, &mut gw);
+        weight_grad(w, &cr, &fr, g, &inv_r, &ur, geo, &mut gf);
+        compare("grad", &widen(gw), &widen(gf));
+        worst
+    }
+
+    /// Mean number of centroids a tile attends to over the rows of `w`.
+    fn mean_window<T: Real>(w: &[T], c: &[T], geo: &Geometry) -> f64 {
+        let (w, c) = (vectors::<T, 1>(w), vectors::<T, 1>(c));
+        let visit = Visit::new(w, 0..w.len(), c, geo);
+        let mut buf = [[T::zero(); 1]; TILE];
+        let total: usize = visit.tiles().map(|at| visit.window(visit.rows(w, at, &mut buf)).len() * at.1).sum();
+        total as f64 / w.len() as f64
+    }
+
+    /// Centroids at `k` quantiles of `w`, ascending.
+    fn quantiles<T: Real>(w: &[T], k: usize) -> Vec<T> {
+        let mut sorted = w.to_vec();
+        sorted.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        (0..k).map(|j| sorted[(2 * j + 1) * w.len() / (2 * k)]).collect()
+    }
+
+    #[test]
+    fn windowed_tiles_match_full_passes() {
+        // Gaussian-like weights (sum of three uniforms), 2 chunks and a
+        // partial tile; taus from local (a few centroids per tile) to global.
+        let m = 3001;
+        let w: Vec<f32> = (0..m).map(|i| 0.01 * (uniform(3 * m, 11)[3 * i..3 * i + 3].iter().sum::<f32>())).collect();
+        let g = uniform(m, 12);
+        for (k, tau, distance, local) in [
+            (64, 1e-7, Distance::Squared, true),
+            (256, 4e-8, Distance::Squared, true),
+            (256, 1e-4, Distance::Squared, false),
+            (64, 2e-5, Distance::Euclidean, true),
+        ] {
+            let geo = Geometry { k, d: 1, tau, distance };
+            let c = quantiles(&w, k);
+            let window = mean_window(&w, &c, &geo);
+            eprintln!("k={k} tau={tau:e} {distance:?}: mean window {window:.1}");
+            assert!(window >= 1.0 && window <= k as f64);
+            if local {
+                assert!(window < k as f64 / 4.0, "window {window} of {k}");
+            }
+            let wide = |x: &[f32]| x.iter().map(|&v| v as f64).collect::<Vec<f64>>();
+            let f64_err = windowed_vs_full(&wide(&w), &wide(&g), &wide(&c), &geo);
+            assert!(f64_err < 1e-12, "f64: {f64_err:e}");
+            let f32_err = windowed_vs_full(&w, &g, &c, &geo);
+            assert!(f32_err < 2e-5, "f32: {f32_err:e}");
+        }
+    }
+
+    #[test]
+    fn value_order_is_a_permutation_by_bucket() {
+        let x = uniform(1000, 13);
+        let order = value_order(&x, |&v| v as f64);
+        let mut seen = order.clone();
+        seen.sort_unstable();
+        assert!(seen.iter().enumerate().all(|(i, &p)| p as usize == i));
+        // Buckets of width 2 / (1000 / BUCKET_ROWS): out of order by less.
+        let width = 2.0 / (1000 / BUCKET_ROWS) as f32;
+        assert!(order.windows(2).all(|p| x[p[1] as usize] > x[p[0] as usize] - width));
+        assert_eq!(value_order(&[3.0f32; 5], |&v| v as f64), vec![0, 1, 2, 3, 4]);
     }
 
     #[test]
