@@ -110,7 +110,7 @@ fn main() -> anyhow::Result<()> {
     let steady_bits: Vec<u32> = list("IDKM_STEP_STEADY_BITS", "4");
     let converge: usize = env_or("IDKM_STEP_CONVERGE_ITERS", "1000").parse()?;
     let tau4: f64 = env_or("IDKM_STEP_TAU", "1e-4").parse()?;
-    let tau = |bits: usize| tau4 * 4f64.powi(4 - bits as i32);
+    let tau = |bits: u32| tau4 * 4f64.powi(4 - bits as i32);
     let tol: f64 = match std::env::var("IDKM_STEP_TOL") {
         Ok(v) => v.parse()?,
         Err(_) => idkm::cluster::KmeansConfig::default().tol,
