@@ -376,17 +376,35 @@ struct LaneSums<T> {
     wide: Vec<f64>,
     /// Tiles added to `narrow` since the last fold.
     tiles: usize,
+    /// Ranges covering the quantities added to since the last fold (see
+    /// [`Self::touch`]; windowed tiles touch few of them).
+    touched: Vec<Range<usize>>,
 }
 
 impl<T: Real> LaneSums<T> {
     fn new(len: usize) -> Self {
-        Self { narrow: vec![T::zero(); len * TILE], wide: vec![0.0; len * TILE], tiles: 0 }
+        Self {
+            narrow: vec![T::zero(); len * TILE],
+            wide: vec![0.0; len * TILE],
+            tiles: 0,
+            touched: Vec::new(),
+        }
     }
 
     /// The lanes of quantity `x`, for a tile of `n` rows.
     #[inline(always)]
     fn get(&mut self, x: usize, n: usize) -> &mut [T] {
         lanes_mut(&mut self.narrow, x, n)
+    }
+
+    /// Records that the current tile adds to the quantities `xs` (and to no
+    /// quantity outside the ranges it records): only those are folded.
+    #[inline(always)]
+    fn touch(&mut self, xs: Range<usize>) {
+        match self.touched.iter_mut().find(|r| r.start <= xs.end && xs.start <= r.end) {
+            Some(r) => *r = r.start.min(xs.start)..r.end.max(xs.end),
+            None => self.touched.push(xs),
+        }
     }
 
     /// Marks the end of a tile's contributions.
@@ -398,12 +416,16 @@ impl<T: Real> LaneSums<T> {
         }
     }
 
-    /// Adds the narrow lanes into the wide ones and clears them.
+    /// Adds the narrow lanes of the quantities touched since the last fold
+    /// into the wide ones and clears them (the others hold zeros).
     #[inline(always)]
     fn fold(&mut self) {
-        for (w, x) in self.wide.iter_mut().zip(&mut self.narrow) {
-            *w += x.wide();
-            *x = T::zero();
+        for xs in self.touched.drain(..) {
+            let lanes = xs.start * TILE..xs.end * TILE;
+            for (w, v) in self.wide[lanes.clone()].iter_mut().zip(&mut self.narrow[lanes]) {
+                *w += v.wide();
+                *v = T::zero();
+            }
         }
         self.tiles = 0;
     }
@@ -719,6 +741,8 @@ impl<T: Real, const D: usize> Tile<T, D> {
     #[inline(always)]
     fn add_moments(&self, sums: &mut LaneSums<T>, lo: usize, k: usize) {
         let n = self.n;
+        sums.touch(lo..lo + self.k);
+        sums.touch(k + lo * D..k + (lo + self.k) * D);
         for j in 0..self.k {
             for (s, &a) in sums.get(lo + j, n).iter_mut().zip(self.a(j)) {
                 *s += a;
@@ -969,6 +993,7 @@ impl<T: Real, const D: usize> Pass for Cotangent<'_, T, D> {
             load_lanes(visit.rows(gs, at, &mut gbuf), &mut g);
             tile.set_output_dots(&g, c, &mut q);
             tile.mean(&q, &mut qbar);
+            sums.touch(k * (D + 1) + win.start * D..k * (D + 1) + win.end * D);
             for (j, cj) in c.iter().enumerate() {
                 for (e, &ce) in cj.iter().enumerate() {
                     let h = sums.get(k * (D + 1) + (win.start + j) * D + e, n).iter_mut();
@@ -1040,6 +1065,7 @@ impl<T: Real, const D: usize> Pass for Matvec<'_, T, D> {
             tile.weigh();
             tile.set_adjoint_dots(&self.f[win.clone()], &self.v[win.clone()], &mut x);
             tile.mean(&x, &mut xbar);
+            sums.touch(win.start * D..win.end * D);
             for (j, cj) in c.iter().enumerate() {
                 for (e, &ce) in cj.iter().enumerate() {
                     let out = sums.get((win.start + j) * D + e, n);
