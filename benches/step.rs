@@ -16,7 +16,7 @@
 //! (1,3,10,30), `IDKM_STEP_ITERS` (30: t of IDKM and IDKM-JFB, the most
 //! k-means iterations of a forward pass), `IDKM_STEP_TOL` (the trainer's
 //! default k-means tolerance, for IDKM and IDKM-JFB; 0 forces exactly t
-//! iterations, as DKM always runs), `IDKM_STEP_STEADY_BITS` (4: the bits
+//! iterations, as DKM always runs), `IDKM_STEP_STEADY_BITS` (4,8: the bits
 //! of the steady-state rows, IDKM and IDKM-JFB starting every step at the
 //! k-means fixed point, as a long fine-tune does; empty for none),
 //! `IDKM_STEP_CONVERGE_ITERS` (1000: k-means iterations that reach it first),
@@ -107,7 +107,7 @@ fn main() -> anyhow::Result<()> {
     let bits: Vec<u32> = list("IDKM_STEP_BITS", "4,8");
     let dkm_iters: Vec<usize> = list("IDKM_STEP_DKM_ITERS", "1,3,10,30");
     let iters: usize = env_or("IDKM_STEP_ITERS", "30").parse()?;
-    let steady_bits: Vec<u32> = list("IDKM_STEP_STEADY_BITS", "4");
+    let steady_bits: Vec<u32> = list("IDKM_STEP_STEADY_BITS", "4,8");
     let converge: usize = env_or("IDKM_STEP_CONVERGE_ITERS", "1000").parse()?;
     let tau4: f64 = env_or("IDKM_STEP_TAU", "1e-4").parse()?;
     let tau = |bits: u32| tau4 * 4f64.powi(4 - bits as i32);

@@ -837,7 +837,8 @@ const DKM_SECONDS_PER_MK_ITER: f64 = 2.8e-7;
 /// step's: the clustering's passes over the weights, costed as in the layer
 /// benchmark on this project's 2-core machine. Only used to skip
 /// configurations that would not finish in a time limit; it goes stale as
-/// the passes get faster.
+/// the passes get faster, and overestimates windowed passes (d = 1, k >= 32
+/// at a small tau, which attend to a few dozen centroids, not k).
 pub fn predict_seconds(specs: &[ClusterSpec], fp32_seconds: f64) -> f64 {
     let mut s = fp32_seconds;
     for spec in specs {

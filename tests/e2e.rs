@@ -100,7 +100,7 @@ fn quantize_export_eval_commands_agree() {
     let limits = ["--data", data, "--train-limit", "640", "--test-limit", "500"];
     let out = idkm(&[&["quantize", "--bits", "3", "--tau", "2e-4", "--epochs", "1", "-o", ckpt], &limits[..]].concat());
     // The last line of the table: epoch, loss, train acc, soft, hard, time, RSS.
-    let row = out.lines().filter(|l| l.trim_start().starts_with('1')).last().expect(&out).to_string();
+    let row = out.lines().rfind(|l| l.trim_start().starts_with('1')).expect(&out).to_string();
     let hard: f64 = row.split_whitespace().nth(4).unwrap().trim_end_matches('%').parse().unwrap();
     let out = idkm(&["export", "--model", ckpt, "-o", export]);
     assert!(out.contains("ratio"), "{out}");

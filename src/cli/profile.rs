@@ -55,7 +55,7 @@ pub struct ProfileArgs {
     /// stop early) [default: start cold].
     #[arg(long, value_name = "N")]
     steady: Option<usize>,
-    /// Adjoint solver of IDKM: cg | gmres | neumann.
+    /// Adjoint solver of IDKM: auto | dense | cg | gmres | neumann.
     #[arg(long, default_value_t = KmeansConfig::default().solver)]
     solver: Solver,
     /// Layers with fewer weights stay in float.

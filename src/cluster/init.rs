@@ -102,8 +102,8 @@ pub fn optimal_1d<T: Real>(w: &[T], k: usize, seed: u64) -> Vec<T> {
     // best[j][b]: cost of the first b bins in j + 1 groups; cut[j][b]: start of the last group.
     let mut best = vec![vec![f64::INFINITY; nb + 1]; k];
     let mut cut = vec![vec![0usize; nb + 1]; k];
-    for b in 1..=nb {
-        best[0][b] = cost(0, b);
+    for (b, first) in best[0].iter_mut().enumerate().skip(1) {
+        *first = cost(0, b);
     }
     for j in 1..k {
         for b in j + 1..=nb {

@@ -55,7 +55,7 @@ pub fn conjugate_gradient(
         let ap = apply(&p);
         steps += 1;
         let pap = dot(&p, &ap);
-        if !(pap > 0.0) {
+        if pap.is_nan() || pap <= 0.0 {
             // Not positive definite along p (a repelling fixed point) or a breakdown.
             tracing::debug!(steps, pap, "conjugate gradient: non-positive curvature, stopping");
             break;

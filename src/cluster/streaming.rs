@@ -23,6 +23,16 @@
 //! the results do not depend on it. A sum over rows adds each lane's terms
 //! for `FOLD` tiles in the float type and then in f64 (`LaneSums`).
 //!
+//! With scalar weights (d = 1), at least 32 centroids and the centroids in
+//! ascending order (as the clustered layer keeps them on the CPU), a chunk's
+//! rows are visited in order of value and each tile attends only to the
+//! centroids within reach of its rows: those whose logits are not at least
+//! `ln k + (p + 8) ln 2` below every row's maximum (p: the float type's
+//! mantissa bits), so the dropped terms stay under a rounding of the row's
+//! sums (see `Visit`). At a temperature matched to the centroid spacing a
+//! tile then attends to a few dozen of 256 centroids; at a large one, to
+//! all of them, as the kernels always do.
+//!
 //! The formulas are those of `shared/DESIGN.md`. With `e_ij = w_i - c_j`, the
 //! derivative of the logit `z_ij` with respect to `w_i` is `coef_ij e_ij`
 //! (`coef = -2/tau` for the squared distance, `-1/(tau ||e_ij||)` for the
@@ -563,6 +573,24 @@ impl Visit {
         let radius = radius * (1.0 + 1e-9) + f64::MIN_POSITIVE;
         c.partition_point(|&x| x < lo - radius)..c.partition_point(|&x| x <= hi + radius)
     }
+
+    /// Loads the tile of `w` (the chunk's weight vectors) at positions `at`
+    /// of the visit into `tile`, attends it to its window of the centroids
+    /// `c`, and returns the window.
+    #[inline(always)]
+    fn attend<T: Real, const D: usize>(
+        &self,
+        tile: &mut Tile<T, D>,
+        w: &[[T; D]],
+        at: (usize, usize),
+        buf: &mut [[T; D]],
+        c: &[[T; D]],
+    ) -> Range<usize> {
+        let rows = self.rows(w, at, buf);
+        let win = self.window(rows);
+        tile.attend(rows, &c[win.clone()]);
+        win
+    }
 }
 
 /// The positions `0..x.len()` ordered by `key` up to buckets: a stable
@@ -824,9 +852,7 @@ impl<T: Real, const D: usize> Pass for Reduce<'_, T, D> {
         let visit = Visit::new(self.w, rows.clone(), self.c, self.geo);
         let (w, mut wbuf) = (&self.w[rows], [[T::zero(); D]; TILE]);
         for at in visit.tiles() {
-            let wt = visit.rows(w, at, &mut wbuf);
-            let win = visit.window(wt);
-            tile.attend(wt, &self.c[win.clone()]);
+            let win = visit.attend(&mut tile, w, at, &mut wbuf, self.c);
             tile.add_moments(&mut sums, win.start, self.geo.k);
             sums.end_tile();
         }
@@ -885,9 +911,7 @@ impl<T: Real, const D: usize> Pass for Output<'_, T, D> {
         let visit = Visit::new(self.w, rows.clone(), self.c, self.geo);
         let (w, mut wbuf) = (&self.w[rows], [[T::zero(); D]; TILE]);
         for at in visit.tiles() {
-            let wt = visit.rows(w, at, &mut wbuf);
-            let c = &self.c[visit.window(wt)];
-            tile.attend(wt, c);
+            let c = &self.c[visit.attend(&mut tile, w, at, &mut wbuf, self.c)];
             let n = tile.n;
             o.fill(T::zero());
             for (j, cj) in c.iter().enumerate() {
@@ -983,10 +1007,8 @@ impl<T: Real, const D: usize> Pass for Cotangent<'_, T, D> {
         let (w, mut wbuf) = (&self.w[rows.clone()], [[T::zero(); D]; TILE]);
         let (gs, mut gbuf) = (&self.g[rows], [[T::zero(); D]; TILE]);
         for at in visit.tiles() {
-            let wt = visit.rows(w, at, &mut wbuf);
-            let win = visit.window(wt);
+            let win = visit.attend(&mut tile, w, at, &mut wbuf, self.c);
             let c = &self.c[win.clone()];
-            tile.attend(wt, c);
             let n = tile.n;
             tile.add_moments(&mut sums, win.start, k);
             tile.weigh();
@@ -1057,10 +1079,8 @@ impl<T: Real, const D: usize> Pass for Matvec<'_, T, D> {
         let visit = Visit::new(self.w, rows.clone(), self.c, self.geo);
         let (w, mut wbuf) = (&self.w[rows], [[T::zero(); D]; TILE]);
         for at in visit.tiles() {
-            let wt = visit.rows(w, at, &mut wbuf);
-            let win = visit.window(wt);
+            let win = visit.attend(&mut tile, w, at, &mut wbuf, self.c);
             let c = &self.c[win.clone()];
-            tile.attend(wt, c);
             let n = tile.n;
             tile.weigh();
             tile.set_adjoint_dots(&self.f[win.clone()], &self.v[win.clone()], &mut x);
@@ -1127,10 +1147,8 @@ impl<T: Real, const D: usize> Pass for Assemble<'_, T, D> {
         let visit = Visit::new(self.w, rows.clone(), self.c, self.geo);
         let (w, mut wbuf) = (&self.w[rows], [[T::zero(); D]; TILE]);
         for at in visit.tiles() {
-            let wt = visit.rows(w, at, &mut wbuf);
-            let win = visit.window(wt);
+            let win = visit.attend(&mut tile, w, at, &mut wbuf, self.c);
             let (c, f) = (&self.c[win.clone()], &self.f[win.clone()]);
-            tile.attend(wt, c);
             tile.weigh();
             let (len, nw, first) = (tile.n, c.len() * D, win.start * D);
             for (j, (cj, fj)) in c.iter().zip(f).enumerate() {
@@ -1177,6 +1195,7 @@ impl<T: Real, const D: usize> Pass for Assemble<'_, T, D> {
 /// `sum_j (qc_ij + rc_ij) coef_ij e_ij + sum_j (a_ij / S_j) u_j`, with
 /// `q_ij = g_i . c_j` and `r_ij` as in [`adjoint_matvec`] (`f = F(C)`).
 /// With `u = h` this is the JFB gradient. Kernel: `weight_grad`.
+#[allow(clippy::too_many_arguments, reason = "the arguments of its kernel, in the same order")]
 pub fn weight_grad<T: Real>(
     w: &[T],
     c: &[T],
@@ -1219,10 +1238,8 @@ impl<T: Real, const D: usize> Pass for Grad<'_, T, D> {
         let (w, mut wbuf) = (&self.w[rows.clone()], [[T::zero(); D]; TILE]);
         let (gs, mut gbuf) = (&self.g[rows], [[T::zero(); D]; TILE]);
         for at in visit.tiles() {
-            let wt = visit.rows(w, at, &mut wbuf);
-            let win = visit.window(wt);
+            let win = visit.attend(&mut tile, w, at, &mut wbuf, self.c);
             let (c, v) = (&self.c[win.clone()], &self.v[win.clone()]);
-            tile.attend(wt, c);
             let n = tile.n;
             tile.weigh();
             load_lanes(visit.rows(gs, at, &mut gbuf), &mut g);

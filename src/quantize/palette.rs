@@ -62,12 +62,10 @@ impl std::fmt::Display for LutDType {
 pub fn pack(indices: &[u32], bits: u32) -> Vec<u8> {
     let mut out = vec![0u8; (indices.len() * bits as usize).div_ceil(8)];
     for (i, &index) in indices.iter().enumerate() {
-        let mut bit = i * bits as usize;
-        for b in 0..bits {
+        for (bit, b) in (i * bits as usize..).zip(0..bits) {
             if index >> b & 1 == 1 {
                 out[bit / 8] |= 1 << (bit % 8);
             }
-            bit += 1;
         }
     }
     out
@@ -124,7 +122,7 @@ impl PackedTensor {
         let (k, d) = self.lut.dims2()?;
         let numel: usize = self.shape.iter().product();
         let bad = |msg: String| Error::Shape { tensor: name.into(), expected: msg, got: format!("{:?}", self.shape) };
-        if numel % d != 0 || k > 1 << self.bits {
+        if !numel.is_multiple_of(d) || k > 1 << self.bits {
             return Err(bad(format!("a shape divisible by d = {d} and k = {k} <= 2^{}", self.bits)));
         }
         let indices = unpack(&self.indices, self.bits, numel / d)
