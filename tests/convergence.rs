@@ -147,3 +147,30 @@ fn warm_start_stops_within_a_few_steps() {
     assert!(cold < 300, "the cold start converges: {cold} steps");
     assert!(warm <= 3 && cold >= 3 * warm, "cold start {cold} steps, warm start {warm}");
 }
+
+/// Scalar centroids on the CPU start every k-means run in ascending order
+/// (which lets the streaming passes window them), whatever order k-means++
+/// or a restored checkpoint gave them, and k-means keeps that order.
+#[test]
+fn scalar_centroids_are_kept_ascending() {
+    let w = randn(20_000, 1, 24, DType::F32);
+    let config = KmeansConfig { bits: 6, tau: 1e-4, max_iter: 20, ..Default::default() };
+    let layer = ClusteredWeight::new("ascending", config.clone()).unwrap();
+    let values = |c: Tensor| c.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let ascending = |v: &[f32]| v.windows(2).all(|p| p[0] <= p[1]);
+    layer.forward(&w).unwrap();
+    let c = values(layer.centroids().unwrap());
+    assert!(ascending(&c), "after a k-means++ start: {c:?}");
+    // Continuing from the centroids in descending order is continuing from them.
+    let restored = |c: Vec<f32>| {
+        let layer = ClusteredWeight::new("restored", config.clone()).unwrap();
+        layer.set_centroids(Tensor::from_vec(c, (64, 1), &Device::Cpu).unwrap()).unwrap();
+        let out = layer.forward(&w).unwrap();
+        (out, values(layer.centroids().unwrap()))
+    };
+    let (out, _) = restored(c.clone());
+    let (out_reversed, c_reversed) = restored(c.iter().rev().copied().collect());
+    assert!(ascending(&c_reversed), "after a descending start: {c_reversed:?}");
+    let diff = (out - out_reversed).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert_eq!(diff, 0.0);
+}
