@@ -348,3 +348,23 @@ fn profile_steady_starts_the_steps_at_the_fixed_point() {
     let Outcome::Measured(m) = &records[0].outcome else { panic!("{:?}", records[0].outcome) };
     assert!(m.layers.iter().all(|l| l.forward_iters.unwrap() < 30), "{:?}", m.layers);
 }
+
+#[test]
+fn profile_takes_one_temperature_per_bit_width() {
+    let wrong = idkm(&["profile", "--bits", "4,8", "--tau", "1e-4,4e-7,1e-9", "--predict-only"]);
+    let stderr = String::from_utf8_lossy(&wrong.stderr);
+    assert!(!wrong.status.success() && stderr.contains("one per --bits: got 3 for 2"), "{stderr}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = dir.path().join("p");
+    let run = idkm(&[
+        "profile", "--model", "small-cnn", "--batch", "4", "--bits", "2,3", "--tau", "0.01,0.0025",
+        "--methods", "idkm-jfb", "--iters", "1", "--no-fp32", "--output", prefix.to_str().unwrap(),
+    ]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("p.json")).unwrap()).unwrap();
+    let records: Vec<memory::Record> = serde_json::from_value(json["records"].clone()).unwrap();
+    let taus: Vec<(u32, f64)> = records.iter().map(|r| (r.config.bits, r.config.tau)).collect();
+    assert_eq!(taus, vec![(2, 0.01), (3, 0.0025)]);
+}

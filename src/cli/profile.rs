@@ -43,9 +43,11 @@ pub struct ProfileArgs {
     /// training part) [default: synthetic inputs of the model's shape].
     #[arg(long)]
     data: Option<PathBuf>,
-    /// Softmax temperature.
-    #[arg(long, default_value_t = KmeansConfig::default().tau)]
-    tau: f64,
+    /// Softmax temperature: one for all bit widths, or one per `--bits`
+    /// (`--bits 4,8 --tau 1e-4,3.9e-7` keeps the attention's reach relative
+    /// to the centroid spacing, as the step benchmark does).
+    #[arg(long, value_delimiter = ',', default_values_t = [KmeansConfig::default().tau])]
+    tau: Vec<f64>,
     /// k-means tolerance; 0 runs exactly t iterations in every step.
     #[arg(long, default_value_t = 0.0)]
     tol: f64,
@@ -115,6 +117,14 @@ pub fn run(a: ProfileArgs) -> Result<()> {
             .map(|m| m.saturating_sub(1 << 30))
             .unwrap_or(8 << 30),
     };
+    if a.tau.len() != 1 && a.tau.len() != a.bits.len() {
+        bail!(
+            "--tau takes one temperature for all bit widths or one per --bits: got {} for {} bit widths",
+            a.tau.len(),
+            a.bits.len()
+        );
+    }
+    let tau = |n: usize| a.tau[n.min(a.tau.len() - 1)];
     let channels = if arch == Arch::SmallCnn { 1 } else { 3 };
     let shape = memory::ModelShape::of_arch(arch, channels, a.classes)?;
     let base = StepConfig {
@@ -125,7 +135,7 @@ pub fn run(a: ProfileArgs) -> Result<()> {
         cluster_dim: a.cluster_dim,
         iters: a.iters.iter().copied().max().unwrap_or(30),
         tol: a.tol,
-        tau: a.tau,
+        tau: tau(0),
         solver: a.solver.to_string(),
         min_weights: a.min_weights,
         classes: a.classes,
@@ -141,12 +151,13 @@ pub fn run(a: ProfileArgs) -> Result<()> {
     if !a.no_fp32 {
         configs.push((base.clone(), allocator));
     }
-    for &bits in &a.bits {
+    for (n, &bits) in a.bits.iter().enumerate() {
         for method in &a.methods {
             for &t in &a.iters {
                 let c = StepConfig {
                     method: method.to_string(),
                     bits,
+                    tau: tau(n),
                     iters: t,
                     ..base.clone()
                 };
