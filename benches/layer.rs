@@ -8,6 +8,10 @@
 //!
 //! `cargo bench --bench layer` (all sizes), or a subset with
 //! `IDKM_BENCH_SIZES=65536,589824 IDKM_BENCH_BITS=4 cargo bench --bench layer`.
+//! `IDKM_BENCH_TAUS` lists the temperatures (default 1e-4), every one run at
+//! every size and bit width; at 8 bits, `IDKM_BENCH_TAUS=1e-4,3.9e-7` shows
+//! what windowed passes save at a temperature matched to the centroid
+//! spacing (the last column: nanoseconds per weight and pass).
 
 use candle_core::{Device, Tensor, Var};
 use idkm::cluster::backward::Adjoint;
@@ -45,9 +49,9 @@ fn step(layer: &ClusteredWeight, w: &Tensor, g: &Tensor) -> candle_core::Result<
     Ok(())
 }
 
-fn config(bits: u32, method: Method, t: usize) -> KmeansConfig {
+fn config(bits: u32, tau: f64, method: Method, t: usize) -> KmeansConfig {
     // tol = 0: (almost) every configuration runs exactly t iterations.
-    KmeansConfig { bits, method, max_iter: t, tol: 0.0, tau: 1e-4, ..Default::default() }
+    KmeansConfig { bits, method, max_iter: t, tol: 0.0, tau, ..Default::default() }
 }
 
 fn gib(bytes: f64) -> f64 {
@@ -61,19 +65,22 @@ fn main() -> candle_core::Result<()> {
     let bits: Vec<u32> = std::env::var("IDKM_BENCH_BITS")
         .map(|s| s.split(',').filter_map(|x| x.trim().parse().ok()).collect())
         .unwrap_or_else(|_| vec![2, 4, 8]);
+    let taus: Vec<f64> = std::env::var("IDKM_BENCH_TAUS")
+        .map(|s| s.split(',').filter_map(|x| x.trim().parse().ok()).collect())
+        .unwrap_or_else(|_| vec![1e-4]);
     let budget: f64 = std::env::var("IDKM_BENCH_BUDGET_GIB").ok().and_then(|s| s.parse().ok()).unwrap_or(16.0);
-    println!("| m | k | method | t | fwd+bwd s | peak extra MiB | x weight bytes | k-means steps | solver steps | ns per pair and pass |");
-    println!("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| m | k | tau | method | t | fwd+bwd s | peak extra MiB | x weight bytes | k-means steps | solver steps | ns per pair and pass | ns per weight and pass |");
+    println!("|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     for &m in &sizes {
         let weight_bytes = (m * 4) as f64;
         let w = Tensor::randn(0f32, 0.05, (m, 1), &Device::Cpu)?;
         let g = Tensor::randn(0f32, 1.0, (m, 1), &Device::Cpu)?;
-        for &bits in &bits {
+        for (&bits, &tau) in bits.iter().flat_map(|b| taus.iter().map(move |t| (b, t))) {
             let k = 1usize << bits;
             // Calibrate DKM's bytes per attention element per iteration on a small slice.
             let probe = 16_384.min(m);
             let dkm_per_elem = {
-                let layer = ClusteredWeight::new("probe", config(bits, Method::Dkm, 2))?;
+                let layer = ClusteredWeight::new("probe", config(bits, tau, Method::Dkm, 2))?;
                 let wp = w.narrow(0, 0, probe)?;
                 let gp = g.narrow(0, 0, probe)?;
                 step(&layer, &wp, &gp)?;
@@ -86,11 +93,11 @@ fn main() -> candle_core::Result<()> {
                 if method == Method::Dkm {
                     let predicted = dkm_per_elem * (t * m * k) as f64;
                     if gib(predicted) > budget {
-                        println!("| {m} | {k} | {name} | {t} | does not fit | ~{:.0} (predicted) | {:.0} | - | - | - |", predicted / 1048576.0, predicted / weight_bytes);
+                        println!("| {m} | {k} | {tau:e} | {name} | {t} | does not fit | ~{:.0} (predicted) | {:.0} | - | - | - | - |", predicted / 1048576.0, predicted / weight_bytes);
                         continue;
                     }
                 }
-                let layer = ClusteredWeight::new("bench", config(bits, method, t))?;
+                let layer = ClusteredWeight::new("bench", config(bits, tau, method, t))?;
                 step(&layer, &w, &g)?; // initialise and warm start, as in training
                 let (secs, peak) = measure(|| step(&layer, &w, &g))?;
                 let forward = layer.last_forward().map_or(0, |r| r.steps);
@@ -103,15 +110,16 @@ fn main() -> candle_core::Result<()> {
                 // Streaming passes over the weights: the forward's k-means steps,
                 // the soft output, the moments with the cotangent, each solver
                 // step and the weight gradient.
-                let per_pair = match method {
-                    Method::Dkm => "-".to_string(),
+                let (per_pair, per_weight) = match method {
+                    Method::Dkm => ("-".to_string(), "-".to_string()),
                     _ => {
-                        let passes = forward + 3 + solver.unwrap_or(0);
-                        format!("{:.2}", secs * 1e9 / (passes * m * k) as f64)
+                        let passes = (forward + 3 + solver.unwrap_or(0)) as f64;
+                        let per_weight = secs * 1e9 / (passes * m as f64);
+                        (format!("{:.2}", per_weight / k as f64), format!("{per_weight:.1}"))
                     }
                 };
                 println!(
-                    "| {m} | {k} | {name} | {t} | {secs:.2} | {:.1} | {:.2} | {forward} | {}{solved} | {per_pair} |",
+                    "| {m} | {k} | {tau:e} | {name} | {t} | {secs:.2} | {:.1} | {:.2} | {forward} | {}{solved} | {per_pair} | {per_weight} |",
                     peak as f64 / 1048576.0,
                     peak as f64 / weight_bytes,
                     solver.map_or("-".to_string(), |s| s.to_string()),
