@@ -1395,7 +1395,7 @@ mod tests {
     /// Centroids at `k` quantiles of `w`, ascending.
     fn quantiles<T: Real>(w: &[T], k: usize) -> Vec<T> {
         let mut sorted = w.to_vec();
-        sorted.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        sorted.sort_by(|a, b| a.wide().total_cmp(&b.wide()));
         (0..k).map(|j| sorted[(2 * j + 1) * w.len() / (2 * k)]).collect()
     }
 
