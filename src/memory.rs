@@ -353,9 +353,11 @@ const TRANSIENT_MAPS: f64 = 10.4;
 const OPTIMIZER_TRANSIENT_COPIES: f64 = 3.0;
 
 /// Resident bytes of the process beyond what a counting allocator sees:
-/// binary, libraries, thread stacks, allocator metadata. Calibrated
-/// (docs/memory-model.md).
-const BASE_RSS: u64 = 6 << 20;
+/// binary, libraries, thread stacks (6 MiB, a child's resident set at its
+/// start) and what glibc's per-thread arenas keep resident beyond the live
+/// heap (2 MiB: small-CNN steps peaked 1-4 MiB over the heap prediction
+/// plus 6 MiB). Calibrated (docs/memory-model.md).
+const BASE_RSS: u64 = 8 << 20;
 
 /// Heap of the runtime whatever the model: rayon's pool, gemm's per-thread
 /// packing buffers, candle's and tracing's bookkeeping. Measured: 2.5-3 MiB.

@@ -8,6 +8,15 @@ use std::process::Command;
 #[global_allocator]
 static GLOBAL: memory::ProfileAlloc = memory::ProfileAlloc;
 
+/// Tests that measure memory (in this process, or in the children of
+/// `idkm profile`) run one at a time: another test's children running at
+/// the same time move a small process's peak resident set by megabytes.
+static MEASURING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn measuring() -> std::sync::MutexGuard<'static, ()> {
+    MEASURING.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 fn idkm(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_idkm"))
         .args(args)
@@ -44,6 +53,7 @@ fn small_cnn(method: &str, bits: u32, iters: usize, batch: usize) -> StepConfig 
 /// budget refusal, which builds a ResNet18.
 #[test]
 fn memory_model_predicts_the_counted_peak_of_the_small_cnn_within_15_percent() {
+    let _measuring = measuring();
     let shape = ModelShape::of_arch(Arch::SmallCnn, 1, 10).unwrap();
     for config in [
         small_cnn("fp32", 2, 1, 32),
@@ -88,6 +98,7 @@ fn memory_model_predicts_the_counted_peak_of_the_small_cnn_within_15_percent() {
 
 #[test]
 fn profile_runs_each_configuration_in_a_child_and_writes_json_table_and_plots() {
+    let _measuring = measuring();
     let dir = tempfile::tempdir().unwrap();
     let prefix = dir.path().join("p");
     let run = idkm(&[
@@ -314,6 +325,7 @@ fn budget_refusal_names_what_would_fit() {
 /// the steps right after a cold start (measured: 6 and 12 against 18 and 26).
 #[test]
 fn steady_state_steps_start_at_the_fixed_point() {
+    let _measuring = measuring();
     let cold = StepConfig { tol: 1e-4, ..small_cnn("idkm", 2, 30, 8) };
     let steady = StepConfig { converge_iters: Some(3000), ..cold.clone() };
     let iters = |c: &StepConfig| -> Vec<usize> {
@@ -333,6 +345,7 @@ fn steady_state_steps_start_at_the_fixed_point() {
 /// the limit on every clustered layer).
 #[test]
 fn profile_steady_starts_the_steps_at_the_fixed_point() {
+    let _measuring = measuring();
     let dir = tempfile::tempdir().unwrap();
     let prefix = dir.path().join("s");
     let run = idkm(&[
@@ -351,6 +364,7 @@ fn profile_steady_starts_the_steps_at_the_fixed_point() {
 
 #[test]
 fn profile_takes_one_temperature_per_bit_width() {
+    let _measuring = measuring();
     let wrong = idkm(&["profile", "--bits", "4,8", "--tau", "1e-4,4e-7,1e-9", "--predict-only"]);
     let stderr = String::from_utf8_lossy(&wrong.stderr);
     assert!(!wrong.status.success() && stderr.contains("one per --bits: got 3 for 2"), "{stderr}");
