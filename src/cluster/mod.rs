@@ -4,6 +4,7 @@
 //! - [`config`]: what to cluster and how ([`KmeansConfig`]).
 //! - [`reference`]: composed candle ops with autograd; DKM is this unrolled.
 //! - [`streaming`]: the CPU twins of the CUDA kernels; never stores m x k.
+//! - [`binned`]: k-means steps on scalar weights grouped into narrow bins.
 //! - [`solve`]: adjoint solvers (CG, GMRES, Neumann).
 //! - [`backward`]: the implicit backward built from the passes.
 //! - [`ops`]: candle `CustomOp`s around the passes.
@@ -12,6 +13,7 @@
 //! - [`layer`]: [`ClusteredWeight`], with warm start and export.
 
 pub mod backward;
+pub mod binned;
 pub mod config;
 #[cfg(feature = "cuda")]
 pub mod cuda;

@@ -5,6 +5,7 @@
 //! launchers of `cuda`.
 
 use super::backward::{implicit_backward, Adjoint, BackwardConfig};
+use super::binned;
 use super::streaming::{self as pass, Geometry, Real};
 use crate::error::Error;
 use candle_core::backend::BackendStorage;
@@ -79,7 +80,9 @@ pub struct FixedPointReport {
 }
 
 /// `(W [m, d], C0 [k, d]) -> C* [k, d]`: k-means steps until convergence,
-/// without a graph. Also rejects non-finite weights.
+/// without a graph. Also rejects non-finite weights. On the CPU, all steps
+/// but the last run on bins of scalar weights where that pays (see
+/// [`binned`]); on CUDA every step runs on the weights.
 pub struct FixedPoint {
     /// Name of the weight tensor, for errors and logs.
     pub tensor: String,
@@ -97,7 +100,7 @@ pub struct FixedPoint {
 impl FixedPoint {
     fn run<T: Real>(&self, w: &[T], c0: &[T]) -> Result<Vec<T>> {
         check_finite(w, &self.tensor)?;
-        let (c, steps, shift) = pass::fixed_point(w, c0, &self.geo, self.max_iter, self.tol);
+        let (c, steps, shift) = binned::fixed_point(w, c0, &self.geo, self.max_iter, self.tol);
         *self.report.lock().expect("report lock") = Some(FixedPointReport { steps, shift });
         Ok(c)
     }

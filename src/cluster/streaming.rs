@@ -503,9 +503,7 @@ impl Visit {
         if D != 1 || c.len() < WINDOW_MIN_K || !ascending {
             return visit;
         }
-        let bits = if std::mem::size_of::<T>() == 4 { f32::MANTISSA_DIGITS } else { f64::MANTISSA_DIGITS };
-        let cutoff = (c.len() as f64).ln() + f64::from(bits + 8) * std::f64::consts::LN_2;
-        visit.reach = cutoff * geo.tau;
+        visit.reach = cutoff::<T>(c.len()) * geo.tau;
         visit.sorted = c.iter().map(|x| x[0].wide()).collect();
         visit.order = value_order(&w[rows], |x| x[0].wide());
         visit
@@ -591,6 +589,13 @@ impl Visit {
         tile.attend(rows, &c[win.clone()]);
         win
     }
+}
+
+/// The logit gap `ln k + (p + 8) ln 2` (p: the mantissa bits of `T`) beyond
+/// which a centroid's attention is dropped (see [`Visit`]).
+pub fn cutoff<T: Real>(k: usize) -> f64 {
+    let bits = if std::mem::size_of::<T>() == 4 { f32::MANTISSA_DIGITS } else { f64::MANTISSA_DIGITS };
+    (k as f64).ln() + f64::from(bits + 8) * std::f64::consts::LN_2
 }
 
 /// The positions `0..x.len()` ordered by `key` up to buckets: a stable
@@ -725,6 +730,17 @@ impl<T: Real, const D: usize> Tile<T, D> {
         }
     }
 
+    /// Multiplies the attention of each row by its count (`count[r][0]`):
+    /// the row stands for that many equal weight vectors.
+    #[inline(always)]
+    fn repeat(&mut self, count: &[[T; 1]]) {
+        for j in 0..self.k {
+            for (a, n) in lanes_mut(&mut self.a, j, self.n).iter_mut().zip(count) {
+                *a *= n[0];
+            }
+        }
+    }
+
     /// `xbar_i = sum_j a_ij x_ij` into `mean` for the lanes `x` (k quantities).
     #[inline(always)]
     fn mean(&self, x: &[T], mean: &mut [T]) {
@@ -826,18 +842,27 @@ impl<T: Real, const D: usize> Tile<T, D> {
 ///
 /// `w`: m x d, `c`: k x d. Kernel: `soft_assign_reduce`.
 pub fn soft_assign_reduce<T: Real>(w: &[T], c: &[T], geo: &Geometry) -> Moments {
+    counted_reduce(w, &[], c, geo)
+}
+
+/// [`soft_assign_reduce`] where row i stands for `count[i]` equal weight
+/// vectors (an empty `count` counts every row once): the sums of a k-means
+/// step over weights grouped into bins (see `binned`).
+pub fn counted_reduce<T: Real>(w: &[T], count: &[T], c: &[T], geo: &Geometry) -> Moments {
     let k = geo.k;
     let sums = with_dim!(geo.d, D => {
-        let pass = Reduce::<T, D> { w: vectors(w), c: vectors(c), geo };
+        let pass = Reduce::<T, D> { w: vectors(w), count: vectors(count), c: vectors(c), geo };
         sum_rows(pass.w.len(), k * (D + 1), &pass)
     });
     let (mass, weighted) = sums.split_at(k);
     Moments { mass: mass.to_vec(), weighted: weighted.to_vec() }
 }
 
-/// [`soft_assign_reduce`] on one chunk: partial sums `[S (k), sum a w (k x d)]`.
+/// [`counted_reduce`] on one chunk: partial sums `[S (k), sum a w (k x d)]`.
 struct Reduce<'a, T, const D: usize> {
     w: &'a [[T; D]],
+    /// Rows each row stands for; empty: one each.
+    count: &'a [[T; 1]],
     c: &'a [[T; D]],
     geo: &'a Geometry,
 }
@@ -850,9 +875,13 @@ impl<T: Real, const D: usize> Pass for Reduce<'_, T, D> {
         let mut tile = Tile::<T, D>::new(self.geo);
         let mut sums = LaneSums::<T>::new(out.len());
         let visit = Visit::new(self.w, rows.clone(), self.c, self.geo);
-        let (w, mut wbuf) = (&self.w[rows], [[T::zero(); D]; TILE]);
+        let count = if self.count.is_empty() { &[][..] } else { &self.count[rows.clone()] };
+        let (w, mut wbuf, mut nbuf) = (&self.w[rows], [[T::zero(); D]; TILE], [[T::zero(); 1]; TILE]);
         for at in visit.tiles() {
             let win = visit.attend(&mut tile, w, at, &mut wbuf, self.c);
+            if !count.is_empty() {
+                tile.repeat(visit.rows(count, at, &mut nbuf));
+            }
             tile.add_moments(&mut sums, win.start, self.geo.k);
             sums.end_tile();
         }
@@ -1333,7 +1362,7 @@ mod tests {
         let f: Vec<f32> = c.iter().zip(uniform(k * D, 5)).map(|(c, x)| c + 0.01 * x).collect();
         let (w, g, c, f, v) = (vectors::<_, D>(&w), vectors(&g), vectors(&c), vectors(&f), vectors(&v));
         let label = |pass| format!("{pass} d={D} {distance:?}");
-        assert_same(&label("reduce"), every_version(&Reduce { w, c, geo: &geo }, m, k * (D + 1), 0.0));
+        assert_same(&label("reduce"), every_version(&Reduce { w, count: &[], c, geo: &geo }, m, k * (D + 1), 0.0));
         assert_same(&label("output"), every_version(&Output { w, c, geo: &geo }, m, m, [0.0; D]));
         assert_same(&label("cotangent"), every_version(&Cotangent { w, c, g, geo: &geo }, m, k * (2 * D + 1), 0.0));
         assert_same(&label("matvec"), every_version(&Matvec { w, c, f, v, geo: &geo }, m, k * D, 0.0));
