@@ -5,7 +5,8 @@
 //! change is `|dz_j/dw - sum_l a_l dz_l/dw| = 2 |c_j - cbar| / tau` for the
 //! logits `z`, where `cbar` is the attention's mean centroid. Both lie
 //! within the weight's window (the centroids within `R = sqrt((g/2)^2 + L
-//! tau)` of it, g the largest centroid gap and L the passes' logit cutoff),
+//! tau)` of it, g the gap between the centroids around it and L the passes'
+//! logit cutoff),
 //! so `a_j` changes over a transition width of at least `tau / (4 R)`.
 //! Weights that share a bin far narrower than that are represented by their
 //! mean and their count: a step's sums over a bin are then exact to first
@@ -15,9 +16,10 @@
 //! centroids as steps on the weights do to within 10^-6 of the weights'
 //! spread (see the tests; the default stopping tolerance is 10^-4 of it).
 //!
-//! The width is set by the largest centroid gap, found in the sparse tails,
-//! so most of the tails' bins are empty or hold a single weight (exact),
-//! and the weights fill bins only in the dense middle. [`fixed_point`] runs
+//! The weights' range is cut at the centroids, and each interval gets bins
+//! for its own transition width (from its own gap): narrow in the sparse
+//! tails, where bins mostly hold one weight (exact), wide in the dense
+//! middle, where they hold many. [`fixed_point`] runs
 //! all but the last step on the bins, and the last one, which gives the
 //! centroids, the reported shift and the stopping test, on the weights
 //! themselves. The implicit backward then differentiates the exact k-means
@@ -33,40 +35,125 @@ use super::streaming::{self as pass, counted_reduce, Geometry, Real};
 /// Bins per transition width (see the module docs).
 const BIN_SPLIT: f64 = 8.0;
 
-/// Fewest weights per bin slot (empty or not) at which steps run on bins.
-/// One width serves the whole range, so in the sparse tails most slots are
-/// empty and only the dense middle fills them; the slots' counts and sums
-/// (12 bytes each, while the bins are built) then take at most 1.5 bytes a
-/// weight, and the non-empty bins fewer still.
+/// Margin on the distance from a weight to its nearest centroid that the
+/// bin widths allow for, so that centroids may move by up to this fraction
+/// of their half-gaps before the bins are rebuilt.
+const MOVE_MARGIN: f64 = 0.25;
+
+/// Fewest weights per bin slot (empty or not) at which steps run on bins:
+/// the slots' counts and sums (12 bytes each, while the bins are built)
+/// then take at most 1.5 bytes a weight, and a step on the bins costs at
+/// most an eighth of one on the weights.
 const MIN_WEIGHTS_PER_SLOT: usize = 8;
 
-/// Scalar weights grouped into bins of equal width over their range: the
-/// mean and the count of each non-empty bin, in ascending order.
+/// Scalar weights grouped into narrow bins: the mean and the count of each
+/// non-empty bin, in ascending order, and how far the centroids they were
+/// built for may move before they must be rebuilt.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Bins<T> {
     /// Mean of the weights in each bin.
     pub mean: Vec<T>,
     /// Number of weights in each bin.
     pub count: Vec<T>,
+    /// The centroids the widths were set for (ascending).
+    built_for: Vec<f64>,
+    /// How far each of them may move (see [`MOVE_MARGIN`]).
+    allowed_move: Vec<f64>,
+}
+
+/// The slots of [`Bins::new`]: the weights' range cut at the centroids
+/// into k + 1 intervals, each split into slots of one width.
+struct Slots {
+    /// Start of each interval: the lowest weight, then the centroids.
+    start: Vec<f64>,
+    /// First slot of each interval, and the total number of slots.
+    offset: Vec<usize>,
+    /// Slots per unit length in each interval.
+    density: Vec<f64>,
+    /// Lowest weight and grid cells per unit length, for the lookup.
+    lo: f64,
+    scale: f64,
+    /// The interval that contains the start of each grid cell.
+    cell_interval: Vec<u32>,
+}
+
+impl Slots {
+    /// The slots for the weights `lo..=hi` and the ascending centroids `c`,
+    /// or `None` beyond `max_slots`. The intervals start at the centroids
+    /// clamped into the range; their widths come from the centroids' gaps.
+    ///
+    /// Between two centroids a half-gap `h` apart, a weight's attended
+    /// centroids lie within `R = sqrt(((1 + MOVE_MARGIN) h)^2 + L tau)` of
+    /// it, so they spread over `2 R` at most. Beyond the outermost
+    /// centroid they lie within `sqrt(D^2 + L tau) - D` of it (D the
+    /// weight's distance to it), at most `sqrt(L tau)`, or, once that
+    /// centroid has moved outwards by up to its margin, within the spread
+    /// of an interval with `h = MOVE_MARGIN h_1` (h_1 the neighbouring
+    /// half-gap). A bin of width `w` then holds weights whose attention
+    /// changes at a rate of `2 spread / tau` at most.
+    fn new(lo: f64, hi: f64, c: &[f64], geo: &Geometry, cutoff: f64, max_slots: usize) -> Option<Self> {
+        let k = c.len();
+        let start: Vec<f64> = std::iter::once(lo).chain(c.iter().map(|x| x.clamp(lo, hi))).collect();
+        let end = |j: usize| start.get(j + 1).copied().unwrap_or(hi);
+        let spread = |half_gap: f64| 2.0 * (half_gap.powi(2) + cutoff * geo.tau).sqrt();
+        let (mut offset, mut density) = (vec![0usize; k + 2], vec![0f64; k + 1]);
+        for j in 0..=k {
+            let spread = match j {
+                0 => spread(MOVE_MARGIN * half_gap(c, 1)),
+                j if j == k => spread(MOVE_MARGIN * half_gap(c, k - 1)),
+                j => spread((1.0 + MOVE_MARGIN) * half_gap(c, j)),
+            };
+            density[j] = 2.0 * spread * BIN_SPLIT / geo.tau;
+            let slots = ((end(j) - start[j]) * density[j]).ceil().max(1.0);
+            if slots.is_nan() || offset[j] as f64 + slots > max_slots as f64 {
+                return None;
+            }
+            offset[j + 1] = offset[j] + slots as usize;
+        }
+        let cells = 8 * (k + 1);
+        let scale = if hi > lo { cells as f64 / (hi - lo) } else { 0.0 };
+        let cell_interval = (0..cells)
+            .map(|cell| {
+                let at = lo + cell as f64 / scale.max(f64::MIN_POSITIVE);
+                (start.partition_point(|&s| s <= at).max(1) - 1) as u32
+            })
+            .collect();
+        Some(Self { start, offset, density, lo, scale, cell_interval })
+    }
+
+    /// The slot of the weight `x` (within the range).
+    #[inline(always)]
+    fn slot(&self, x: f64) -> usize {
+        let cells = self.cell_interval.len();
+        let cell = (((x - self.lo) * self.scale) as usize).min(cells - 1);
+        let mut j = self.cell_interval[cell] as usize;
+        while j + 1 < self.start.len() && x >= self.start[j + 1] {
+            j += 1;
+        }
+        let within = ((x - self.start[j]) * self.density[j]) as usize;
+        self.offset[j] + within.min(self.offset[j + 1] - self.offset[j] - 1)
+    }
 }
 
 impl<T: Real> Bins<T> {
-    /// `w` grouped into bins of width `width`, or `None` when its range
-    /// spans more than `max_slots` of them. The weights must be finite.
-    pub fn new(w: &[T], width: f64, max_slots: usize) -> Option<Self> {
+    /// `w` (finite) grouped into bins for the scalar centroids `c`: between
+    /// two centroids, or beyond the outermost, bins an eighth of the
+    /// attention's transition width there (see the module docs), or `None`
+    /// when that takes more than `max_slots` slots.
+    pub fn new(w: &[T], c: &[T], geo: &Geometry, max_slots: usize) -> Option<Self> {
         let (lo, hi) = w.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), x| {
             (lo.min(x.wide()), hi.max(x.wide()))
         });
-        let span = hi - lo;
-        let bins = (span / width).ceil().max(1.0);
-        if w.is_empty() || bins.is_nan() || bins > max_slots as f64 {
+        if w.is_empty() {
             return None;
         }
-        let bins = bins as usize;
-        let scale = if span > 0.0 { bins as f64 / span } else { 0.0 };
-        let (mut count, mut sum) = (vec![0u32; bins], vec![0f64; bins]);
+        let mut sorted: Vec<f64> = c.iter().map(|x| x.wide()).collect();
+        sorted.sort_by(f64::total_cmp);
+        let slots = Slots::new(lo, hi, &sorted, geo, pass::cutoff::<T>(geo.k), max_slots)?;
+        let total = slots.offset[slots.offset.len() - 1];
+        let (mut count, mut sum) = (vec![0u32; total], vec![0f64; total]);
         for x in w {
-            let b = (((x.wide() - lo) * scale) as usize).min(bins - 1);
+            let b = slots.slot(x.wide());
             count[b] += 1;
             sum[b] += x.wide();
         }
@@ -76,7 +163,13 @@ impl<T: Real> Bins<T> {
             .filter(|(&n, _)| n > 0)
             .map(|(&n, &s)| (T::of(s / f64::from(n)), T::of(f64::from(n))))
             .unzip();
-        Some(Self { mean, count })
+        // Centroid j bounds intervals j and j + 1; its margin is that of
+        // the narrower of them between two centroids.
+        let k = sorted.len();
+        let allowed_move = (0..k)
+            .map(|j| MOVE_MARGIN * (j.max(1)..=(j + 1).min(k - 1)).map(|i| half_gap(&sorted, i)).fold(f64::INFINITY, f64::min))
+            .collect();
+        Some(Self { mean, count, built_for: sorted, allowed_move })
     }
 
     /// Number of non-empty bins.
@@ -88,43 +181,56 @@ impl<T: Real> Bins<T> {
     pub fn is_empty(&self) -> bool {
         self.mean.is_empty()
     }
+
+    /// Whether the bins still serve the centroids `c`: none has moved
+    /// further from those they were built for than its margin allows.
+    pub fn serve(&self, c: &[T]) -> bool {
+        let mut sorted: Vec<f64> = c.iter().map(|x| x.wide()).collect();
+        sorted.sort_by(f64::total_cmp);
+        sorted.iter().zip(&self.built_for).zip(&self.allowed_move).all(|((x, b), m)| (x - b).abs() <= *m)
+    }
 }
 
-/// The bin width at which steps from the scalar centroids `c` on bins match
-/// steps on the weights, with the squared distance: the attention's
-/// transition width over [`BIN_SPLIT`] (see the module docs).
-pub fn bin_width<T: Real>(c: &[T], geo: &Geometry) -> f64 {
-    let mut sorted: Vec<f64> = c.iter().map(|x| x.wide()).collect();
-    sorted.sort_by(f64::total_cmp);
-    let gap = sorted.windows(2).map(|p| p[1] - p[0]).fold(0.0, f64::max);
-    let reach = ((gap / 2.0).powi(2) + pass::cutoff::<T>(geo.k) * geo.tau).sqrt();
-    geo.tau / (4.0 * reach) / BIN_SPLIT
+/// Half the gap between the ascending centroids `c[j - 1]` and `c[j]`.
+fn half_gap(c: &[f64], j: usize) -> f64 {
+    (c[j] - c[j - 1]) / 2.0
 }
 
-/// The bins the steps from `c0` run on, when they pay: scalar weights, the
-/// squared distance, at least two steps, and at least
-/// [`MIN_WEIGHTS_PER_SLOT`] weights a slot.
-pub fn bins_for<T: Real>(w: &[T], c0: &[T], geo: &Geometry, max_iter: usize) -> Option<Bins<T>> {
-    if geo.d != 1 || geo.distance != Distance::Squared || max_iter < 2 {
+/// Whether steps on bins may pay at all: scalar weights, the squared
+/// distance, at least two steps.
+fn binnable(geo: &Geometry, max_iter: usize) -> bool {
+    geo.d == 1 && geo.distance == Distance::Squared && max_iter >= 2
+}
+
+/// The bins steps from `c` run on, when they pay (see [`binnable`]): at
+/// least [`MIN_WEIGHTS_PER_SLOT`] weights a slot.
+pub fn bins_for<T: Real>(w: &[T], c: &[T], geo: &Geometry, max_iter: usize) -> Option<Bins<T>> {
+    if !binnable(geo, max_iter) {
         return None;
     }
-    Bins::new(w, bin_width(c0, geo), w.len() / MIN_WEIGHTS_PER_SLOT)
+    Bins::new(w, c, geo, w.len() / MIN_WEIGHTS_PER_SLOT)
 }
 
 /// [`streaming::fixed_point`](pass::fixed_point) with all but the last step
-/// on bins of the weights where that pays (see [`bins_for`]): steps run on
-/// the bins until one moves no centroid more than `tol` or one step is
-/// left, then on the weights until the same test or `max_iter` steps in
-/// all. Returns the centroids, the number of steps (both kinds) and the
-/// shift of the last step, always one on the weights.
+/// on bins of the weights where that pays (see [`bins_for`]; they are
+/// rebuilt when the centroids move beyond their margins): steps run on the
+/// bins until one moves no centroid more than `tol` or one step is left,
+/// then on the weights until the same test or `max_iter` steps in all.
+/// Returns the centroids, the number of steps (both kinds) and the shift of
+/// the last step, always one on the weights.
 pub fn fixed_point<T: Real>(w: &[T], c0: &[T], geo: &Geometry, max_iter: usize, tol: f64) -> (Vec<T>, usize, f64) {
-    let Some(bins) = bins_for(w, c0, geo, max_iter) else {
+    let Some(mut bins) = bins_for(w, c0, geo, max_iter) else {
         return pass::fixed_point(w, c0, geo, max_iter, tol);
     };
-    let mut c = c0.to_vec();
-    let mut next = c0.to_vec();
-    let mut steps = 0;
+    let (mut c, mut next) = (c0.to_vec(), c0.to_vec());
+    let (mut steps, mut builds) = (0, 1);
     while steps + 1 < max_iter {
+        if !bins.serve(&c) {
+            match bins_for(w, &c, geo, max_iter) {
+                Some(rebuilt) => (bins, builds) = (rebuilt, builds + 1),
+                None => break,
+            }
+        }
         let shift = counted_reduce(&bins.mean, &bins.count, &c, geo).update(&c, &mut next, 1);
         std::mem::swap(&mut c, &mut next);
         steps += 1;
@@ -133,7 +239,7 @@ pub fn fixed_point<T: Real>(w: &[T], c0: &[T], geo: &Geometry, max_iter: usize, 
         }
     }
     let (c, last, shift) = pass::fixed_point(w, &c, geo, max_iter - steps, tol);
-    tracing::trace!(bins = bins.len(), binned = steps, full = last, "k-means steps");
+    tracing::trace!(bins = bins.len(), builds, binned = steps, full = last, "k-means steps");
     (c, steps + last, shift)
 }
 
@@ -185,13 +291,18 @@ mod tests {
     #[test]
     fn bins_keep_count_and_sum() {
         let w: Vec<f32> = normal(10_000, 0.02, 2).iter().map(|&x| x as f32).collect();
-        let bins = Bins::new(&w, 1e-3, 1000).expect("fits");
+        let geo = geometry(16, 1e-4, Distance::Squared);
+        let c = quantiles(&w, geo.k);
+        let bins = Bins::new(&w, &c, &geo, 5000).expect("fits");
         assert!(bins.mean.windows(2).all(|p| p[0] < p[1]));
         assert_eq!(bins.count.iter().sum::<f32>(), 10_000.0);
         let sum: f64 = bins.mean.iter().zip(&bins.count).map(|(&m, &n)| f64::from(m) * f64::from(n)).sum();
         let want: f64 = w.iter().map(|&x| f64::from(x)).sum();
         assert!((sum - want).abs() < 1e-6, "{sum} vs {want}");
-        assert!(Bins::new(&w, 1e-6, 1000).is_none());
+        assert!(bins.serve(&c));
+        let moved: Vec<f32> = c.iter().map(|x| x + 0.01).collect();
+        assert!(!bins.serve(&moved));
+        assert!(Bins::new(&w, &c, &geo, 100).is_none());
     }
 
     /// Ten steps on bins (nine, then one on the weights) against ten steps
