@@ -3,6 +3,7 @@
 //! the weight-gradient pass. Each step maps onto one kernel launch (or a few
 //! per solver step) on CUDA.
 
+use super::binned;
 use super::config::{Method, Solver};
 use super::solve::{self, SolveReport};
 use super::streaming::{self as pass, Geometry, Real};
@@ -57,7 +58,7 @@ pub fn implicit_backward<T: Real>(
             let (u, report) = match cfg.solver.resolve(h.len()) {
                 Solver::Cg => symmetrised_cg(&moments.mass, &inv_mass, d, jt, &h, cfg.tol, cfg.max_steps),
                 Solver::Dense | Solver::Auto => {
-                    solve::dense(&pass::adjoint_matrix(w, c, &f, &inv_mass, geo), &h, cfg.tol, 1)
+                    solve::dense(&binned::adjoint_matrix(w, c, &f, &inv_mass, geo), &h, cfg.tol, 1)
                 }
                 Solver::Gmres => {
                     let apply = |u: &[f64]| {

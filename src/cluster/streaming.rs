@@ -484,7 +484,7 @@ struct Visit {
     /// Number of centroids.
     k: usize,
     /// The chunk's rows (relative to its first) in visiting order; empty
-    /// when they are visited in order.
+    /// when they are visited in order (not windowed, or already ascending).
     order: Vec<u32>,
     /// The centroids in ascending order (d = 1) when tiles are windowed.
     sorted: Vec<f64>,
@@ -505,7 +505,11 @@ impl Visit {
         }
         visit.reach = cutoff::<T>(c.len()) * geo.tau;
         visit.sorted = c.iter().map(|x| x[0].wide()).collect();
-        visit.order = value_order(&w[rows], |x| x[0].wide());
+        // Rows already in order of value (the bins of `binned`) keep it.
+        let rows = &w[rows];
+        if !rows.is_sorted_by(|a, b| a[0] <= b[0]) {
+            visit.order = value_order(rows, |x| x[0].wide());
+        }
         visit
     }
 
@@ -1139,9 +1143,16 @@ impl<T: Real, const D: usize> Pass for Matvec<'_, T, D> {
 /// `Solver::Dense`). No kernel: on CUDA the matrix is assembled from n
 /// device matvecs.
 pub fn adjoint_matrix<T: Real>(w: &[T], c: &[T], f: &[T], inv_mass: &[f64], geo: &Geometry) -> Vec<f64> {
+    counted_adjoint_matrix(w, &[], c, f, inv_mass, geo)
+}
+
+/// [`adjoint_matrix`] where row i stands for `count[i]` equal weight
+/// vectors (an empty `count` counts every row once), as
+/// [`counted_reduce`].
+pub fn counted_adjoint_matrix<T: Real>(w: &[T], count: &[T], c: &[T], f: &[T], inv_mass: &[f64], geo: &Geometry) -> Vec<f64> {
     let n = geo.k * geo.d;
     let mut jt = with_dim!(geo.d, D => {
-        let pass = Assemble::<T, D> { w: vectors(w), c: vectors(c), f: vectors(f), geo };
+        let pass = Assemble::<T, D> { w: vectors(w), count: vectors(count), c: vectors(c), f: vectors(f), geo };
         sum_rows(pass.w.len(), n * n, &pass)
     });
     for row in jt.chunks_exact_mut(n) {
@@ -1155,6 +1166,8 @@ pub fn adjoint_matrix<T: Real>(w: &[T], c: &[T], f: &[T], inv_mass: &[f64], geo:
 /// [`adjoint_matrix`] on one chunk, before the column scaling by `1/S_l`.
 struct Assemble<'a, T, const D: usize> {
     w: &'a [[T; D]],
+    /// Rows each row stands for; empty: one each.
+    count: &'a [[T; 1]],
     c: &'a [[T; D]],
     f: &'a [[T; D]],
     geo: &'a Geometry,
@@ -1174,10 +1187,15 @@ impl<T: Real, const D: usize> Pass for Assemble<'_, T, D> {
         let (mut x, mut y) = (vec![T::zero(); n * TILE], vec![T::zero(); n * TILE]);
         let (mut ay, mut acc) = (vec![T::zero(); TILE * n], vec![T::zero(); n]);
         let visit = Visit::new(self.w, rows.clone(), self.c, self.geo);
+        let count = if self.count.is_empty() { &[][..] } else { &self.count[rows.clone()] };
         let (w, mut wbuf) = (&self.w[rows], [[T::zero(); D]; TILE]);
+        // The rows' counts (ones when uncounted) weigh x alone: each term
+        // is linear in x.
+        let (ones, mut nbuf) = ([[T::of(1.0); 1]; TILE], [[T::zero(); 1]; TILE]);
         for at in visit.tiles() {
             let win = visit.attend(&mut tile, w, at, &mut wbuf, self.c);
             let (c, f) = (&self.c[win.clone()], &self.f[win.clone()]);
+            let times = if count.is_empty() { &ones[..] } else { visit.rows(count, at, &mut nbuf) };
             tile.weigh();
             let (len, nw, first) = (tile.n, c.len() * D, win.start * D);
             for (j, (cj, fj)) in c.iter().zip(f).enumerate() {
@@ -1185,7 +1203,7 @@ impl<T: Real, const D: usize> Pass for Assemble<'_, T, D> {
                     let q = j * D + e;
                     let (b, a, wv) = (lanes(&tile.b, j, len), tile.a(j), tile.w(e));
                     for (i, &wi) in wv.iter().enumerate() {
-                        x[q * TILE + i] = b[i] * (wi - cj[e]);
+                        x[q * TILE + i] = times[i][0] * b[i] * (wi - cj[e]);
                         let yi = wi - fj[e];
                         y[q * TILE + i] = yi;
                         ay[i * nw + q] = a[i] * yi;
