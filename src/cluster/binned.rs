@@ -68,11 +68,12 @@ const MIN_WEIGHTS_PER_SLOT: usize = 8;
 /// few bins.
 const FEW_SLOTS: usize = 1 << 18;
 
-/// Fewest weights per (non-empty) bin at which steps run on the bins: a
-/// step on them then costs at most a quarter of one on the weights, which
-/// pays for building them (about a third of a step on the weights) within
-/// two steps.
-const MIN_WEIGHTS_PER_BIN: usize = 4;
+/// Fewest weights per (non-empty) bin at which the passes run on the bins.
+/// A step on them then costs at most half one on the weights, which pays
+/// for building them (about two thirds of a step on the weights) within the
+/// first steps; the dense adjoint's pass, which costs several steps, pays
+/// for it at once (see the layer benchmark).
+const MIN_WEIGHTS_PER_BIN: usize = 2;
 
 /// Scalar weights grouped into narrow bins: the mean and the count of each
 /// non-empty bin, in ascending order, and how far the centroids they were
