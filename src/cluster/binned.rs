@@ -40,6 +40,20 @@
 use super::config::Distance;
 use super::streaming::{self as pass, counted_reduce, Geometry, Real};
 
+/// The weights of one slot while bins are built (the count as a float:
+/// one 24-byte record a slot, updated in one place).
+#[derive(Clone, Copy, Default)]
+struct Tally {
+    count: f64,
+    sum: f64,
+    squares: f64,
+}
+
+/// Cells of the slot lookup's grid per interval between centroids: fine
+/// enough that a cell rarely holds the start of an interval (where the
+/// lookup scans on).
+const CELLS_PER_INTERVAL: usize = 64;
+
 /// Bins per transition width (see the module docs).
 const BIN_SPLIT: f64 = 8.0;
 
@@ -58,9 +72,9 @@ const MOVE_MARGIN: f64 = 0.25;
 const MOVE_REACH: f64 = 0.5;
 
 /// Fewest weights per bin slot (empty or not) at which bins are built,
-/// unless they take at most [`FEW_SLOTS`]: the slots' counts, sums and sums
-/// of squares (20 bytes each, while the bins are built) then take at most
-/// 2.5 bytes a weight, or 5 MiB.
+/// unless they take at most [`FEW_SLOTS`]: the slots' tallies (24 bytes
+/// each, while the bins are built) then take at most 3 bytes a weight, or
+/// 6 MiB.
 const MIN_WEIGHTS_PER_SLOT: usize = 8;
 
 /// Slots that are always allowed (see [`MIN_WEIGHTS_PER_SLOT`]): the sparse
@@ -143,7 +157,7 @@ impl Slots {
             }
             offset[j + 1] = offset[j] + slots as usize;
         }
-        let cells = 8 * (k + 1);
+        let cells = CELLS_PER_INTERVAL * (k + 1);
         let scale = if hi > lo { cells as f64 / (hi - lo) } else { 0.0 };
         let cell_interval = (0..cells)
             .map(|cell| {
@@ -176,34 +190,33 @@ impl<T: Real> Bins<T> {
     /// counts are rounded to `T`, which may be wider than the weights'
     /// type `W`; the widths are those of the passes in `W`.
     pub fn new<W: Real>(w: &[W], c: &[W], geo: &Geometry, max_slots: usize) -> Option<Self> {
-        let (lo, hi) = w.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), x| {
-            (lo.min(x.wide()), hi.max(x.wide()))
-        });
         if w.is_empty() {
             return None;
         }
+        let (lo, hi) = range(w);
         let mut sorted: Vec<f64> = c.iter().map(|x| x.wide()).collect();
         sorted.sort_by(f64::total_cmp);
         let cutoff = pass::cutoff::<W>(geo.k);
         let allowed_move = allowed_moves(&sorted, (cutoff * geo.tau).sqrt());
         let slots = Slots::new(lo, hi, &sorted, &allowed_move, geo, cutoff, max_slots)?;
         let total = slots.offset[slots.offset.len() - 1];
-        let (mut count, mut sum, mut squares) = (vec![0u32; total], vec![0f64; total], vec![0f64; total]);
+        let mut tally = vec![Tally::default(); total];
         for x in w {
-            let (x, b) = (x.wide(), slots.slot(x.wide()));
-            count[b] += 1;
-            sum[b] += x;
-            squares[b] += x * x;
+            let x = x.wide();
+            let t = &mut tally[slots.slot(x)];
+            t.count += 1.0;
+            t.sum += x;
+            t.squares += x * x;
         }
         let (mut mean, mut deviation) = (Vec::new(), Vec::new());
-        let count = (0..total)
-            .filter(|&b| count[b] > 0)
-            .map(|b| {
-                let n = f64::from(count[b]);
-                let m = sum[b] / n;
+        let count = tally
+            .iter()
+            .filter(|t| t.count > 0.0)
+            .map(|t| {
+                let m = t.sum / t.count;
                 mean.push(T::of(m));
-                deviation.push(T::of((squares[b] / n - m * m).max(0.0).sqrt()));
-                T::of(n)
+                deviation.push(T::of((t.squares / t.count - m * m).max(0.0).sqrt()));
+                T::of(t.count)
             })
             .collect();
         Some(Self { mean, count, deviation, built_for: sorted, allowed_move })
@@ -247,6 +260,23 @@ impl<T: Real> Bins<T> {
         sorted.sort_by(f64::total_cmp);
         sorted.iter().zip(&self.built_for).zip(&self.allowed_move).all(|((x, b), m)| (x - b).abs() <= *m)
     }
+}
+
+/// The smallest and the largest of the (finite) values `x`, not empty.
+fn range<W: Real>(x: &[W]) -> (f64, f64) {
+    // Eight running extremes, which the compiler keeps in vector registers.
+    let (mut lo, mut hi) = ([x[0]; 8], [x[0]; 8]);
+    let chunks = x.chunks_exact(8);
+    let rest = chunks.remainder();
+    for chunk in chunks {
+        for ((l, h), &v) in lo.iter_mut().zip(&mut hi).zip(chunk) {
+            *l = if v < *l { v } else { *l };
+            *h = if v > *h { v } else { *h };
+        }
+    }
+    let lo = lo.iter().chain(rest).map(|v| v.wide()).fold(f64::INFINITY, f64::min);
+    let hi = hi.iter().chain(rest).map(|v| v.wide()).fold(f64::NEG_INFINITY, f64::max);
+    (lo, hi)
 }
 
 /// How far each of the ascending centroids `c` may move before bins built
