@@ -82,12 +82,17 @@ const MIN_WEIGHTS_PER_SLOT: usize = 8;
 /// few bins.
 const FEW_SLOTS: usize = 1 << 18;
 
-/// Fewest weights per (non-empty) bin at which the passes run on the bins.
-/// A step on them then costs at most half one on the weights, which pays
-/// for building them (about two thirds of a step on the weights) within the
-/// first steps; the dense adjoint's pass, which costs several steps, pays
-/// for it at once (see the layer benchmark).
-const MIN_WEIGHTS_PER_BIN: usize = 2;
+/// Fewest weights per (non-empty) bin at which k-means steps run on the
+/// bins: a step on them then costs at most half one on the weights, which
+/// pays for building them (about two thirds of a step on the weights)
+/// within the first steps.
+const STEP_WEIGHTS_PER_BIN: usize = 2;
+
+/// Fewest weights per (non-empty) bin at which the dense adjoint is
+/// assembled on the bins. Its pass costs several steps, so fewer would
+/// pay, but its bins (three f64 a bin) and their two points (four f64)
+/// then hold at most 7 bytes a weight.
+const ADJOINT_WEIGHTS_PER_BIN: usize = 8;
 
 /// Scalar weights grouped into narrow bins: the mean and the count of each
 /// non-empty bin, in ascending order, and how far the centroids they were
@@ -227,8 +232,9 @@ impl<T: Real> Bins<T> {
     /// deviation is 0): the points and their counts. They keep each bin's
     /// count, sum and sum of squares, so that a sum of a smooth function of
     /// the weights over them is exact to second order in the bins' widths,
-    /// where one point a bin is exact to first order.
-    pub fn two_point(&self) -> (Vec<T>, Vec<T>) {
+    /// where one point a bin is exact to first order. The bins are freed
+    /// on return, before a pass over the points.
+    pub fn two_point(self) -> (Vec<T>, Vec<T>) {
         let half = T::of(0.5);
         let mut points = (Vec::with_capacity(2 * self.len()), Vec::with_capacity(2 * self.len()));
         for ((&m, &n), &s) in self.mean.iter().zip(&self.count).zip(&self.deviation) {
@@ -307,13 +313,13 @@ fn binnable(geo: &Geometry) -> bool {
 
 /// The bins for the centroids `c`, when they pay (see [`binnable`]): at
 /// most [`FEW_SLOTS`] slots or [`MIN_WEIGHTS_PER_SLOT`] weights a slot,
-/// and at least [`MIN_WEIGHTS_PER_BIN`] weights a bin.
-pub fn bins_for<W: Real, T: Real>(w: &[W], c: &[W], geo: &Geometry) -> Option<Bins<T>> {
+/// and at least `weights_per_bin` weights a bin.
+pub fn bins_for<W: Real, T: Real>(w: &[W], c: &[W], geo: &Geometry, weights_per_bin: usize) -> Option<Bins<T>> {
     if !binnable(geo) {
         return None;
     }
     let bins = Bins::new(w, c, geo, FEW_SLOTS.max(w.len() / MIN_WEIGHTS_PER_SLOT))?;
-    (bins.len() * MIN_WEIGHTS_PER_BIN <= w.len()).then_some(bins)
+    (bins.len() * weights_per_bin <= w.len()).then_some(bins)
 }
 
 /// [`streaming::fixed_point`](pass::fixed_point) with all but the last step
@@ -324,14 +330,14 @@ pub fn bins_for<W: Real, T: Real>(w: &[W], c: &[W], geo: &Geometry) -> Option<Bi
 /// Returns the centroids, the number of steps (both kinds) and the shift of
 /// the last step, always one on the weights.
 pub fn fixed_point<T: Real>(w: &[T], c0: &[T], geo: &Geometry, max_iter: usize, tol: f64) -> (Vec<T>, usize, f64) {
-    let Some(mut bins) = (max_iter >= 2).then(|| bins_for(w, c0, geo)).flatten() else {
+    let Some(mut bins) = (max_iter >= 2).then(|| bins_for(w, c0, geo, STEP_WEIGHTS_PER_BIN)).flatten() else {
         return pass::fixed_point(w, c0, geo, max_iter, tol);
     };
     let (mut c, mut next) = (c0.to_vec(), c0.to_vec());
     let (mut steps, mut builds) = (0, 1);
     while steps + 1 < max_iter {
         if !bins.serve(&c) {
-            match bins_for(w, &c, geo) {
+            match bins_for(w, &c, geo, STEP_WEIGHTS_PER_BIN) {
                 Some(rebuilt) => (bins, builds) = (rebuilt, builds + 1),
                 None => break,
             }
@@ -358,7 +364,7 @@ pub fn fixed_point<T: Real>(w: &[T], c0: &[T], geo: &Geometry, max_iter: usize, 
 /// would round as the sum of as many terms.
 pub fn adjoint_matrix<T: Real>(w: &[T], c: &[T], f: &[T], inv_mass: &[f64], geo: &Geometry) -> Vec<f64> {
     let wide = |x: &[T]| x.iter().map(|v| v.wide()).collect::<Vec<f64>>();
-    match bins_for::<T, f64>(w, c, geo) {
+    match bins_for::<T, f64>(w, c, geo, ADJOINT_WEIGHTS_PER_BIN) {
         Some(bins) => {
             let (points, count) = bins.two_point();
             pass::counted_adjoint_matrix(&points, &count, &wide(c), &wide(f), inv_mass, geo)
@@ -441,7 +447,7 @@ mod tests {
             geometry(16, 1e-4, Distance::Squared),
         ] {
             let c0 = quantiles(&w, geo.k);
-            let bins = bins_for::<_, f32>(&w, &c0, &geo).expect("the steps run on bins");
+            let bins = bins_for::<_, f32>(&w, &c0, &geo, STEP_WEIGHTS_PER_BIN).expect("the steps run on bins");
             let (c, steps, shift) = fixed_point(&w, &c0, &geo, 10, 0.0);
             let (want, want_steps, want_shift) = pass::fixed_point(&w, &c0, &geo, 10, 0.0);
             let err = c.iter().zip(&want).map(|(a, b)| f64::from((a - b).abs())).fold(0.0, f64::max);
@@ -476,7 +482,7 @@ mod tests {
             let mut f = c.clone();
             moments.update(&c, &mut f, 1);
             let (c64, f64_) = (wide(&c), wide(&f));
-            assert!(bins_for::<_, f64>(&w, &c, &geo).is_some(), "{geo:?}: not binned");
+            assert!(bins_for::<_, f64>(&w, &c, &geo, ADJOINT_WEIGHTS_PER_BIN).is_some(), "{geo:?}: not binned");
             let (_, h) = pass::cotangent_reduce(&w, &c, &g, &geo);
             let (_, h64) = pass::cotangent_reduce(&w64, &c64, &g64, &geo);
             let exact = pass::adjoint_matrix(&w64, &c64, &f64_, &inv_mass, &geo);
@@ -505,10 +511,10 @@ mod tests {
         let geo = geometry(256, 3.9e-7, Distance::Squared);
         let w: Vec<f32> = normal(600_000, 0.02, 4).iter().map(|&x| x as f32).collect();
         let c0 = quantiles(&w, geo.k);
-        assert!(bins_for::<_, f32>(&w[..20_000], &c0, &geo).is_none());
+        assert!(bins_for::<_, f32>(&w[..20_000], &c0, &geo, STEP_WEIGHTS_PER_BIN).is_none());
         assert_eq!(fixed_point(&w[..20_000], &c0, &geo, 10, 0.0), pass::fixed_point(&w[..20_000], &c0, &geo, 10, 0.0));
         assert_eq!(fixed_point(&w, &c0, &geo, 1, 0.0), pass::fixed_point(&w, &c0, &geo, 1, 0.0));
         let euclidean = Geometry { distance: Distance::Euclidean, tau: 1e-3, ..geo };
-        assert!(bins_for::<_, f32>(&w, &c0, &euclidean).is_none());
+        assert!(bins_for::<_, f32>(&w, &c0, &euclidean, STEP_WEIGHTS_PER_BIN).is_none());
     }
 }
