@@ -7,7 +7,7 @@
 //! not run; a child that still runs out of its limit fails alone.
 //!
 //! ```text
-//! cargo bench --profile dev --bench step                 # the full table, ~15 min on 2 cores
+//! cargo bench --profile dev --bench step                 # the full table, ~25 min on 2 cores
 //! IDKM_STEP_BATCH=8 IDKM_STEP_BITS=4 cargo bench --profile dev --bench step   # a quick look
 //! ```
 //!
@@ -28,7 +28,7 @@
 //! (system; system,mimalloc with `--features mimalloc`: the first for every
 //! configuration, the others for the fp32 step; `IDKM_STEP_ALLOC_ALL=1` for
 //! all), `IDKM_STEP_WARMUP`
-//! (1), `IDKM_STEP_STEPS` (1), `IDKM_STEP_TIMEOUT_S` (600 per
+//! (1), `IDKM_STEP_STEPS` (3: measured steps, averaged), `IDKM_STEP_TIMEOUT_S` (600 per
 //! configuration; one predicted to need more, from the fp32 step's time and
 //! the layer benchmark's cost per pass, is reported, not run),
 //! `IDKM_STEP_OUT` (docs/bench, relative to the crate).
@@ -75,15 +75,7 @@ fn main() -> anyhow::Result<()> {
                 .unwrap_or(std::path::Path::new(".")),
             "step",
         );
-        let first = records
-            .first()
-            .map(|r| (r.config.arch.clone(), r.config.batch))
-            .unwrap_or_default();
-        let title = format!(
-            "{}, batch {}, one training step (SGD), this machine",
-            first.0, first.1
-        );
-        for p in memory::write_outputs(&records, dir, name, &title, &command)? {
+        for p in memory::write_outputs(&records, dir, name, &title(&records), &command)? {
             eprintln!("wrote {}", p.display());
         }
         return Ok(());
@@ -126,7 +118,7 @@ fn main() -> anyhow::Result<()> {
     );
     let alloc_all = std::env::var("IDKM_STEP_ALLOC_ALL").is_ok_and(|v| v == "1");
     let warmup: usize = env_or("IDKM_STEP_WARMUP", "1").parse()?;
-    let steps: usize = env_or("IDKM_STEP_STEPS", "1").parse()?;
+    let steps: usize = env_or("IDKM_STEP_STEPS", "3").parse()?;
     let timeout: f64 = env_or("IDKM_STEP_TIMEOUT_S", "600").parse()?;
     let out_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join(env_or("IDKM_STEP_OUT", "docs/bench"));
@@ -225,31 +217,43 @@ fn main() -> anyhow::Result<()> {
     };
     let report = |r: &Record| eprintln!("{}", memory::table_row(r));
     let records = memory::profile(&shape, &plan, budget, timeout, command, report)?;
-    finish(&records, &arch, batch, &bits, budget, &out_dir)
+    finish(&records, batch, steps, &bits, budget, &out_dir)
 }
 
 fn finish(
     records: &[Record],
-    arch: &str,
     batch: usize,
+    steps: usize,
     bits: &[u32],
     budget: u64,
     out_dir: &std::path::Path,
 ) -> anyhow::Result<()> {
-    let title = format!("{arch}, batch {batch}, one training step (SGD), this machine");
     let command = format!(
-        "IDKM_STEP_BATCH={batch} IDKM_STEP_BITS={} IDKM_STEP_BUDGET_GIB={:.0} cargo bench --profile dev --bench step{}",
+        "IDKM_STEP_BATCH={batch} IDKM_STEP_BITS={} IDKM_STEP_STEPS={steps} IDKM_STEP_BUDGET_GIB={:.0} cargo bench --profile dev --bench step{}",
         bits.iter().map(|b| b.to_string()).collect::<Vec<_>>().join(","),
         budget as f64 / (1u64 << 30) as f64,
         if cfg!(feature = "mimalloc") { " --features mimalloc" } else { "" },
     );
     println!("{}", memory::table(records));
     println!("{}", memory::layer_table(records));
-    let written = memory::write_outputs(records, out_dir, "step", &title, &command)?;
+    let written = memory::write_outputs(records, out_dir, "step", &title(records), &command)?;
     for p in written {
         eprintln!("wrote {}", p.display());
     }
     Ok(())
+}
+
+/// The title of the tables and plots, from the first record's
+/// configuration: the model, the batch and the steps measured.
+fn title(records: &[Record]) -> String {
+    let Some(c) = records.first().map(|r| &r.config) else {
+        return String::new();
+    };
+    let steps = match c.steps {
+        1 => "one training step".to_string(),
+        n => format!("mean of {n} training steps"),
+    };
+    format!("{}, batch {}, {steps} (SGD), this machine", c.arch, c.batch)
 }
 
 /// `IDKM_STEP_BREAKDOWN=1`: where one step's memory goes, phase by phase

@@ -2023,6 +2023,7 @@ where
         }
     }
     let mut any_predicted = false;
+    let mut drawn: Vec<(f64, f64)> = Vec::new();
     for (method, bits) in keys {
         let c = colour(&method);
         let k = nudge(&method, bits);
@@ -2039,6 +2040,7 @@ where
         let measured: Vec<(f64, f64)> = pts.iter().filter(|p| p.2).map(|p| (p.0, p.1)).collect();
         let predicted: Vec<(f64, f64)> = pts.iter().filter(|p| !p.2).map(|p| (p.0, p.1)).collect();
         let big = bits >= 8;
+        drawn.extend(pts.iter().map(|p| (p.0, p.1)));
         chart
             .draw_series(LineSeries::new(
                 measured.clone(),
@@ -2094,9 +2096,24 @@ where
                 .map_err(|e| err(&e))?;
         }
     }
+    // The legend takes about the top third and a quarter of the width: it
+    // goes in the upper corner that hides fewer points.
+    let hidden = |left: bool| {
+        let at = |v: f64, lo: f64, hi: f64| (v / lo).ln() / (hi / lo).ln();
+        let in_corner = |&&(x, y): &&(f64, f64)| {
+            let fx = at(x, 0.8, t_max * 1.3);
+            at(y, lo, hi) > 0.6 && if left { fx < 0.3 } else { fx > 0.7 }
+        };
+        drawn.iter().filter(in_corner).count()
+    };
+    let corner = if hidden(true) <= hidden(false) {
+        SeriesLabelPosition::UpperLeft
+    } else {
+        SeriesLabelPosition::UpperRight
+    };
     chart
         .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
+        .position(corner)
         .background_style(WHITE.mix(0.9))
         .border_style(BLACK)
         .label_font(("sans-serif", 14))
