@@ -94,9 +94,10 @@ const STEP_WEIGHTS_PER_BIN: usize = 2;
 /// then hold at most 7 bytes a weight.
 const ADJOINT_WEIGHTS_PER_BIN: usize = 8;
 
-/// Scalar weights grouped into narrow bins: the mean and the count of each
-/// non-empty bin, in ascending order, and how far the centroids they were
-/// built for may move before they must be rebuilt.
+/// Scalar weights grouped into narrow bins: the mean, the count and the
+/// standard deviation of each non-empty bin, in ascending order, and how
+/// far the centroids they were built for may move before they must be
+/// rebuilt.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Bins<T> {
     /// Mean of the weights in each bin.
@@ -359,9 +360,10 @@ pub fn fixed_point<T: Real>(w: &[T], c0: &[T], geo: &Geometry, max_iter: usize, 
 /// weights built for `c` where that pays (see [`bins_for`]), in f64. Its
 /// terms are smooth functions of a weight that change over the attention's
 /// transitions, as a step's are, so the bins give the matrix as accurately
-/// as the pass on the weights does (see the tests). The pass runs in f64
-/// because a bin's terms are its count times a weight's, which in f32
-/// would round as the sum of as many terms.
+/// as the pass on the weights does (see the tests). The pass runs in f64:
+/// in f32 the bins' fewer, heavier terms round further from the exact
+/// matrix than the weights' do (3e-7 of its norm against 2e-7 at 8 bits,
+/// 800 000 weights), in f64 they are within 1e-9 of it.
 pub fn adjoint_matrix<T: Real>(w: &[T], c: &[T], f: &[T], inv_mass: &[f64], geo: &Geometry) -> Vec<f64> {
     let wide = |x: &[T]| x.iter().map(|v| v.wide()).collect::<Vec<f64>>();
     match bins_for::<T, f64>(w, c, geo, ADJOINT_WEIGHTS_PER_BIN) {
@@ -430,6 +432,22 @@ mod tests {
         let sum: f64 = bins.mean.iter().zip(&bins.count).map(|(&m, &n)| f64::from(m) * f64::from(n)).sum();
         let want: f64 = w.iter().map(|&x| f64::from(x)).sum();
         assert!((sum - want).abs() < 1e-6, "{sum} vs {want}");
+        let squares: f64 = (0..bins.len())
+            .map(|b| f64::from(bins.count[b]) * (f64::from(bins.mean[b]).powi(2) + f64::from(bins.deviation[b]).powi(2)))
+            .sum();
+        let want: f64 = w.iter().map(|&x| f64::from(x).powi(2)).sum();
+        assert!((squares - want).abs() < 1e-6 * want, "{squares} vs {want}");
+        let moments = |x: &[f32], n: &[f32]| {
+            x.iter().zip(n).fold([0f64; 3], |[a, b, c], (&x, &n)| {
+                let (x, n) = (f64::from(x), f64::from(n));
+                [a + n, b + n * x, c + n * x * x]
+            })
+        };
+        let (points, counts) = bins.clone().two_point();
+        let [n, sum, sq] = moments(&points, &counts);
+        assert_eq!(n, 10_000.0);
+        assert!((sum - moments(&bins.mean, &bins.count)[1]).abs() < 1e-6, "two points: sum {sum}");
+        assert!((sq - squares).abs() < 1e-6 * squares, "two points: squares {sq} vs {squares}");
         assert!(bins.serve(&c));
         let moved: Vec<f32> = c.iter().map(|x| x + 0.05).collect();
         assert!(!bins.serve(&moved));
