@@ -129,5 +129,7 @@ fn flat_f64(t: &Tensor) -> Result<Vec<f64>> {
 
 /// Gaussian elimination with partial pivoting.
 fn dense_solve(a: Vec<Vec<f64>>, b: Vec<f64>) -> Result<Vec<f64>> {
-    super::solve::lu_solve(a, b).ok_or_else(|| Error::Config("reference: singular adjoint system".into()))
+    let n = b.len();
+    let lu = super::linalg::Lu::new(&a.concat(), n).ok_or_else(|| Error::Config("reference: singular adjoint system".into()))?;
+    Ok(lu.solve(&b))
 }

@@ -17,13 +17,7 @@ pub struct SolveReport {
     pub converged: bool,
 }
 
-fn dot(a: &[f64], b: &[f64]) -> f64 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
-}
-
-fn norm(a: &[f64]) -> f64 {
-    dot(a, a).sqrt()
-}
+use super::linalg::{dot, norm, Lu};
 
 /// `y += alpha x`.
 fn axpy(y: &mut [f64], alpha: f64, x: &[f64]) {
@@ -191,36 +185,6 @@ pub fn neumann(
     (u, SolveReport { steps, rel_residual: rel, converged: rel <= tol })
 }
 
-/// Solves `a x = b` (`a` given by rows) by Gaussian elimination with partial
-/// pivoting; `None` when a pivot vanishes (a singular system).
-pub fn lu_solve(mut a: Vec<Vec<f64>>, mut b: Vec<f64>) -> Option<Vec<f64>> {
-    let n = b.len();
-    for col in 0..n {
-        let piv = (col..n).max_by(|&x, &y| a[x][col].abs().total_cmp(&a[y][col].abs())).unwrap_or(col);
-        if a[piv][col].abs() < 1e-300 {
-            return None;
-        }
-        a.swap(col, piv);
-        b.swap(col, piv);
-        let (pivot, below) = a[col..].split_first_mut().expect("col < n");
-        for (offset, row) in below.iter_mut().enumerate() {
-            let f = row[col] / pivot[col];
-            if f != 0.0 {
-                for (x, &p) in row[col..].iter_mut().zip(&pivot[col..]) {
-                    *x -= f * p;
-                }
-                b[col + 1 + offset] -= f * b[col];
-            }
-        }
-    }
-    let mut x = vec![0f64; n];
-    for row in (0..n).rev() {
-        let s: f64 = (row + 1..n).map(|c| a[row][c] * x[c]).sum();
-        x[row] = (b[row] - s) / a[row][row];
-    }
-    Some(x)
-}
-
 /// The adjoint system `(I - J^T) u = h` solved directly, given `J^T` (n x n,
 /// row-major), with its relative residual checked against `tol`. `steps` is
 /// the passes over the weights that assembling `J^T` took. A singular system
@@ -232,14 +196,11 @@ pub fn dense(jt: &[f64], h: &[f64], tol: f64, steps: usize) -> (Vec<f64>, SolveR
     if h_norm == 0.0 {
         return trivial(n);
     }
-    let a: Vec<Vec<f64>> = jt
-        .chunks_exact(n)
-        .enumerate()
-        .map(|(r, row)| row.iter().enumerate().map(|(c, &x)| f64::from(u8::from(r == c)) - x).collect())
-        .collect();
-    let Some(u) = lu_solve(a, h.to_vec()) else {
+    let a: Vec<f64> = jt.iter().enumerate().map(|(i, &x)| f64::from(u8::from(i / n == i % n)) - x).collect();
+    let Some(lu) = Lu::new(&a, n) else {
         return (vec![0.0; n], SolveReport { steps, rel_residual: 1.0, converged: false });
     };
+    let u = lu.solve(h);
     let residual: Vec<f64> = jt.chunks_exact(n).zip(h).zip(&u).map(|((row, &hr), &ur)| hr - ur + dot(row, &u)).collect();
     let rel_residual = norm(&residual) / h_norm;
     (u, SolveReport { steps, rel_residual, converged: rel_residual <= tol })

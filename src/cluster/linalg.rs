@@ -1,0 +1,255 @@
+//! Dense linear algebra on the small k·d x k·d systems of the forward
+//! Newton solve and the adjoint: Cholesky (with a diagonal shift), LU with
+//! partial pivoting (solves with the matrix and its transpose), and
+//! estimates of extreme eigenvalues and of the condition number. Matrices
+//! are row-major `n * n` slices of f64.
+
+/// `x . y`.
+pub fn dot(x: &[f64], y: &[f64]) -> f64 {
+    x.iter().zip(y).map(|(a, b)| a * b).sum()
+}
+
+/// `||x||_2`.
+pub fn norm(x: &[f64]) -> f64 {
+    dot(x, x).sqrt()
+}
+
+/// `a x` for the row-major `n x n` matrix `a`.
+pub fn matvec(a: &[f64], x: &[f64]) -> Vec<f64> {
+    a.chunks_exact(x.len()).map(|row| dot(row, x)).collect()
+}
+
+/// `a^T x` for the row-major `n x n` matrix `a`.
+pub fn matvec_transposed(a: &[f64], x: &[f64]) -> Vec<f64> {
+    let mut out = vec![0.0; x.len()];
+    for (row, &xr) in a.chunks_exact(x.len()).zip(x) {
+        out.iter_mut().zip(row).for_each(|(o, &v)| *o += v * xr);
+    }
+    out
+}
+
+/// The Cholesky factor `L` (lower triangular, `a = L L^T`) of a symmetric
+/// positive definite matrix.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Cholesky {
+    n: usize,
+    /// Row-major, the upper triangle zero.
+    l: Vec<f64>,
+}
+
+impl Cholesky {
+    /// The factor of the symmetric `a` (n x n; only its lower triangle is
+    /// read), or `None` when `a` is not positive definite (a pivot is not
+    /// positive, at a relative threshold of 1e-14 of the diagonal's size).
+    pub fn new(a: &[f64], n: usize) -> Option<Self> {
+        let scale = (0..n).map(|i| a[i * n + i].abs()).fold(0.0, f64::max);
+        let mut l = vec![0.0; n * n];
+        for i in 0..n {
+            for j in 0..=i {
+                let s = a[i * n + j] - dot(&l[i * n..i * n + j], &l[j * n..j * n + j]);
+                if i == j {
+                    if s.is_nan() || s <= 1e-14 * scale {
+                        return None;
+                    }
+                    l[i * n + i] = s.sqrt();
+                } else {
+                    l[i * n + j] = s / l[j * n + j];
+                }
+            }
+        }
+        Some(Self { n, l })
+    }
+
+    /// Solves `a x = b`.
+    pub fn solve(&self, b: &[f64]) -> Vec<f64> {
+        let (n, l) = (self.n, &self.l);
+        let mut y = b.to_vec();
+        for i in 0..n {
+            y[i] = (y[i] - dot(&l[i * n..i * n + i], &y[..i])) / l[i * n + i];
+        }
+        for i in (0..n).rev() {
+            let s: f64 = (i + 1..n).map(|j| l[j * n + i] * y[j]).sum();
+            y[i] = (y[i] - s) / l[i * n + i];
+        }
+        y
+    }
+}
+
+/// LU factors with partial pivoting, `P a = L U`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Lu {
+    n: usize,
+    /// `L` (unit diagonal, below) and `U` (on and above), row-major.
+    lu: Vec<f64>,
+    /// Row `i` of `P a` is row `perm[i]` of `a`.
+    perm: Vec<usize>,
+}
+
+impl Lu {
+    /// The factors of `a` (n x n), or `None` when a pivot vanishes (a
+    /// singular matrix, at a relative threshold of 1e-14 of its largest entry).
+    pub fn new(a: &[f64], n: usize) -> Option<Self> {
+        let scale = a.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+        let mut lu = a.to_vec();
+        let mut perm: Vec<usize> = (0..n).collect();
+        for col in 0..n {
+            let piv = (col..n).max_by(|&x, &y| lu[x * n + col].abs().total_cmp(&lu[y * n + col].abs()))?;
+            if lu[piv * n + col].is_nan() || lu[piv * n + col].abs() <= 1e-14 * scale {
+                return None;
+            }
+            if piv != col {
+                for j in 0..n {
+                    lu.swap(col * n + j, piv * n + j);
+                }
+                perm.swap(col, piv);
+            }
+            let pivot = lu[col * n + col];
+            for r in col + 1..n {
+                let f = lu[r * n + col] / pivot;
+                lu[r * n + col] = f;
+                if f != 0.0 {
+                    for j in col + 1..n {
+                        lu[r * n + j] -= f * lu[col * n + j];
+                    }
+                }
+            }
+        }
+        Some(Self { n, lu, perm })
+    }
+
+    /// Solves `a x = b`.
+    pub fn solve(&self, b: &[f64]) -> Vec<f64> {
+        let (n, lu) = (self.n, &self.lu);
+        let mut y: Vec<f64> = self.perm.iter().map(|&p| b[p]).collect();
+        for i in 0..n {
+            y[i] -= dot(&lu[i * n..i * n + i], &y[..i]);
+        }
+        for i in (0..n).rev() {
+            y[i] = (y[i] - dot(&lu[i * n + i + 1..(i + 1) * n], &y[i + 1..])) / lu[i * n + i];
+        }
+        y
+    }
+
+    /// Solves `a^T x = b`.
+    pub fn solve_transposed(&self, b: &[f64]) -> Vec<f64> {
+        let (n, lu) = (self.n, &self.lu);
+        // a^T = U^T L^T P: solve U^T z = b, then L^T y = z, then x = P^T y.
+        let mut z = b.to_vec();
+        for i in 0..n {
+            let s: f64 = (0..i).map(|j| lu[j * n + i] * z[j]).sum();
+            z[i] = (z[i] - s) / lu[i * n + i];
+        }
+        for i in (0..n).rev() {
+            let s: f64 = (i + 1..n).map(|j| lu[j * n + i] * z[j]).sum();
+            z[i] -= s;
+        }
+        let mut x = vec![0.0; n];
+        for (i, &p) in self.perm.iter().enumerate() {
+            x[p] = z[i];
+        }
+        x
+    }
+}
+
+/// Iterations of the power and inverse iterations in [`condition`].
+const POWER_STEPS: usize = 60;
+
+/// An estimate of the 2-norm condition number `sigma_max / sigma_min` of
+/// `a` (n x n, factored as `lu`): power iteration on `a^T a` for the
+/// largest singular value and on `(a^T a)^-1` (through `lu`) for the
+/// smallest, from a fixed start. Accurate to a few percent, which is what
+/// a report needs.
+pub fn condition(a: &[f64], lu: &Lu) -> f64 {
+    let n = lu.n;
+    let start: Vec<f64> = (0..n).map(|i| 1.0 + (i as f64 * 0.618_033_988_75).fract()).collect();
+    let largest = power(&start, |x| matvec_transposed(a, &matvec(a, x)));
+    let smallest = power(&start, |x| lu.solve(&lu.solve_transposed(x)));
+    (largest * smallest).sqrt()
+}
+
+/// An estimate of the spectral radius of `a` (n x n, any): the growth rate
+/// of `||a^s x||` over the last half of [`POWER_STEPS`] power steps from a
+/// fixed start (which also covers a complex pair of dominant eigenvalues).
+pub fn spectral_radius(a: &[f64], n: usize) -> f64 {
+    let mut x: Vec<f64> = (0..n).map(|i| 1.0 + (i as f64 * 0.618_033_988_75).fract()).collect();
+    let mut log_growth = 0.0;
+    for step in 0..POWER_STEPS {
+        let size = norm(&x);
+        if size == 0.0 || !size.is_finite() {
+            return 0.0;
+        }
+        x.iter_mut().for_each(|v| *v /= size);
+        x = matvec(a, &x);
+        if step >= POWER_STEPS / 2 {
+            log_growth += norm(&x).max(f64::MIN_POSITIVE).ln();
+        }
+    }
+    (log_growth / (POWER_STEPS - POWER_STEPS / 2) as f64).exp()
+}
+
+/// The largest eigenvalue of the symmetric positive semi-definite `apply`
+/// by power iteration from `start`.
+fn power(start: &[f64], apply: impl Fn(&[f64]) -> Vec<f64>) -> f64 {
+    let mut x: Vec<f64> = start.to_vec();
+    let mut value = 0.0;
+    for _ in 0..POWER_STEPS {
+        let size = norm(&x);
+        if size == 0.0 || !size.is_finite() {
+            return value;
+        }
+        x.iter_mut().for_each(|v| *v /= size);
+        let y = apply(&x);
+        value = dot(&x, &y);
+        x = y;
+    }
+    value
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spd() -> (Vec<f64>, usize) {
+        (vec![4.0, 1.0, 0.5, 1.0, 3.0, 0.2, 0.5, 0.2, 2.0], 3)
+    }
+
+    #[test]
+    fn cholesky_solves_and_refuses_indefinite() {
+        let (a, n) = spd();
+        let x = [1.0, -2.0, 0.5];
+        let b = matvec(&a, &x);
+        let got = Cholesky::new(&a, n).unwrap().solve(&b);
+        assert!(got.iter().zip(x).all(|(g, x)| (g - x).abs() < 1e-12), "{got:?}");
+        let indefinite = [1.0, 2.0, 2.0, 1.0];
+        assert!(Cholesky::new(&indefinite, 2).is_none());
+    }
+
+    #[test]
+    fn lu_solves_both_ways() {
+        let a = [0.0, 2.0, 1.0, 1.0, 1.0, 0.0, 3.0, 0.5, 4.0];
+        let x = [0.3, 1.0, -1.5];
+        let lu = Lu::new(&a, 3).unwrap();
+        let got = lu.solve(&matvec(&a, &x));
+        let got_t = lu.solve_transposed(&matvec_transposed(&a, &x));
+        for i in 0..3 {
+            assert!((got[i] - x[i]).abs() < 1e-12 && (got_t[i] - x[i]).abs() < 1e-12, "{got:?} {got_t:?}");
+        }
+        assert!(Lu::new(&[1.0, 2.0, 2.0, 4.0], 2).is_none());
+    }
+
+    #[test]
+    fn spectral_radius_of_a_rotation_and_a_contraction() {
+        // A rotation by 90 degrees scaled by 0.9: complex eigenvalues of modulus 0.9.
+        let r = spectral_radius(&[0.0, -0.9, 0.9, 0.0], 2);
+        assert!((r - 0.9).abs() < 1e-9, "{r}");
+        let r = spectral_radius(&[1.2, 0.3, 0.0, 0.5], 2);
+        assert!((r - 1.2).abs() < 1e-6, "{r}");
+    }
+
+    #[test]
+    fn condition_of_a_diagonal_matrix() {
+        let a = [10.0, 0.0, 0.0, 0.0, 2.0, 0.0, 0.0, 0.0, 0.5];
+        let cond = condition(&a, &Lu::new(&a, 3).unwrap());
+        assert!((cond - 20.0).abs() < 1e-6, "{cond}");
+    }
+}
