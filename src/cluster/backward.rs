@@ -5,6 +5,7 @@
 
 use super::binned;
 use super::config::{Method, Solver};
+use super::forward::ForwardFactor;
 use super::solve::{self, SolveReport};
 use super::streaming::{self as pass, Geometry, Real};
 
@@ -32,16 +33,26 @@ pub enum Adjoint {
     BestIterate(SolveReport),
     /// The solver missed its tolerance and did worse than nothing: JFB was used.
     FellBackToJfb(SolveReport),
+    /// The forward Newton solve's factorisation was reused (no assembly):
+    /// its matrix was assembled this far (relative to the spread of the
+    /// weights) from the centroids, its last Newton step.
+    Reused {
+        /// Distance of the assembly point, relative to the spread.
+        distance: f64,
+    },
 }
 
 /// Computes `dL/dW` (m x d) into `out` for upstream gradient `g` (m x d) at the
-/// fixed point `c` (k x d). `name` labels the log lines.
+/// fixed point `c` (k x d). The dense solver reuses `factor`, the forward
+/// solve's factorisation, when given. `name` labels the log lines.
+#[allow(clippy::too_many_arguments)]
 pub fn implicit_backward<T: Real>(
     w: &[T],
     c: &[T],
     g: &[T],
     geo: &Geometry,
     cfg: &BackwardConfig,
+    factor: Option<&ForwardFactor>,
     name: &str,
     out: &mut [T],
 ) -> Adjoint {
@@ -54,6 +65,11 @@ pub fn implicit_backward<T: Real>(
     let jt = |u: &[f64]| pass::adjoint_matvec(w, c, &f, &inv_mass, u, geo);
     let (u, adjoint) = match cfg.method {
         Method::IdkmJfb | Method::Dkm => (h, Adjoint::JacobianFree),
+        Method::Idkm if matches!(cfg.solver.resolve(h.len()), Solver::Dense) && factor.is_some() => {
+            let factor = factor.expect("checked");
+            tracing::debug!(layer = name, distance = factor.distance, "adjoint: the forward solve's factorisation");
+            (factor.factor.adjoint(&h), Adjoint::Reused { distance: factor.distance })
+        }
         Method::Idkm => {
             let (u, report) = match cfg.solver.resolve(h.len()) {
                 Solver::Cg => symmetrised_cg(&moments.mass, &inv_mass, d, jt, &h, cfg.tol, cfg.max_steps),

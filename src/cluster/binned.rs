@@ -38,7 +38,9 @@
 //! a bin's mean does not carry the linear term.
 
 use super::config::Distance;
+use super::newton::{Evaluation, KmeansMap};
 use super::streaming::{self as pass, counted_reduce, Geometry, Real};
+use crate::error::Result;
 
 /// The weights of one slot while bins are built (the count as a float:
 /// one 24-byte record a slot, updated in one place).
@@ -233,9 +235,8 @@ impl<T: Real> Bins<T> {
     /// deviation is 0): the points and their counts. They keep each bin's
     /// count, sum and sum of squares, so that a sum of a smooth function of
     /// the weights over them is exact to second order in the bins' widths,
-    /// where one point a bin is exact to first order. The bins are freed
-    /// on return, before a pass over the points.
-    pub fn two_point(self) -> (Vec<T>, Vec<T>) {
+    /// where one point a bin is exact to first order.
+    pub fn two_point(&self) -> (Vec<T>, Vec<T>) {
         let half = T::of(0.5);
         let mut points = (Vec::with_capacity(2 * self.len()), Vec::with_capacity(2 * self.len()));
         for ((&m, &n), &s) in self.mean.iter().zip(&self.count).zip(&self.deviation) {
@@ -323,16 +324,39 @@ pub fn bins_for<W: Real, T: Real>(w: &[W], c: &[W], geo: &Geometry, weights_per_
     (bins.len() * weights_per_bin <= w.len()).then_some(bins)
 }
 
+/// What [`fixed_point`] did.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PlainRun<T> {
+    /// The centroids.
+    pub c: Vec<T>,
+    /// Steps on bins.
+    pub bin_steps: usize,
+    /// Steps on the weights (the last one always is).
+    pub weight_steps: usize,
+    /// The largest centroid move of the last step.
+    pub shift: f64,
+}
+
+impl<T> PlainRun<T> {
+    /// All steps.
+    pub fn steps(&self) -> usize {
+        self.bin_steps + self.weight_steps
+    }
+}
+
 /// [`streaming::fixed_point`](pass::fixed_point) with all but the last step
 /// on bins of the weights where that pays (see [`bins_for`]; they are
 /// rebuilt when the centroids move beyond their margins): steps run on the
 /// bins until one moves no centroid more than `tol` or one step is left,
 /// then on the weights until the same test or `max_iter` steps in all.
-/// Returns the centroids, the number of steps (both kinds) and the shift of
-/// the last step, always one on the weights.
-pub fn fixed_point<T: Real>(w: &[T], c0: &[T], geo: &Geometry, max_iter: usize, tol: f64) -> (Vec<T>, usize, f64) {
+/// The shift is the last step's, always one on the weights.
+pub fn fixed_point<T: Real>(w: &[T], c0: &[T], geo: &Geometry, max_iter: usize, tol: f64) -> PlainRun<T> {
+    let on_weights = |c: &[T], max_iter: usize, bin_steps: usize| {
+        let (c, weight_steps, shift) = pass::fixed_point(w, c, geo, max_iter, tol);
+        PlainRun { c, bin_steps, weight_steps, shift }
+    };
     let Some(mut bins) = (max_iter >= 2).then(|| bins_for(w, c0, geo, STEP_WEIGHTS_PER_BIN)).flatten() else {
-        return pass::fixed_point(w, c0, geo, max_iter, tol);
+        return on_weights(c0, max_iter, 0);
     };
     let (mut c, mut next) = (c0.to_vec(), c0.to_vec());
     let (mut steps, mut builds) = (0, 1);
@@ -350,9 +374,9 @@ pub fn fixed_point<T: Real>(w: &[T], c0: &[T], geo: &Geometry, max_iter: usize, 
             break;
         }
     }
-    let (c, last, shift) = pass::fixed_point(w, &c, geo, max_iter - steps, tol);
-    tracing::trace!(bins = bins.len(), builds, binned = steps, full = last, "k-means steps");
-    (c, steps + last, shift)
+    let run = on_weights(&c, max_iter - steps, steps);
+    tracing::trace!(bins = bins.len(), builds, binned = steps, full = run.weight_steps, "k-means steps");
+    run
 }
 
 /// [`streaming::adjoint_matrix`](pass::adjoint_matrix) at the centroids `c`
@@ -372,6 +396,119 @@ pub fn adjoint_matrix<T: Real>(w: &[T], c: &[T], f: &[T], inv_mass: &[f64], geo:
             pass::counted_adjoint_matrix(&points, &count, &wide(c), &wide(f), inv_mass, geo)
         }
         None => pass::adjoint_matrix(w, c, f, inv_mass, geo),
+    }
+}
+
+/// The bins a [`BinnedMap`] runs on.
+enum Binning<T> {
+    /// Bins of at least [`ADJOINT_WEIGHTS_PER_BIN`] weights, in f64: the
+    /// k-means passes and the matrix assembly both run on them.
+    Fine(Bins<f64>),
+    /// Bins of at least [`STEP_WEIGHTS_PER_BIN`] weights: the k-means
+    /// passes run on them, the matrix on the weights.
+    Steps(Bins<T>),
+}
+
+impl<T: Real> Binning<T> {
+    /// The bins for `c` (in the weights' type), finest first, if any pay.
+    fn new(w: &[T], c: &[T], geo: &Geometry) -> Option<Self> {
+        bins_for::<T, f64>(w, c, geo, ADJOINT_WEIGHTS_PER_BIN)
+            .map(Binning::Fine)
+            .or_else(|| bins_for::<T, T>(w, c, geo, STEP_WEIGHTS_PER_BIN).map(Binning::Steps))
+    }
+
+    fn serve(&self, c: &[T]) -> bool {
+        match self {
+            Binning::Fine(b) => b.serve(c),
+            Binning::Steps(b) => b.serve(c),
+        }
+    }
+}
+
+/// The k-means map of scalar weights evaluated on bins of them (see the
+/// module docs), for the forward Newton solve: its k-means passes (with
+/// the free energy) run on the bins, its matrix on their two points where
+/// the bins hold at least [`ADJOINT_WEIGHTS_PER_BIN`] weights each (else on
+/// the weights). The bins are rebuilt when the centroids leave their
+/// margins; where no bins pay any more, the passes run on the weights.
+/// Its fixed point is within the bins' error of the weights'; the solve
+/// corrects it on the weights ([`super::newton::refine`]).
+pub struct BinnedMap<'a, T: Real> {
+    w: &'a [T],
+    geo: Geometry,
+    bins: Option<Binning<T>>,
+    /// Passes over the weights and over the bins.
+    passes: (usize, usize),
+    /// Times the bins were built.
+    builds: usize,
+}
+
+impl<'a, T: Real> BinnedMap<'a, T> {
+    /// The map for the weights `w` binned for the centroids `c`, or `None`
+    /// when bins do not pay (see [`bins_for`]).
+    pub fn new(w: &'a [T], c: &[T], geo: Geometry) -> Option<Self> {
+        let bins = Binning::new(w, c, &geo)?;
+        Some(Self { w, geo, bins: Some(bins), passes: (0, 0), builds: 1 })
+    }
+
+    /// Times the bins were built.
+    pub fn builds(&self) -> usize {
+        self.builds
+    }
+
+    /// Bins that serve `c`, rebuilt if need be; `None` where none pay.
+    fn bins_at(&mut self, c: &[T]) -> Option<&Binning<T>> {
+        if !self.bins.as_ref().is_some_and(|b| b.serve(c)) {
+            self.bins = Binning::new(self.w, c, &self.geo);
+            self.builds += usize::from(self.bins.is_some());
+        }
+        self.bins.as_ref()
+    }
+}
+
+fn narrow<T: Real>(c: &[f64]) -> Vec<T> {
+    c.iter().map(|&x| T::of(x)).collect()
+}
+
+impl<T: Real> KmeansMap for BinnedMap<'_, T> {
+    fn round(&self, c: &mut [f64]) {
+        c.iter_mut().for_each(|x| *x = T::of(*x).wide());
+    }
+
+    fn evaluate(&mut self, c: &[f64]) -> Result<Evaluation> {
+        let narrow = narrow::<T>(c);
+        let geo = self.geo;
+        let (moments, energy) = match self.bins_at(&narrow) {
+            Some(Binning::Fine(b)) => pass::counted_reduce_energy(&b.mean, &b.count, c, &geo),
+            Some(Binning::Steps(b)) => pass::counted_reduce_energy(&b.mean, &b.count, &narrow, &geo),
+            None => {
+                self.passes.0 += 1;
+                let (moments, energy) = pass::counted_reduce_energy(self.w, &[], &narrow, &geo);
+                return Ok(Evaluation { moments, energy: Some(energy) });
+            }
+        };
+        self.passes.1 += 1;
+        Ok(Evaluation { moments, energy: Some(energy) })
+    }
+
+    fn matrix(&mut self, c: &[f64], f: &[f64], inv_mass: &[f64]) -> Result<Vec<f64>> {
+        let narrow_c = narrow::<T>(c);
+        let geo = self.geo;
+        if let Some(Binning::Fine(b)) = self.bins_at(&narrow_c) {
+            let (points, count) = b.two_point();
+            self.passes.1 += 1;
+            return Ok(pass::counted_adjoint_matrix(&points, &count, c, f, inv_mass, &geo));
+        }
+        self.passes.0 += 1;
+        Ok(pass::adjoint_matrix(self.w, &narrow_c, &narrow::<T>(f), inv_mass, &geo))
+    }
+
+    fn passes(&self) -> (usize, usize) {
+        self.passes
+    }
+
+    fn epsilon(&self) -> f64 {
+        T::epsilon().wide()
     }
 }
 
@@ -443,7 +580,7 @@ mod tests {
                 [a + n, b + n * x, c + n * x * x]
             })
         };
-        let (points, counts) = bins.clone().two_point();
+        let (points, counts) = bins.two_point();
         let [n, sum, sq] = moments(&points, &counts);
         assert_eq!(n, 10_000.0);
         assert!((sum - moments(&bins.mean, &bins.count)[1]).abs() < 1e-6, "two points: sum {sum}");
@@ -466,7 +603,8 @@ mod tests {
         ] {
             let c0 = quantiles(&w, geo.k);
             let bins = bins_for::<_, f32>(&w, &c0, &geo, STEP_WEIGHTS_PER_BIN).expect("the steps run on bins");
-            let (c, steps, shift) = fixed_point(&w, &c0, &geo, 10, 0.0);
+            let run = fixed_point(&w, &c0, &geo, 10, 0.0);
+            let (c, steps, shift) = (run.c.clone(), run.steps(), run.shift);
             let (want, want_steps, want_shift) = pass::fixed_point(&w, &c0, &geo, 10, 0.0);
             let err = c.iter().zip(&want).map(|(a, b)| f64::from((a - b).abs())).fold(0.0, f64::max);
             eprintln!("{geo:?}: {} bins, max |c - c_full| = {err:.2e}, shift {shift:.3e} vs {want_shift:.3e}", bins.len());
@@ -530,8 +668,9 @@ mod tests {
         let w: Vec<f32> = normal(600_000, 0.02, 4).iter().map(|&x| x as f32).collect();
         let c0 = quantiles(&w, geo.k);
         assert!(bins_for::<_, f32>(&w[..20_000], &c0, &geo, STEP_WEIGHTS_PER_BIN).is_none());
-        assert_eq!(fixed_point(&w[..20_000], &c0, &geo, 10, 0.0), pass::fixed_point(&w[..20_000], &c0, &geo, 10, 0.0));
-        assert_eq!(fixed_point(&w, &c0, &geo, 1, 0.0), pass::fixed_point(&w, &c0, &geo, 1, 0.0));
+        let plain = |run: PlainRun<f32>| (run.c.clone(), run.steps(), run.shift);
+        assert_eq!(plain(fixed_point(&w[..20_000], &c0, &geo, 10, 0.0)), pass::fixed_point(&w[..20_000], &c0, &geo, 10, 0.0));
+        assert_eq!(plain(fixed_point(&w, &c0, &geo, 1, 0.0)), pass::fixed_point(&w, &c0, &geo, 1, 0.0));
         let euclidean = Geometry { distance: Distance::Euclidean, tau: 1e-3, ..geo };
         assert!(bins_for::<_, f32>(&w, &c0, &euclidean, STEP_WEIGHTS_PER_BIN).is_none());
     }

@@ -69,11 +69,42 @@ impl Solver {
 /// How the centroids are chosen before the first k-means iteration.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Init {
-    /// k-means++ seeding, deterministic for a given seed.
+    /// [`Init::Optimal1d`] for scalar weights, [`Init::KmeansPlusPlus`] otherwise.
     #[default]
+    Auto,
+    /// k-means++ seeding, deterministic for a given seed, refined by hard
+    /// k-means (Lloyd) steps on the sample it was drawn from.
     KmeansPlusPlus,
-    /// Optimal 1-D k-means by dynamic programming on a quantile histogram (d = 1 only).
+    /// Optimal 1-D k-means by dynamic programming on a histogram of the
+    /// weights whose bins are narrow both in count and in value (d = 1 only).
     Optimal1d,
+}
+
+impl Init {
+    /// The initialisation that runs for vectors of dimension `d`: `Auto` resolved.
+    pub fn resolve(self, d: usize) -> Init {
+        match self {
+            Init::Auto if d == 1 => Init::Optimal1d,
+            Init::Auto => Init::KmeansPlusPlus,
+            other => other,
+        }
+    }
+}
+
+/// How the forward pass reaches the k-means fixed point `C* = F(C*)`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Forward {
+    /// Newton's method on the fixed-point residual `F(C) - C`, safeguarded
+    /// (damping where the curvature is not positive, backtracking, plain
+    /// steps as the last resort), stopped when the Newton step, an estimate
+    /// of the distance to the fixed point, is below `tol` times the spread
+    /// of the weights. See `docs/design.md`.
+    #[default]
+    Newton,
+    /// Plain k-means steps `C <- F(C)`, stopped when a step moves no
+    /// centroid by more than `tol` times the spread, or after `max_iter`
+    /// steps: the setting of the DKM and IDKM papers. DKM always runs this.
+    Plain,
 }
 
 /// Configuration of train-time clustering of one weight tensor.
@@ -83,15 +114,28 @@ pub struct KmeansConfig {
     pub bits: u32,
     /// Number of consecutive weights that share one index: 1, 2, 4 or 8.
     pub cluster_dim: usize,
-    /// Softmax temperature, `> 0`.
-    pub tau: f64,
-    /// Maximum number of k-means iterations per forward pass.
+    /// Softmax temperature, `> 0`, in the units of the distance (squared
+    /// weight units for the squared distance). `None` (the default) derives
+    /// it from the layer's own weights on the first forward pass: see
+    /// [`tau_scale`](Self::tau_scale) and [`super::temperature`].
+    pub tau: Option<f64>,
+    /// The temperature relative to the layer's hard-quantization error when
+    /// [`tau`](Self::tau) is `None`: `tau = tau_scale * mse / d` for the
+    /// squared distance, with `mse` the mean squared distance of a weight
+    /// vector to its nearest initial centroid.
+    pub tau_scale: f64,
+    /// How the forward pass reaches the fixed point.
+    pub forward: Forward,
+    /// Maximum number of iterations per forward pass: Newton iterations
+    /// (each one pass that gives the curvature and one or more k-means
+    /// passes), or plain k-means steps (DKM unrolls exactly these).
     pub max_iter: usize,
-    /// Stop when no centroid moves by more than `tol` times the spread of
-    /// the weights (the RMS distance of a weight vector from their mean), so
-    /// that the test does not depend on the weights' scale (scikit-learn
-    /// scales its k-means tolerance by the data's variance in the same way).
-    /// `0` runs exactly `max_iter` steps.
+    /// Stopping tolerance relative to the spread of the weights (the RMS
+    /// distance of a weight vector from their mean), so that it does not
+    /// depend on the weights' scale. Newton stops when its step, which
+    /// estimates the distance to the fixed point, is below it; plain steps
+    /// stop when a step moves no centroid by more than it. `0` runs exactly
+    /// `max_iter` plain steps.
     pub tol: f64,
     /// Distance in the attention logits.
     pub distance: Distance,
@@ -114,19 +158,39 @@ impl Default for KmeansConfig {
         Self {
             bits: 4,
             cluster_dim: 1,
-            tau: 1e-4,
-            max_iter: 30,
-            tol: 1e-4,
+            tau: None,
+            tau_scale: DEFAULT_TAU_SCALE,
+            forward: Forward::Newton,
+            max_iter: DEFAULT_NEWTON_ITER,
+            tol: DEFAULT_TOL,
             distance: Distance::Squared,
             method: Method::Idkm,
             solver: Solver::Auto,
             solver_tol: 1e-6,
             solver_max_steps: 100,
-            init: Init::KmeansPlusPlus,
+            init: Init::Auto,
             seed: 0,
         }
     }
 }
+
+/// Default [`KmeansConfig::tau_scale`]: measured to keep every centroid
+/// distinct and `I - J` well conditioned (condition 30-50) at 2 to 8 bits on
+/// heavy-tailed weights (see `docs/design.md`).
+pub const DEFAULT_TAU_SCALE: f64 = 0.5;
+
+/// Default [`KmeansConfig::max_iter`] of the Newton forward solve: cold
+/// starts take 4-10 iterations at 4 and 6 bits and up to about 50 at 8
+/// bits on heavy-tailed weights, warm starts fewer (see `docs/design.md`).
+pub const DEFAULT_NEWTON_ITER: usize = 100;
+
+/// Default [`KmeansConfig::max_iter`] of plain steps (and DKM's unrolled
+/// iterations).
+pub const DEFAULT_PLAIN_ITER: usize = 30;
+
+/// Default [`KmeansConfig::tol`]: about where f32 rounding of the passes
+/// stops Newton's steps from shrinking.
+pub const DEFAULT_TOL: f64 = 1e-6;
 
 impl KmeansConfig {
     /// Number of centroids, `2^bits`.
@@ -143,8 +207,13 @@ impl KmeansConfig {
         if ![1, 2, 4, 8].contains(&self.cluster_dim) {
             return bad(format!("cluster dimension must be 1, 2, 4 or 8, got {}", self.cluster_dim));
         }
-        if !(self.tau > 0.0 && self.tau.is_finite()) {
-            return bad(format!("temperature tau must be positive and finite, got {}", self.tau));
+        if let Some(tau) = self.tau {
+            if !(tau > 0.0 && tau.is_finite()) {
+                return bad(format!("temperature tau must be positive and finite, got {tau}"));
+            }
+        }
+        if !(self.tau_scale > 0.0 && self.tau_scale.is_finite()) {
+            return bad(format!("temperature scale must be positive and finite, got {}", self.tau_scale));
         }
         if self.max_iter == 0 {
             return bad("max_iter must be at least 1".into());
@@ -189,6 +258,8 @@ impl KmeansConfig {
             "bits": self.bits,
             "cluster_dim": self.cluster_dim,
             "tau": self.tau,
+            "tau_scale": self.tau_scale,
+            "forward": self.forward.to_string(),
             "max_iter": self.max_iter,
             "tol": self.tol,
             "distance": self.distance.to_string(),
@@ -201,7 +272,10 @@ impl KmeansConfig {
         })
     }
 
-    /// Reads what [`to_json`](Self::to_json) wrote; every field is required.
+    /// Reads what [`to_json`](Self::to_json) wrote; every field is required
+    /// except `tau_scale` and `forward`, which checkpoints written before
+    /// they existed lack (their layers then keep their absolute `tau` and
+    /// plain steps).
     pub fn from_json(value: &serde_json::Value) -> Result<Self> {
         let field = |key: &str| value.get(key).ok_or_else(|| Error::Config(format!("clustering config lacks `{key}`")));
         let number = |key: &str| field(key)?.as_f64().ok_or_else(|| Error::Config(format!("`{key}` is not a number")));
@@ -210,7 +284,18 @@ impl KmeansConfig {
         let config = Self {
             bits: count("bits")? as u32,
             cluster_dim: count("cluster_dim")? as usize,
-            tau: number("tau")?,
+            tau: match field("tau")? {
+                serde_json::Value::Null => None,
+                _ => Some(number("tau")?),
+            },
+            tau_scale: match value.get("tau_scale") {
+                None => DEFAULT_TAU_SCALE,
+                Some(_) => number("tau_scale")?,
+            },
+            forward: match value.get("forward") {
+                None => Forward::Plain,
+                Some(_) => name("forward")?.parse()?,
+            },
             max_iter: count("max_iter")? as usize,
             tol: number("tol")?,
             distance: name("distance")?.parse()?,
@@ -254,7 +339,8 @@ macro_rules! cli_names {
 cli_names!(Distance, "distance", Squared => "squared", Euclidean => "euclidean");
 cli_names!(Method, "method", Dkm => "dkm", Idkm => "idkm", IdkmJfb => "idkm-jfb");
 cli_names!(Solver, "solver", Cg => "cg", Gmres => "gmres", Neumann => "neumann", Dense => "dense", Auto => "auto");
-cli_names!(Init, "initialisation", KmeansPlusPlus => "kmeans++", Optimal1d => "optimal-1d");
+cli_names!(Init, "initialisation", Auto => "auto", KmeansPlusPlus => "kmeans++", Optimal1d => "optimal-1d");
+cli_names!(Forward, "forward solver", Newton => "newton", Plain => "plain");
 
 #[cfg(test)]
 mod tests {
@@ -268,9 +354,11 @@ mod tests {
             KmeansConfig { bits: 0, ..ok.clone() },
             KmeansConfig { bits: 9, ..ok.clone() },
             KmeansConfig { cluster_dim: 3, ..ok.clone() },
-            KmeansConfig { tau: 0.0, ..ok.clone() },
-            KmeansConfig { tau: -1.0, ..ok.clone() },
-            KmeansConfig { tau: f64::NAN, ..ok.clone() },
+            KmeansConfig { tau: Some(0.0), ..ok.clone() },
+            KmeansConfig { tau: Some(-1.0), ..ok.clone() },
+            KmeansConfig { tau: Some(f64::NAN), ..ok.clone() },
+            KmeansConfig { tau_scale: 0.0, ..ok.clone() },
+            KmeansConfig { tau_scale: f64::INFINITY, ..ok.clone() },
             KmeansConfig { max_iter: 0, ..ok.clone() },
             KmeansConfig { distance: Distance::Euclidean, solver: Solver::Cg, ..ok.clone() },
             KmeansConfig { init: Init::Optimal1d, cluster_dim: 2, ..ok.clone() },
@@ -282,8 +370,14 @@ mod tests {
 
     #[test]
     fn json_round_trip() {
-        let config = KmeansConfig { bits: 3, method: Method::IdkmJfb, init: Init::Optimal1d, tau: 0.25, ..Default::default() };
+        let config = KmeansConfig { bits: 3, method: Method::IdkmJfb, init: Init::Optimal1d, tau: Some(0.25), ..Default::default() };
         assert_eq!(KmeansConfig::from_json(&config.to_json()).unwrap(), config);
+        let derived = KmeansConfig { tau_scale: 0.3, forward: Forward::Plain, ..Default::default() };
+        assert_eq!(KmeansConfig::from_json(&derived.to_json()).unwrap(), derived);
+        // A checkpoint from before the derived temperature: absolute tau, plain steps.
+        let mut old = config.to_json();
+        old.as_object_mut().unwrap().retain(|key, _| key != "tau_scale" && key != "forward");
+        assert_eq!(KmeansConfig::from_json(&old).unwrap(), KmeansConfig { forward: Forward::Plain, ..config });
         let mut json = config.to_json();
         json.as_object_mut().unwrap().remove("tau");
         assert!(KmeansConfig::from_json(&json).unwrap_err().to_string().contains("tau"));

@@ -2,11 +2,12 @@
 //! the configured gradient, hard assignment for inference and export.
 
 use super::backward::{Adjoint, BackwardConfig};
-use super::config::{Init, KmeansConfig, Method};
-use super::init;
-use super::ops::{FixedPoint, FixedPointReport, HardAssign, ImplicitGrad, SoftAssign};
-use super::reference;
+use super::config::{Forward, Init, KmeansConfig, Method, Solver};
+use super::forward::ForwardFactor;
+use super::newton::{self, ForwardReport};
+use super::ops::{FixedPoint, HardAssign, ImplicitGrad, SoftAssign};
 use super::streaming::{Geometry, Real};
+use super::{init, reference, temperature};
 use crate::error::{Error, Result};
 use candle_core::{DType, Device, Tensor};
 use std::sync::{Arc, Mutex};
@@ -21,7 +22,7 @@ use std::sync::{Arc, Mutex};
 /// use idkm::cluster::{ClusteredWeight, KmeansConfig};
 /// # fn main() -> idkm::Result<()> {
 /// let w = Var::from_tensor(&Tensor::randn(0f32, 1.0, (64, 3, 3, 3), &Device::Cpu)?)?;
-/// let layer = ClusteredWeight::new("conv1.weight", KmeansConfig { bits: 2, tau: 0.05, ..Default::default() })?;
+/// let layer = ClusteredWeight::new("conv1.weight", KmeansConfig { bits: 2, ..Default::default() })?;
 /// let soft = layer.forward(&w)?;                  // differentiable, same shape as w
 /// let grads = soft.sqr()?.sum_all()?.backward()?; // implicit gradient reaches w
 /// assert_eq!(grads.get(&w).unwrap().dims(), w.dims());
@@ -34,6 +35,7 @@ pub struct ClusteredWeight {
     config: KmeansConfig,
     state: Mutex<State>,
     adjoint: Arc<Mutex<Option<Adjoint>>>,
+    factor: Arc<Mutex<Option<ForwardFactor>>>,
 }
 
 #[derive(Default)]
@@ -42,15 +44,98 @@ struct State {
     centroids: Option<Tensor>,
     /// The centroids the last forward pass started from.
     start: Option<Tensor>,
-    /// The last forward iteration.
-    report: Option<FixedPointReport>,
+    /// The temperature: the configured one, or the one derived from the
+    /// weights on the first forward pass (or restored).
+    tau: Option<f64>,
+    /// The last forward solve.
+    report: Option<ForwardReport>,
+    /// The forward solves since [`ClusteredWeight::take_stats`].
+    stats: ForwardStats,
+    /// Problems already warned about (see [`ClusteredWeight::check`]).
+    warned: Warned,
+}
+
+/// Which problems of the forward solve a layer has warned about (once each).
+#[derive(Default)]
+struct Warned {
+    unconverged: bool,
+    merged: bool,
+    unstable: bool,
+    ill_conditioned: bool,
+}
+
+/// `cond(I - J)` above which a fixed point is reported as badly conditioned:
+/// the adjoint then loses about 4 of f32's 7 digits.
+pub const ILL_CONDITIONED: f64 = 1e4;
+
+/// A summary of forward solves (for the epoch log).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct ForwardStats {
+    /// Solves.
+    pub solves: usize,
+    /// Iterations, summed.
+    pub iterations: usize,
+    /// The most iterations of one solve.
+    pub max_iterations: usize,
+    /// Passes over the weights and over bins, summed.
+    pub passes: usize,
+    /// The largest distance estimate (relative to the spread).
+    pub max_distance: f64,
+    /// The largest condition number of `I - J`.
+    pub max_cond: f64,
+    /// The fewest distinct centroids.
+    pub min_distinct: usize,
+    /// Plain steps taken as fallbacks, summed.
+    pub plain_steps: usize,
+    /// Solves that missed the tolerance.
+    pub unconverged: usize,
+    /// Solves that ended where the curvature was not positive definite.
+    pub unstable: usize,
+}
+
+impl ForwardStats {
+    fn add(&mut self, r: &ForwardReport) {
+        self.min_distinct = if self.solves == 0 { r.distinct } else { self.min_distinct.min(r.distinct) };
+        self.solves += 1;
+        self.iterations += r.iterations;
+        self.max_iterations = self.max_iterations.max(r.iterations);
+        self.passes += r.weight_passes + r.bin_passes;
+        self.max_distance = self.max_distance.max(r.distance);
+        self.max_cond = self.max_cond.max(r.cond.unwrap_or(0.0));
+        self.plain_steps += r.plain_steps;
+        self.unconverged += usize::from(!r.converged);
+        self.unstable += usize::from(r.stable == Some(false));
+    }
+
+    /// The summary of `self` and `other` together.
+    pub fn merge(&self, other: &ForwardStats) -> ForwardStats {
+        if self.solves == 0 {
+            return *other;
+        }
+        if other.solves == 0 {
+            return *self;
+        }
+        ForwardStats {
+            solves: self.solves + other.solves,
+            iterations: self.iterations + other.iterations,
+            max_iterations: self.max_iterations.max(other.max_iterations),
+            passes: self.passes + other.passes,
+            max_distance: self.max_distance.max(other.max_distance),
+            max_cond: self.max_cond.max(other.max_cond),
+            min_distinct: self.min_distinct.min(other.min_distinct),
+            plain_steps: self.plain_steps + other.plain_steps,
+            unconverged: self.unconverged + other.unconverged,
+            unstable: self.unstable + other.unstable,
+        }
+    }
 }
 
 impl ClusteredWeight {
     /// A clustered weight named `name` (used in errors and logs).
     pub fn new(name: impl Into<String>, config: KmeansConfig) -> Result<Self> {
         config.validate()?;
-        Ok(Self { name: name.into(), config, state: Mutex::default(), adjoint: Arc::default() })
+        let state = State { tau: config.tau, ..State::default() };
+        Ok(Self { name: name.into(), config, state: Mutex::new(state), adjoint: Arc::default(), factor: Arc::default() })
     }
 
     /// The configuration.
@@ -63,13 +148,51 @@ impl ClusteredWeight {
         &self.name
     }
 
-    fn geometry(&self) -> Geometry {
-        Geometry {
-            k: self.config.k(),
-            d: self.config.cluster_dim,
-            tau: self.config.tau,
-            distance: self.config.distance,
+    /// The temperature: the configured one, or the one derived from the
+    /// weights by the first forward pass (or restored from a checkpoint);
+    /// `None` before that.
+    pub fn tau(&self) -> Option<f64> {
+        self.state.lock().expect("state lock").tau
+    }
+
+    /// Sets the temperature (as a checkpoint restores it), unless the
+    /// configuration fixes one.
+    pub fn set_tau(&self, tau: f64) -> Result<()> {
+        if !(tau > 0.0 && tau.is_finite()) {
+            return Err(Error::Config(format!("temperature of `{}` must be positive and finite, got {tau}", self.name)));
         }
+        if self.config.tau.is_none() {
+            self.state.lock().expect("state lock").tau = Some(tau);
+        }
+        Ok(())
+    }
+
+    /// The geometry at the resolved temperature (see [`Self::start`]).
+    fn geometry(&self) -> Result<Geometry> {
+        let tau = self.tau().ok_or_else(|| Error::Config(format!("the temperature of `{}` is not set yet", self.name)))?;
+        Ok(Geometry { k: self.config.k(), d: self.config.cluster_dim, tau, distance: self.config.distance })
+    }
+
+    /// Derives the temperature from the weights `host` (m x d, on the CPU)
+    /// and the centroids `c` they start from (see [`temperature`]), unless
+    /// it is known, and logs it.
+    fn resolve_tau<T: Real>(&self, host: &[T], c: &[T]) -> Result<()> {
+        if self.tau().is_some() {
+            return Ok(());
+        }
+        let d = self.config.cluster_dim;
+        let mse = temperature::hard_mse(host, c, d);
+        let scale = self.config.tau_scale;
+        let tau = temperature::from_error(mse, d, self.config.distance, scale).unwrap_or_else(|| {
+            // Every weight sits on a centroid: any temperature serves; one
+            // from the weights' range keeps the logits moderate.
+            let (lo, hi) = host.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), x| (lo.min(x.wide()), hi.max(x.wide())));
+            let cell = ((hi - lo) / self.config.k() as f64).max(f64::EPSILON);
+            scale * cell * cell
+        });
+        tracing::info!(layer = %self.name, tau, hard_error = mse, scale, "temperature from the weights");
+        self.state.lock().expect("state lock").tau = Some(tau);
+        Ok(())
     }
 
     /// `w` viewed as m x d vectors, after checking dtype, divisibility and size.
@@ -92,9 +215,10 @@ impl ClusteredWeight {
     }
 
     /// The centroids the next k-means run starts from: the last fixed point,
-    /// else the initialisation. Scalar centroids on the CPU are put in
-    /// ascending order, which k-means keeps: the streaming passes then
-    /// attend each tile of weights only to the centroids within its reach.
+    /// else the initialisation; the temperature is resolved on the way.
+    /// Scalar centroids on the CPU are put in ascending order, which k-means
+    /// keeps: the streaming passes then attend each tile of weights only to
+    /// the centroids within its reach.
     fn start(&self, vectors: &Tensor) -> Result<Tensor> {
         let c = self.unordered_start(vectors)?;
         if self.config.cluster_dim == 1 && c.device().is_cpu() {
@@ -104,42 +228,60 @@ impl ClusteredWeight {
     }
 
     fn unordered_start(&self, vectors: &Tensor) -> Result<Tensor> {
-        let geo = self.geometry();
-        if let Some(c) = self.state.lock().expect("state lock").centroids.as_ref() {
-            if c.dims() == [geo.k, geo.d] && c.dtype() == vectors.dtype() && c.device().same_device(vectors.device()) {
+        let (k, d) = (self.config.k(), self.config.cluster_dim);
+        let last = self.state.lock().expect("state lock").centroids.clone();
+        let last = last.filter(|c| c.dims() == [k, d]);
+        if let Some(c) = &last {
+            if self.tau().is_some() && c.dtype() == vectors.dtype() && c.device().same_device(vectors.device()) {
                 return Ok(c.clone());
             }
         }
-        // Initialisation runs once per layer, on the host.
+        // Initialisation (and the temperature) runs once per layer, on the host.
         let host = vectors.detach().to_device(&Device::Cpu)?;
         let c = match host.dtype() {
-            DType::F64 => self.initial(&host.flatten_all()?.to_vec1::<f64>()?, vectors.device())?,
-            _ => self.initial(&host.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?, vectors.device())?,
+            DType::F64 => self.initial(&host.flatten_all()?.to_vec1::<f64>()?, last.as_ref(), vectors.device())?,
+            _ => self.initial(&host.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?, last.as_ref(), vectors.device())?,
         };
         Ok(c.to_dtype(vectors.dtype())?)
     }
 
-    fn initial<T: Real>(&self, w: &[T], device: &Device) -> Result<Tensor> {
+    /// The initial centroids for the weights `w` (or the `last` ones, when
+    /// known), after checking the weights, and the temperature.
+    fn initial<T: Real>(&self, w: &[T], last: Option<&Tensor>, device: &Device) -> Result<Tensor> {
         if let Some(index) = w.iter().position(|x| !x.is_finite()) {
             return Err(Error::NonFinite { tensor: self.name.clone(), index, value: w[index].wide() });
         }
         let (k, d, seed) = (self.config.k(), self.config.cluster_dim, self.config.seed);
-        let c = match self.config.init {
-            Init::KmeansPlusPlus => init::kmeans_plus_plus(w, d, k, seed),
-            Init::Optimal1d => init::optimal_1d(w, k, seed),
+        let c: Vec<T> = match last {
+            Some(c) => c.to_device(&Device::Cpu)?.to_dtype(T::DTYPE)?.flatten_all()?.to_vec1::<T>()?,
+            None => match self.config.init.resolve(d) {
+                Init::Optimal1d => init::optimal_1d(w, k, seed),
+                _ => init::kmeans_plus_plus_refined(w, d, k, seed),
+            },
         };
+        let mut sorted = c.clone();
+        if d == 1 {
+            sorted.sort_by(|a, b| a.partial_cmp(b).expect("finite"));
+        }
+        self.resolve_tau(w, &sorted)?;
         Ok(Tensor::from_vec(c, (k, d), device)?)
     }
 
-    /// The largest centroid move at which k-means stops: the configured
-    /// tolerance times the spread of `vectors` (m x d), the RMS distance of a
-    /// vector from their mean, `sqrt(sum ||w_i||^2 / m - ||mean||^2)`. The
-    /// sum of squares is a 1 x 1 matrix product, so no weight-sized
-    /// temporary is allocated (the streaming passes' memory bound holds).
-    fn stopping_shift(&self, vectors: &Tensor) -> Result<f64> {
-        if self.config.tol == 0.0 {
-            return Ok(0.0);
-        }
+    /// Initialises the centroids and the temperature for the weights `w`
+    /// now rather than on the first forward pass (which then starts from
+    /// them); nothing when they are known.
+    pub fn prepare(&self, w: &Tensor) -> Result<()> {
+        let vectors = self.vectors(&w.detach())?;
+        let c = self.start(&vectors)?;
+        self.state.lock().expect("state lock").centroids = Some(c);
+        Ok(())
+    }
+
+    /// The spread of `vectors` (m x d), the RMS distance of a vector from
+    /// their mean, `sqrt(sum ||w_i||^2 / m - ||mean||^2)`. The sum of squares
+    /// is a 1 x 1 matrix product, so no weight-sized temporary is allocated
+    /// (the streaming passes' memory bound holds).
+    fn spread(vectors: &Tensor) -> Result<f64> {
         let v = vectors.detach();
         let m = v.dim(0)? as f64;
         let flat = v.flatten_all()?;
@@ -147,29 +289,72 @@ impl ClusteredWeight {
         let squares = squares.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?[0];
         let mean: Vec<f64> = v.sum(0)?.to_dtype(DType::F64)?.to_vec1::<f64>()?.iter().map(|s| s / m).collect();
         let variance = squares / m - mean.iter().map(|x| x * x).sum::<f64>();
-        Ok(self.config.tol * variance.max(0.0).sqrt())
+        Ok(variance.max(0.0).sqrt())
     }
 
     /// Runs k-means to its fixed point without a graph and remembers it.
     fn fixed_point(&self, vectors: &Tensor) -> Result<Tensor> {
         let c0 = self.start(vectors)?;
+        let spread = Self::spread(vectors)?;
         let op = FixedPoint {
             tensor: self.name.clone(),
-            geo: self.geometry(),
+            geo: self.geometry()?,
+            forward: self.config.forward,
             max_iter: self.config.max_iter,
-            tol: self.stopping_shift(vectors)?,
+            tol: self.config.tol * spread,
+            spread,
             report: Mutex::default(),
+            factor: self.factor.clone(),
+            settle: self.config.method == Method::Idkm
+                && matches!(self.config.solver.resolve(self.config.k() * self.config.cluster_dim), Solver::Dense),
         };
         let c = vectors.detach().apply_op2_no_bwd(&c0, &op)?;
         let report = *op.report.lock().expect("report lock");
-        if let Some(r) = report {
-            tracing::trace!(layer = %self.name, steps = r.steps, shift = r.shift, "k-means fixed point");
-        }
         let mut state = self.state.lock().expect("state lock");
         state.start = Some(c0);
         state.centroids = Some(c.clone());
+        if let Some(r) = report {
+            tracing::trace!(layer = %self.name, ?r, "k-means fixed point");
+            state.stats.add(&r);
+            self.check(&r, &mut state.warned);
+        }
         state.report = report;
         Ok(c)
+    }
+
+    /// Warns (once per layer and kind) when a forward solve missed its
+    /// tolerance, merged centroids, ended at an unstable point or at a
+    /// badly conditioned one, with the numbers.
+    fn check(&self, r: &ForwardReport, warned: &mut Warned) {
+        let k = self.config.k();
+        let name = &self.name;
+        if !r.converged && self.config.forward == Forward::Newton && !warned.unconverged {
+            warned.unconverged = true;
+            tracing::warn!(
+                layer = %name, iterations = r.iterations, distance = r.distance, residual = r.residual,
+                "the k-means solve stopped at --max-iter before its tolerance: the gradient is that of a nearby point \
+                 (raise --max-iter; further cases are counted in the epoch summary)"
+            );
+        }
+        if r.distinct < k && !warned.merged {
+            warned.merged = true;
+            tracing::warn!(
+                layer = %name, distinct = r.distinct, k, tau = r.tau,
+                "centroids merged at the fixed point: the temperature is above the critical temperature of some clusters \
+                 (lower --tau or --tau-scale)"
+            );
+        }
+        if r.stable == Some(false) && !warned.unstable {
+            warned.unstable = true;
+            tracing::warn!(layer = %name, iterations = r.iterations, "the k-means solve ended where the fixed point is not stable");
+        }
+        if r.cond.is_some_and(|c| c > ILL_CONDITIONED) && !warned.ill_conditioned {
+            warned.ill_conditioned = true;
+            tracing::warn!(
+                layer = %name, cond = r.cond, tau = r.tau,
+                "the fixed point is badly conditioned: cond(I - J) above {ILL_CONDITIONED:e} (lower --tau or --tau-scale)"
+            );
+        }
     }
 
     /// The soft-clustered weights `A(C*, W) C*`, shaped like `w`.
@@ -181,17 +366,30 @@ impl ClusteredWeight {
         let out = match self.config.method {
             Method::Dkm => {
                 let c0 = self.start(&vectors)?;
-                let tol = self.stopping_shift(&vectors)?;
-                let (out, c, steps) = reference::dkm(&vectors, &c0, &self.geometry(), self.config.max_iter, tol)?;
+                let spread = Self::spread(&vectors)?;
+                let geo = self.geometry()?;
+                let (out, c, steps) = reference::dkm(&vectors, &c0, &geo, self.config.max_iter, self.config.tol * spread)?;
+                let host: Vec<f64> = c.detach().to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
+                let report = ForwardReport {
+                    iterations: steps,
+                    weight_passes: steps,
+                    residual: f64::NAN,
+                    distance: f64::NAN,
+                    converged: steps < self.config.max_iter,
+                    distinct: newton::distinct(&host, geo.d, newton::DISTINCT * spread),
+                    tau: geo.tau,
+                    ..ForwardReport::default()
+                };
                 let mut state = self.state.lock().expect("state lock");
                 state.start = Some(c0);
                 state.centroids = Some(c.detach());
-                state.report = Some(FixedPointReport { steps, shift: f64::NAN });
+                state.stats.add(&report);
+                state.report = Some(report);
                 out
             }
             Method::Idkm | Method::IdkmJfb => {
                 let c = self.fixed_point(&vectors)?;
-                vectors.apply_op2(&c, self.soft_assign())?
+                vectors.apply_op2(&c, self.soft_assign()?)?
             }
         };
         Ok(out.reshape(w.shape())?)
@@ -211,6 +409,9 @@ impl ClusteredWeight {
             });
         }
         let vectors = self.vectors(&w.detach())?;
+        if self.tau().is_none() {
+            self.start(&vectors)?;
+        }
         let g = grad.detach().reshape(vectors.shape())?.to_dtype(vectors.dtype())?;
         let gw = match self.config.method {
             Method::Dkm => {
@@ -220,8 +421,8 @@ impl ClusteredWeight {
                     Some(c0) => c0,
                     None => self.start(&vectors)?,
                 };
-                let tol = self.stopping_shift(&vectors)?;
-                let (out, _, _) = reference::dkm(&var, &c0, &self.geometry(), self.config.max_iter, tol)?;
+                let tol = self.config.tol * Self::spread(&vectors)?;
+                let (out, _, _) = reference::dkm(&var, &c0, &self.geometry()?, self.config.max_iter, tol)?;
                 let grads = (out * g)?.sum_all()?.backward()?;
                 grads.get(&var).cloned().unwrap_or(var.zeros_like()?)
             }
@@ -230,16 +431,16 @@ impl ClusteredWeight {
                     Some(c) if c.dims() == [self.config.k(), self.config.cluster_dim] => c,
                     _ => self.fixed_point(&vectors)?,
                 };
-                vectors.apply_op3_no_bwd(&c, &g.contiguous()?, &ImplicitGrad(self.soft_assign()))?
+                vectors.apply_op3_no_bwd(&c, &g.contiguous()?, &ImplicitGrad(self.soft_assign()?))?
             }
         };
         Ok(gw.reshape(w.shape())?)
     }
 
-    fn soft_assign(&self) -> SoftAssign {
-        SoftAssign {
+    fn soft_assign(&self) -> Result<SoftAssign> {
+        Ok(SoftAssign {
             tensor: self.name.as_str().into(),
-            geo: self.geometry(),
+            geo: self.geometry()?,
             backward: BackwardConfig {
                 method: self.config.method,
                 solver: self.config.solver,
@@ -247,7 +448,8 @@ impl ClusteredWeight {
                 max_steps: self.config.solver_max_steps,
             },
             adjoint: self.adjoint.clone(),
-        }
+            factor: self.factor.clone(),
+        })
     }
 
     /// The fixed point of the last forward pass (k x d), if any.
@@ -271,9 +473,14 @@ impl ClusteredWeight {
         Ok(())
     }
 
-    /// Steps and final shift of the last forward k-means run.
-    pub fn last_forward(&self) -> Option<FixedPointReport> {
+    /// What the last forward k-means solve did.
+    pub fn last_forward(&self) -> Option<ForwardReport> {
         self.state.lock().expect("state lock").report
+    }
+
+    /// The summary of the forward solves since the last call, reset.
+    pub fn take_stats(&self) -> ForwardStats {
+        std::mem::take(&mut self.state.lock().expect("state lock").stats)
     }
 
     /// How the adjoint of the last backward pass was obtained.

@@ -6,6 +6,9 @@
 
 use super::backward::{implicit_backward, Adjoint, BackwardConfig};
 use super::binned;
+use super::config::Forward;
+use super::forward::{self, ForwardFactor};
+use super::newton::{self, ForwardReport};
 use super::streaming::{self as pass, Geometry, Real};
 use crate::error::Error;
 use candle_core::backend::BackendStorage;
@@ -70,39 +73,81 @@ fn check_finite<T: Real>(w: &[T], tensor: &str) -> Result<()> {
     }
 }
 
-/// What one forward fixed-point iteration did.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct FixedPointReport {
-    /// k-means steps run.
-    pub steps: usize,
-    /// Largest centroid move in the last step.
-    pub shift: f64,
-}
-
-/// `(W [m, d], C0 [k, d]) -> C* [k, d]`: k-means steps until convergence,
-/// without a graph. Also rejects non-finite weights. On the CPU, all steps
-/// but the last run on bins of scalar weights where that pays (see
-/// [`binned`]); on CUDA every step runs on the weights.
+/// `(W [m, d], C0 [k, d]) -> C* [k, d]`: the k-means fixed point from `C0`,
+/// without a graph (see [`Forward`]). Also rejects non-finite weights. On
+/// the CPU, passes run on bins of scalar weights where that pays (see
+/// [`binned`]); on CUDA every pass runs on the weights. Newton leaves the
+/// factorisation of its last iteration in `factor` for the backward.
 pub struct FixedPoint {
     /// Name of the weight tensor, for errors and logs.
     pub tensor: String,
     /// Problem geometry.
     pub geo: Geometry,
-    /// Maximum steps.
+    /// How the fixed point is reached.
+    pub forward: Forward,
+    /// Maximum iterations.
     pub max_iter: usize,
-    /// Stop when no centroid moves more than this (absolute; the layer scales
-    /// its relative tolerance by the spread of the weights).
+    /// Stopping tolerance (absolute; the layer scales its relative
+    /// tolerance by the spread of the weights).
     pub tol: f64,
+    /// The spread of the weights, for the report's relative figures.
+    pub spread: f64,
     /// Filled by the forward pass.
-    pub report: Mutex<Option<FixedPointReport>>,
+    pub report: Mutex<Option<ForwardReport>>,
+    /// Filled by a Newton forward pass on the CPU, for the backward; the
+    /// previous one is the first matrix of a warm start.
+    pub factor: Arc<Mutex<Option<ForwardFactor>>>,
+    /// Whether the backward will solve the adjoint system with the dense
+    /// solver: the solve then factors the matrix of the fixed point itself.
+    pub settle: bool,
 }
 
 impl FixedPoint {
     fn run<T: Real>(&self, w: &[T], c0: &[T]) -> Result<Vec<T>> {
         check_finite(w, &self.tensor)?;
-        let (c, steps, shift) = binned::fixed_point(w, c0, &self.geo, self.max_iter, self.tol);
-        *self.report.lock().expect("report lock") = Some(FixedPointReport { steps, shift });
+        let (c, report, factor) = match self.forward {
+            Forward::Plain => {
+                let run = binned::fixed_point(w, c0, &self.geo, self.max_iter, self.tol);
+                let c: Vec<f64> = run.c.iter().map(|x| x.wide()).collect();
+                let report = plain_report(&c, run.steps(), run.shift, (run.weight_steps, run.bin_steps), self);
+                (run.c, report, None)
+            }
+            Forward::Newton => {
+                let previous = self.factor.lock().expect("factor lock").take();
+                let warm = previous.as_ref().and_then(|f| f.warm_start(c0));
+                let solution =
+                    forward::newton_fixed_point(w, c0, &self.geo, self.max_iter, self.tol, self.spread, warm, self.settle)?;
+                let spread = self.spread.max(f64::MIN_POSITIVE);
+                let distance = solution.c.iter().zip(&solution.factor_at).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max) / spread;
+                let factor = solution.factor.map(|factor| ForwardFactor {
+                    centroids: solution.c.clone(),
+                    checksum: forward::checksum(w),
+                    factor,
+                    distance,
+                });
+                (solution.c.iter().map(|&x| T::of(x)).collect(), solution.report, factor)
+            }
+        };
+        *self.report.lock().expect("report lock") = Some(report);
+        *self.factor.lock().expect("factor lock") = factor;
         Ok(c)
+    }
+}
+
+/// The report of plain steps: `steps` of them, the last moving a centroid
+/// by `shift`, `passes` over the weights and over bins.
+fn plain_report(c: &[f64], steps: usize, shift: f64, passes: (usize, usize), op: &FixedPoint) -> ForwardReport {
+    let spread = op.spread.max(f64::MIN_POSITIVE);
+    ForwardReport {
+        iterations: steps,
+        weight_passes: passes.0,
+        bin_passes: passes.1,
+        residual: shift / spread,
+        distance: shift / spread,
+        converged: shift <= op.tol,
+        distinct: newton::distinct(c, op.geo.d, newton::DISTINCT * spread),
+        tau: op.geo.tau,
+        ..ForwardReport::default()
     }
 }
 
@@ -127,8 +172,25 @@ impl CustomOp2 for FixedPoint {
         let c0 = cuda::view_f32(self.name(), &self.tensor, "initial centroids", s2, l2)?;
         let p = cuda::Problem::new(m, d, &self.geo)?;
         cuda::check_finite(dev, &w, &self.tensor)?;
-        let (c, steps, shift) = cuda::fixed_point(dev, &p, &w, &c0, self.max_iter, self.tol)?;
-        *self.report.lock().expect("report lock") = Some(FixedPointReport { steps, shift });
+        let (c, report) = match self.forward {
+            Forward::Plain => {
+                let (c, steps, shift) = cuda::fixed_point(dev, &p, &w, &c0, self.max_iter, self.tol)?;
+                let host: Vec<f64> = dev.clone_dtoh(&c)?.iter().map(|&x| f64::from(x)).collect();
+                (c, plain_report(&host, steps, shift, (steps, 0), self))
+            }
+            Forward::Newton => {
+                let settings = newton::Settings {
+                    k: self.geo.k,
+                    d,
+                    distance: self.geo.distance,
+                    tol: self.tol,
+                    spread: self.spread,
+                    max_iter: self.max_iter,
+                };
+                cuda::newton_fixed_point(dev, &p, &w, &c0, settings)?
+            }
+        };
+        *self.report.lock().expect("report lock") = Some(ForwardReport { tau: self.geo.tau, ..report });
         Ok((CudaStorage::wrap_cuda_slice(c, dev.clone()), l2.shape().clone()))
     }
 }
@@ -146,6 +208,9 @@ pub struct SoftAssign {
     pub backward: BackwardConfig,
     /// Filled by each backward pass.
     pub adjoint: Arc<Mutex<Option<Adjoint>>>,
+    /// The forward solve's factorisation, which the backward reuses when it
+    /// belongs to the same weights and centroids.
+    pub factor: Arc<Mutex<Option<ForwardFactor>>>,
 }
 
 impl CustomOp2 for SoftAssign {
@@ -202,17 +267,20 @@ impl CustomOp3 for ImplicitGrad {
     ) -> Result<(CpuStorage, Shape)> {
         let op = &self.0;
         let run = |adjoint: Adjoint| *op.adjoint.lock().expect("adjoint lock") = Some(adjoint);
+        let factor = op.factor.lock().expect("factor lock").clone();
         let out = match (s1, s2, s3) {
             (CpuStorage::F32(w), CpuStorage::F32(c), CpuStorage::F32(g)) => {
                 let (w, c, g) = (contiguous(w, l1, self.name())?, contiguous(c, l2, self.name())?, contiguous(g, l3, self.name())?);
                 let mut out = vec![0f32; w.len()];
-                run(implicit_backward(w, c, g, &op.geo, &op.backward, &op.tensor, &mut out));
+                let factor = factor.as_ref().filter(|f| f.serves(w, c));
+                run(implicit_backward(w, c, g, &op.geo, &op.backward, factor, &op.tensor, &mut out));
                 storage(out)
             }
             (CpuStorage::F64(w), CpuStorage::F64(c), CpuStorage::F64(g)) => {
                 let (w, c, g) = (contiguous(w, l1, self.name())?, contiguous(c, l2, self.name())?, contiguous(g, l3, self.name())?);
                 let mut out = vec![0f64; w.len()];
-                run(implicit_backward(w, c, g, &op.geo, &op.backward, &op.tensor, &mut out));
+                let factor = factor.as_ref().filter(|f| f.serves(w, c));
+                run(implicit_backward(w, c, g, &op.geo, &op.backward, factor, &op.tensor, &mut out));
                 storage(out)
             }
             (s, _, _) => return Err(unsupported(self.name(), s)),

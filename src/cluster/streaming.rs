@@ -33,7 +33,7 @@
 //! tile then attends to a few dozen of 256 centroids; at a large one, to
 //! all of them, as the kernels always do.
 //!
-//! The formulas are those of `shared/DESIGN.md`. With `e_ij = w_i - c_j`, the
+//! The formulas are those of `docs/design.md`. With `e_ij = w_i - c_j`, the
 //! derivative of the logit `z_ij` with respect to `w_i` is `coef_ij e_ij`
 //! (`coef = -2/tau` for the squared distance, `-1/(tau ||e_ij||)` for the
 //! Euclidean one), and for a per-(i,j) scalar `x_ij` the centred weight is
@@ -643,10 +643,13 @@ struct Tile<T, const D: usize> {
     /// Lanes of `coef_ij` (Euclidean distance; k quantities), then, after
     /// [`Self::weigh`], of `b_ij = a_ij coef_ij` (any distance).
     b: Vec<T>,
-    /// Per-row scratch: the row maxima of the logits, then `1 / sum_j`.
+    /// Per-row scratch: the row maxima of the logits.
     row: Vec<T>,
-    /// Per-row scratch: the softmax denominators.
+    /// Per-row scratch: the softmax denominators (after the maxima are
+    /// subtracted from the logits).
     sum: Vec<T>,
+    /// Per-row scratch: `1 / sum`.
+    inv: Vec<T>,
 }
 
 impl<T: Real, const D: usize> Tile<T, D> {
@@ -662,6 +665,7 @@ impl<T: Real, const D: usize> Tile<T, D> {
             b: vec![T::zero(); geo.k * TILE],
             row: vec![T::zero(); TILE],
             sum: vec![T::zero(); TILE],
+            inv: vec![T::zero(); TILE],
         }
     }
 
@@ -723,7 +727,7 @@ impl<T: Real, const D: usize> Tile<T, D> {
                 *s += *a;
             }
         }
-        let inv_sum = zmax;
+        let inv_sum = &mut self.inv[..n];
         for (inv, &s) in inv_sum.iter_mut().zip(sum.iter()) {
             *inv = s.recip();
         }
@@ -731,6 +735,19 @@ impl<T: Real, const D: usize> Tile<T, D> {
             for (a, &inv) in lanes_mut(&mut self.a, j, n).iter_mut().zip(inv_sum.iter()) {
                 *a *= inv;
             }
+        }
+    }
+
+    /// Adds each row's free energy `-tau ln sum_j exp(z_ij)` (times its
+    /// count, `count[r][0]`, when given) into quantity `x` of `sums`.
+    #[inline(always)]
+    fn add_energy(&self, sums: &mut LaneSums<T>, x: usize, tau: T, count: Option<&[[T; 1]]>) {
+        let n = self.n;
+        sums.touch(x..x + 1);
+        let lanes = sums.get(x, n);
+        for (r, (e, (&m, &s))) in lanes.iter_mut().zip(self.row.iter().zip(&self.sum)).enumerate() {
+            let energy = -tau * (m + s.ln());
+            *e += count.map_or(energy, |count| energy * count[r][0]);
         }
     }
 
@@ -853,22 +870,41 @@ pub fn soft_assign_reduce<T: Real>(w: &[T], c: &[T], geo: &Geometry) -> Moments 
 /// vectors (an empty `count` counts every row once): the sums of a k-means
 /// step over weights grouped into bins (see `binned`).
 pub fn counted_reduce<T: Real>(w: &[T], count: &[T], c: &[T], geo: &Geometry) -> Moments {
-    let k = geo.k;
-    let sums = with_dim!(geo.d, D => {
-        let pass = Reduce::<T, D> { w: vectors(w), count: vectors(count), c: vectors(c), geo };
-        sum_rows(pass.w.len(), k * (D + 1), &pass)
-    });
-    let (mass, weighted) = sums.split_at(k);
-    Moments { mass: mass.to_vec(), weighted: weighted.to_vec() }
+    reduce(w, count, c, geo, false).0
 }
 
-/// [`counted_reduce`] on one chunk: partial sums `[S (k), sum a w (k x d)]`.
+/// [`counted_reduce`] and the free energy of the soft assignment,
+/// `E(C) = -tau sum_i ln sum_j exp(z_ij)` (summed over the counted rows):
+/// the function whose stationary points are the fixed points of the
+/// k-means map for the squared distance (`dE/dc_j = 2 S_j (c_j - F_j)`),
+/// and which a k-means step never increases. No kernel: the forward Newton
+/// solve's line search on the CPU uses it.
+pub fn counted_reduce_energy<T: Real>(w: &[T], count: &[T], c: &[T], geo: &Geometry) -> (Moments, f64) {
+    let (moments, energy) = reduce(w, count, c, geo, true);
+    (moments, energy.unwrap_or(f64::NAN))
+}
+
+fn reduce<T: Real>(w: &[T], count: &[T], c: &[T], geo: &Geometry, energy: bool) -> (Moments, Option<f64>) {
+    let k = geo.k;
+    let sums = with_dim!(geo.d, D => {
+        let pass = Reduce::<T, D> { w: vectors(w), count: vectors(count), c: vectors(c), geo, energy };
+        sum_rows(pass.w.len(), k * (D + 1) + usize::from(energy), &pass)
+    });
+    let (mass, rest) = sums.split_at(k);
+    let (weighted, energy) = rest.split_at(k * geo.d);
+    (Moments { mass: mass.to_vec(), weighted: weighted.to_vec() }, energy.first().copied())
+}
+
+/// [`counted_reduce`] on one chunk: partial sums `[S (k), sum a w (k x d)]`,
+/// then the energy when asked for.
 struct Reduce<'a, T, const D: usize> {
     w: &'a [[T; D]],
     /// Rows each row stands for; empty: one each.
     count: &'a [[T; 1]],
     c: &'a [[T; D]],
     geo: &'a Geometry,
+    /// Whether to sum the free energy too.
+    energy: bool,
 }
 
 impl<T: Real, const D: usize> Pass for Reduce<'_, T, D> {
@@ -881,10 +917,15 @@ impl<T: Real, const D: usize> Pass for Reduce<'_, T, D> {
         let visit = Visit::new(self.w, rows.clone(), self.c, self.geo);
         let count = if self.count.is_empty() { &[][..] } else { &self.count[rows.clone()] };
         let (w, mut wbuf, mut nbuf) = (&self.w[rows], [[T::zero(); D]; TILE], [[T::zero(); 1]; TILE]);
+        let tau = T::of(self.geo.tau);
         for at in visit.tiles() {
             let win = visit.attend(&mut tile, w, at, &mut wbuf, self.c);
-            if !count.is_empty() {
-                tile.repeat(visit.rows(count, at, &mut nbuf));
+            let counts = (!count.is_empty()).then(|| visit.rows(count, at, &mut nbuf));
+            if self.energy {
+                tile.add_energy(&mut sums, self.geo.k * (D + 1), tau, counts);
+            }
+            if let Some(counts) = counts {
+                tile.repeat(counts);
             }
             tile.add_moments(&mut sums, win.start, self.geo.k);
             sums.end_tile();
@@ -1380,7 +1421,7 @@ mod tests {
         let f: Vec<f32> = c.iter().zip(uniform(k * D, 5)).map(|(c, x)| c + 0.01 * x).collect();
         let (w, g, c, f, v) = (vectors::<_, D>(&w), vectors(&g), vectors(&c), vectors(&f), vectors(&v));
         let label = |pass| format!("{pass} d={D} {distance:?}");
-        assert_same(&label("reduce"), every_version(&Reduce { w, count: &[], c, geo: &geo }, m, k * (D + 1), 0.0));
+        assert_same(&label("reduce"), every_version(&Reduce { w, count: &[], c, geo: &geo, energy: true }, m, k * (D + 1) + 1, 0.0));
         assert_same(&label("output"), every_version(&Output { w, c, geo: &geo }, m, m, [0.0; D]));
         assert_same(&label("cotangent"), every_version(&Cotangent { w, c, g, geo: &geo }, m, k * (2 * D + 1), 0.0));
         assert_same(&label("matvec"), every_version(&Matvec { w, c, f, v, geo: &geo }, m, k * D, 0.0));

@@ -1,0 +1,665 @@
+//! The forward solve: Newton's method for the soft k-means fixed point
+//! `C* = F(C*)`, safeguarded, on any evaluator of the k-means map.
+//!
+//! Plain steps `C <- F(C)` contract at the spectral radius of `J = dF/dC`,
+//! which is 0.96-0.99 on the weights of trained layers: hundreds to
+//! thousands of steps, and a small step says little about the distance to
+//! the fixed point. Newton's method converges quadratically near it, from
+//! the same passes: one pass gives the moments (hence `F(C)`), one more the
+//! matrix of `J`.
+//!
+//! For the squared distance the fixed points are the stationary points of
+//! the free energy `E(C) = -tau sum_i ln sum_j exp(-||w_i - c_j||^2 / tau)`,
+//! with gradient `-2 D r` (`D = diag(S_j)`, `r = F(C) - C`) and Hessian
+//! `2 (D - M)`, where `M` is the matrix of [`super::streaming::adjoint_matrix`]
+//! at `f = c` and unit masses (symmetric). A Newton step solves
+//! `(D - M) dC = D r`; where `D - M` is not positive definite (near a
+//! saddle, or far from a minimum) it is shifted to `D - M + lambda D`
+//! (Levenberg-Marquardt: `lambda -> inf` is a short plain step). Steps are
+//! accepted by backtracking on the energy (Armijo) or, near convergence,
+//! where the energy's rounding hides its decrease, on the residual
+//! `||D r||`; a plain step, which never raises the energy, is the last
+//! resort. The iteration stops at a point where `D - M` is positive definite
+//! (a minimum of E: every eigenvalue of J below 1, a stable fixed point) and
+//! the Newton step, which estimates the distance to the fixed point, is
+//! below the tolerance. At the fixed point `D - M` is also the matrix of the
+//! symmetrised adjoint system, so its Cholesky factor serves the backward
+//! ([`Factor`]).
+//!
+//! The Euclidean distance has no such energy: Newton on `F(C) - C` with
+//! `(I - J) dC = r` (damped to `((1 + lambda) I - J)` where it is singular),
+//! accepted on the residual, with plain steps as the last resort.
+
+use super::config::Distance;
+use super::linalg::{self, Cholesky, Lu};
+use super::streaming::{Moments, DEAD_MASS};
+use crate::error::Result;
+
+/// One evaluation of the k-means map at some centroids.
+#[derive(Clone, Debug)]
+pub struct Evaluation {
+    /// The soft-assignment sums.
+    pub moments: Moments,
+    /// The free energy, where the evaluator computes it (squared distance).
+    pub energy: Option<f64>,
+}
+
+/// The k-means map of one layer's weights, as the solver sees it: the
+/// passes over the weights (or over bins of them, or on a device).
+/// Centroids are k x d values, row-major, in f64.
+pub trait KmeansMap {
+    /// Rounds the centroids to the values the passes will use.
+    fn round(&self, c: &mut [f64]);
+    /// One k-means pass at `c`.
+    fn evaluate(&mut self, c: &[f64]) -> Result<Evaluation>;
+    /// The matrix of [`super::streaming::adjoint_matrix`] at `c`, with
+    /// `f` and `inv_mass`: `J^T` for `f = F(C)` and the inverse masses, the
+    /// curvature `M` for `f = c` and unit masses.
+    fn matrix(&mut self, c: &[f64], f: &[f64], inv_mass: &[f64]) -> Result<Vec<f64>>;
+    /// Passes run so far: over the weights, and over bins of them.
+    fn passes(&self) -> (usize, usize);
+    /// The relative rounding of the passes' arithmetic (machine epsilon).
+    fn epsilon(&self) -> f64;
+}
+
+/// Settings of one solve.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Settings {
+    /// Number of centroids.
+    pub k: usize,
+    /// Dimension of a centroid.
+    pub d: usize,
+    /// Distance in the logits.
+    pub distance: Distance,
+    /// Stop when the Newton step is at most this (absolute).
+    pub tol: f64,
+    /// Scale of the weights (their spread), for the relative figures of the
+    /// report and the test of distinct centroids.
+    pub spread: f64,
+    /// Most iterations.
+    pub max_iter: usize,
+}
+
+/// What a solve did, for the logs and the summaries.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct ForwardReport {
+    /// Iterations (Newton iterations, or steps of the plain solver).
+    pub iterations: usize,
+    /// Passes over the weights: k-means passes plus matrix assemblies.
+    pub weight_passes: usize,
+    /// Passes over bins of the weights (see `binned`).
+    pub bin_passes: usize,
+    /// `max_j ||F(C)_j - C_j||` at the last evaluation, over the spread.
+    pub residual: f64,
+    /// The last step (Newton step, or plain step for the plain solver)
+    /// over the spread: for Newton, an estimate of the distance to the
+    /// fixed point from the point before it.
+    pub distance: f64,
+    /// Iterations whose curvature was shifted (not positive definite).
+    pub damped: usize,
+    /// Newton steps shortened by the line search.
+    pub backtracks: usize,
+    /// Plain steps taken because no Newton step was accepted.
+    pub plain_steps: usize,
+    /// Whether the stopping test was met (not `max_iter`).
+    pub converged: bool,
+    /// Whether the fixed point is stable: every eigenvalue of J below 1 in
+    /// magnitude (for the squared distance, `D - M` positive definite: a
+    /// minimum of the energy); `None` where not tested (plain steps).
+    pub stable: Option<bool>,
+    /// The 2-norm condition number of `I - J` at the last assembly.
+    pub cond: Option<f64>,
+    /// Centroids farther than [`DISTINCT`] times the spread from every
+    /// other one.
+    pub distinct: usize,
+    /// The temperature of the solve.
+    pub tau: f64,
+}
+
+/// Two centroids closer than this fraction of the spread count as merged.
+pub const DISTINCT: f64 = 1e-3;
+
+/// Full Newton steps that no longer halve once below this many roundings
+/// (the map's epsilon) of the spread have reached the rounding of the
+/// passes: the solve stops there.
+const STALLED: f64 = 10.0;
+
+/// Halvings of a Newton step before a plain step is taken instead.
+const MAX_HALVINGS: usize = 4;
+
+/// First Levenberg-Marquardt shift tried where `D - M` is not positive
+/// definite; it grows 4x until the factorisation succeeds.
+const FIRST_SHIFT: f64 = 1e-3;
+
+/// Armijo's sufficient-decrease fraction.
+const ARMIJO: f64 = 1e-4;
+
+/// A centroid may not lose its last weights to a step: a step that leaves
+/// a live centroid with less attention mass than this is refused.
+const MIN_MASS: f64 = 0.25;
+
+/// A step may not shrink the gap between neighbouring scalar centroids
+/// below this fraction of what it was.
+const MIN_GAP_RATIO: f64 = 0.05;
+
+/// The factored matrix of the last Newton iteration: solves Newton steps
+/// at nearby points and the adjoint system of the backward.
+#[derive(Clone, Debug)]
+pub enum Factor {
+    /// `B = D - M` (n x n; dead centroids' rows identity), Cholesky.
+    Symmetric {
+        /// The factor of B.
+        chol: Cholesky,
+        /// The masses of `D`, one per unknown (1 for a dead centroid).
+        mass: Vec<f64>,
+        /// The unknowns of dead centroids.
+        dead: Vec<bool>,
+    },
+    /// `I - J` (dead centroids' rows identity), LU.
+    General {
+        /// The factors.
+        lu: Lu,
+        /// The unknowns of dead centroids.
+        dead: Vec<bool>,
+    },
+}
+
+impl Factor {
+    /// The Newton step for the residual `r` with the masses `mass` (one per
+    /// unknown) of the point where `r` was evaluated.
+    fn step(&self, r: &[f64], mass: &[f64]) -> Vec<f64> {
+        match self {
+            Factor::Symmetric { chol, dead, .. } => {
+                let rhs: Vec<f64> = r.iter().zip(mass).zip(dead).map(|((r, s), &x)| if x { 0.0 } else { r * s }).collect();
+                chol.solve(&rhs)
+            }
+            Factor::General { lu, dead } => {
+                let rhs: Vec<f64> = r.iter().zip(dead).map(|(&r, &x)| if x { 0.0 } else { r }).collect();
+                lu.solve(&rhs)
+            }
+        }
+    }
+
+    /// The adjoint `u` of `(I - J)^T u = h` with this matrix: for the
+    /// symmetric form, `B v = h` and `u = D v`; a dead centroid's `u` is its `h`.
+    pub fn adjoint(&self, h: &[f64]) -> Vec<f64> {
+        match self {
+            Factor::Symmetric { chol, mass, .. } => chol.solve(h).iter().zip(mass).map(|(v, s)| v * s).collect(),
+            Factor::General { lu, .. } => lu.solve_transposed(h),
+        }
+    }
+}
+
+/// A solve's outcome: the centroids, the report, and the factor of the
+/// last iteration (`None` when the last iteration's matrix was shifted,
+/// when no iteration ran, or for the plain solver).
+pub struct Solution {
+    /// The centroids (k x d, rounded by the map).
+    pub c: Vec<f64>,
+    /// What the solve did.
+    pub report: ForwardReport,
+    /// The factored matrix of the last iteration.
+    pub factor: Option<Factor>,
+    /// The centroids the factor was assembled at.
+    pub factor_at: Vec<f64>,
+}
+
+/// The iterate and what is known at it.
+struct Point {
+    c: Vec<f64>,
+    eval: Evaluation,
+    /// `F(C) - C` (0 for dead centroids).
+    r: Vec<f64>,
+    /// Masses per unknown (1 for dead centroids).
+    mass: Vec<f64>,
+    /// `||D r||`.
+    merit: f64,
+}
+
+impl Point {
+    fn new(c: Vec<f64>, eval: Evaluation, dead: &[bool], d: usize) -> Self {
+        let mut f = c.clone();
+        eval.moments.update(&c, &mut f, d);
+        let r: Vec<f64> = f.iter().zip(&c).zip(dead).map(|((f, c), &x)| if x { 0.0 } else { f - c }).collect();
+        let mass: Vec<f64> =
+            eval.moments.mass.iter().flat_map(|&s| std::iter::repeat_n(if s > DEAD_MASS { s } else { 1.0 }, d)).collect();
+        let merit = linalg::norm(&r.iter().zip(&mass).map(|(r, s)| r * s).collect::<Vec<_>>());
+        Self { c, eval, r, mass, merit }
+    }
+
+    fn f(&self) -> Vec<f64> {
+        self.c.iter().zip(&self.r).map(|(c, r)| c + r).collect()
+    }
+}
+
+/// The largest Euclidean norm of a centroid's part of `x` (k x d).
+fn max_norm(x: &[f64], d: usize) -> f64 {
+    x.chunks_exact(d).map(linalg::norm).fold(0.0, f64::max)
+}
+
+/// The number of centroids (k x d) not within `threshold` of another.
+pub fn distinct(c: &[f64], d: usize, threshold: f64) -> usize {
+    let rows: Vec<&[f64]> = c.chunks_exact(d).collect();
+    let merged = (1..rows.len())
+        .filter(|&j| rows[..j].iter().any(|other| linalg::norm(&other.iter().zip(rows[j]).map(|(a, b)| a - b).collect::<Vec<_>>()) <= threshold))
+        .count();
+    rows.len() - merged
+}
+
+/// The solver's state across iterations.
+struct Solver<'m, M> {
+    map: &'m mut M,
+    s: Settings,
+    /// Per coordinate, the range of the weights (centroids must stay in it).
+    bounds: Vec<(f64, f64)>,
+    /// Unknowns of centroids that were dead at the start (kept fixed).
+    dead: Vec<bool>,
+    report: ForwardReport,
+}
+
+impl<M: KmeansMap> Solver<'_, M> {
+    fn evaluate(&mut self, c: Vec<f64>) -> Result<Point> {
+        let eval = self.map.evaluate(&c)?;
+        Ok(Point::new(c, eval, &self.dead, self.s.d))
+    }
+
+    /// The shifted matrix and its factor at `p`, the shift and the unshifted
+    /// matrix; no factor for the Euclidean distance where the spectral
+    /// radius of J is at least 1 (an unstable region, which plain steps
+    /// leave and Newton steps could converge into).
+    fn factor(&mut self, p: &Point) -> Result<(Option<Factor>, f64, Vec<f64>)> {
+        let n = p.c.len();
+        let (raw, symmetric) = match self.s.distance {
+            Distance::Squared => (self.map.matrix(&p.c, &p.c, &vec![1.0; self.s.k])?, true),
+            Distance::Euclidean => {
+                let inv_mass = p.eval.moments.inverse_mass();
+                (self.map.matrix(&p.c, &p.f(), &inv_mass)?, false)
+            }
+        };
+        // The unshifted matrix A: B = D - M (symmetrised) or I - J.
+        let mut a = vec![0.0; n * n];
+        for i in 0..n {
+            for j in 0..n {
+                a[i * n + j] = if self.dead[i] || self.dead[j] {
+                    f64::from(u8::from(i == j))
+                } else if symmetric {
+                    f64::from(u8::from(i == j)) * p.mass[i] - 0.5 * (raw[i * n + j] + raw[j * n + i])
+                } else {
+                    // J = (J^T)^T.
+                    f64::from(u8::from(i == j)) - raw[j * n + i]
+                };
+            }
+        }
+        if !symmetric {
+            let j: Vec<f64> = a.iter().enumerate().map(|(i, &x)| f64::from(u8::from(i / n == i % n)) - x).collect();
+            if linalg::spectral_radius(&j, n) >= 1.0 {
+                return Ok((None, f64::INFINITY, a));
+            }
+        }
+        let mut shift = 0.0;
+        loop {
+            let shifted: Vec<f64> = if shift == 0.0 {
+                a.clone()
+            } else {
+                let mut s = a.clone();
+                for i in (0..n).filter(|&i| !self.dead[i]) {
+                    s[i * n + i] += shift * if symmetric { p.mass[i] } else { 1.0 };
+                }
+                s
+            };
+            let factor = if symmetric {
+                Cholesky::new(&shifted, n).map(|chol| Factor::Symmetric { chol, mass: p.mass.clone(), dead: self.dead.clone() })
+            } else {
+                Lu::new(&shifted, n).map(|lu| Factor::General { lu, dead: self.dead.clone() })
+            };
+            if let Some(factor) = factor {
+                return Ok((Some(factor), shift, a));
+            }
+            shift = if shift == 0.0 { FIRST_SHIFT } else { shift * 4.0 };
+            if shift > 1e12 {
+                // Not reachable for a matrix with finite entries; a NaN would end here.
+                return Err(crate::error::Error::Config("k-means Newton solve: the curvature matrix is not finite".into()));
+            }
+        }
+    }
+
+    /// Whether `c` may be tried: finite, in the weights' range, and (d = 1)
+    /// in the same order as `from` with no gap shrunk below
+    /// [`MIN_GAP_RATIO`] of what it was.
+    fn admissible(&self, c: &[f64], from: &[f64]) -> bool {
+        let d = self.s.d;
+        let in_range = c.iter().enumerate().all(|(i, &x)| {
+            let (lo, hi) = self.bounds[i % d];
+            x.is_finite() && x >= lo && x <= hi
+        });
+        in_range
+            && (d != 1
+                || c.windows(2).zip(from.windows(2)).all(|(new, old)| {
+                    let (gap, was) = (new[1] - new[0], old[1] - old[0]);
+                    if was > 0.0 { gap >= MIN_GAP_RATIO * was } else { gap >= 0.0 }
+                }))
+    }
+
+    /// Whether `next` keeps every live centroid of `p` alive.
+    fn keeps_mass(&self, p: &Point, next: &Point) -> bool {
+        p.eval.moments.mass.iter().zip(&next.eval.moments.mass).all(|(&was, &now)| was < MIN_MASS || now >= MIN_MASS)
+    }
+
+    /// Whether `next` is an acceptable result of the step `delta` (scaled
+    /// by `alpha`) from `p`.
+    fn accepts(&self, p: &Point, next: &Point, delta: &[f64], alpha: f64, unshifted: bool) -> bool {
+        if !self.keeps_mass(p, next) || !next.merit.is_finite() {
+            return false;
+        }
+        let energy = match (p.eval.energy, next.eval.energy, self.s.distance) {
+            (Some(e0), Some(e1), Distance::Squared) => Some((e0, e1)),
+            _ => None,
+        };
+        match energy {
+            Some((e0, e1)) => {
+                // dE/dalpha = -2 (D r) . delta.
+                let slope = -2.0 * p.r.iter().zip(&p.mass).zip(delta).map(|((r, s), d)| r * s * d).sum::<f64>();
+                e1 <= e0 + ARMIJO * alpha * slope || (unshifted && next.merit < p.merit)
+            }
+            None => next.merit < (1.0 - ARMIJO * alpha) * p.merit,
+        }
+    }
+
+    fn finish(&mut self, p: &Point, factor: Option<(&Factor, &[f64])>) {
+        (self.report.weight_passes, self.report.bin_passes) = self.map.passes();
+        let spread = self.s.spread.max(f64::MIN_POSITIVE);
+        self.report.residual = max_norm(&p.r, self.s.d) / spread;
+        self.report.distinct = distinct(&p.c, self.s.d, DISTINCT * spread);
+        if let Some((factor, a)) = factor {
+            let n = p.c.len();
+            // I - J from the unshifted matrix: D^-1 B for the symmetric form.
+            let i_minus_j: Vec<f64> = match factor {
+                Factor::Symmetric { mass, .. } => a.iter().enumerate().map(|(i, &x)| x / mass[i / n]).collect(),
+                Factor::General { .. } => a.to_vec(),
+            };
+            self.report.cond = Lu::new(&i_minus_j, n).map(|lu| linalg::condition(&i_minus_j, &lu));
+        }
+    }
+}
+
+/// A factored matrix and the point it was assembled at.
+struct Assembled {
+    factor: Factor,
+    /// The centroids it was assembled at; `None` for the factor of another
+    /// solve (other weights).
+    at: Option<Vec<f64>>,
+    /// Its shift (0: the matrix itself).
+    shift: f64,
+    /// The unshifted matrix, when assembled in this solve.
+    matrix: Option<Vec<f64>>,
+}
+
+/// A chord step (with a matrix assembled elsewhere) is taken only while the
+/// steps shrink at least this fast; otherwise the matrix is assembled anew.
+const CHORD_RATE: f64 = 0.25;
+
+/// Newton's method from `c0` (k x d) on `map`: see the module docs.
+/// `bounds` is the range of the weights per coordinate. `warm`, the factor
+/// of a previous solve at `c0` (for other weights), serves as the first
+/// matrix: chord steps `B0 dC = D r` cost one k-means pass each and are
+/// taken while they shrink by [`CHORD_RATE`] or faster. With `settle`, the
+/// matrix is assembled at the fixed point unless the last one was assembled
+/// within the tolerance of it, so that the factor returned is that of the
+/// fixed point (for the backward) and the report's stability and condition
+/// are the fixed point's.
+pub fn solve<M: KmeansMap>(
+    map: &mut M,
+    c0: &[f64],
+    bounds: Vec<(f64, f64)>,
+    settings: Settings,
+    warm: Option<&Factor>,
+    settle: bool,
+) -> Result<Solution> {
+    let (n, d) = (settings.k * settings.d, settings.d);
+    let spread = settings.spread.max(f64::MIN_POSITIVE);
+    let mut solver = Solver { map, s: settings, bounds, dead: vec![false; n], report: ForwardReport::default() };
+    let mut c = c0.to_vec();
+    solver.map.round(&mut c);
+    let mut p = solver.evaluate(c)?;
+    solver.dead = p.eval.moments.mass.iter().flat_map(|&s| std::iter::repeat_n(s <= DEAD_MASS, d)).collect();
+    p = Point::new(p.c, p.eval, &solver.dead, d);
+    let warm_dead = |f: &Factor| match f {
+        Factor::Symmetric { dead, .. } | Factor::General { dead, .. } => dead.len() == n,
+    };
+    let mut current: Option<Assembled> = warm
+        .filter(|f| warm_dead(f))
+        .map(|factor| Assembled { factor: factor.clone(), at: None, shift: 0.0, matrix: None });
+    let mut previous_step = f64::INFINITY;
+    let mut chord_failed = false;
+    while solver.report.iterations < settings.max_iter {
+        solver.report.iterations += 1;
+        // The current matrix, if it was assembled here or its chord step
+        // still contracts; else a new one.
+        let first_warm = warm.is_some() && solver.report.iterations == 1;
+        let chord_step = current
+            .as_ref()
+            .filter(|cur| cur.at.as_ref() != Some(&p.c) && cur.shift == 0.0 && !chord_failed)
+            .map(|cur| cur.factor.step(&p.r, &p.mass));
+        let keep = chord_step
+            .as_ref()
+            .is_some_and(|step| first_warm || (previous_step.is_finite() && max_norm(step, d) <= CHORD_RATE * previous_step));
+        if !keep && current.as_ref().is_none_or(|cur| cur.at.as_ref() != Some(&p.c)) {
+            chord_failed = false;
+            let (factor, shift, matrix) = solver.factor(&p)?;
+            let Some(factor) = factor else {
+                // Euclidean distance, unstable region: a plain step.
+                solver.report.plain_steps += 1;
+                solver.report.stable = Some(false);
+                previous_step = f64::INFINITY;
+                current = None;
+                let mut f = p.f();
+                solver.map.round(&mut f);
+                p = solver.evaluate(f)?;
+                continue;
+            };
+            current = Some(Assembled { factor, at: Some(p.c.clone()), shift, matrix: Some(matrix) });
+        }
+        let cur = current.as_ref().expect("a matrix");
+        let fresh = cur.at.as_ref() == Some(&p.c);
+        let delta = cur.factor.step(&p.r, &p.mass);
+        let size = max_norm(&delta, d);
+        let unshifted = cur.shift == 0.0;
+        tracing::trace!(
+            iteration = solver.report.iterations,
+            step = size / spread,
+            residual = max_norm(&p.r, d) / spread,
+            shift = cur.shift,
+            fresh,
+            energy = p.eval.energy,
+            "newton"
+        );
+        if fresh {
+            solver.report.stable = Some(unshifted);
+            solver.report.damped += usize::from(!unshifted);
+        }
+        // Converged: each centroid's step (an estimate of its distance to
+        // the fixed point) is within the tolerance or within two roundings
+        // of the centroid, or full steps stopped shrinking where rounding
+        // limits them.
+        let eps = solver.map.epsilon();
+        let within = delta.chunks_exact(d).zip(p.c.chunks_exact(d)).all(|(step, c)| {
+            linalg::norm(step) <= settings.tol.max(2.0 * eps * linalg::norm(c))
+        });
+        let stalled = size > 0.5 * previous_step && size <= STALLED * eps * spread;
+        solver.report.distance = size / spread;
+        if unshifted && (within || stalled) {
+            let mut c: Vec<f64> = p.c.iter().zip(&delta).map(|(c, x)| c + x).collect();
+            solver.map.round(&mut c);
+            if !solver.admissible(&c, &p.c) {
+                c.clone_from(&p.c);
+            }
+            solver.report.converged = true;
+            let cur = current.take().expect("a matrix");
+            let far = match &cur.at {
+                Some(at) => max_norm(&at.iter().zip(&c).map(|(a, b)| a - b).collect::<Vec<_>>(), d) > settings.tol,
+                None => true,
+            };
+            if settle && far {
+                // The matrix of the fixed point, for the backward and the report.
+                let q = solver.evaluate(c)?;
+                let (factor, shift, matrix) = solver.factor(&q)?;
+                let stable = factor.is_some() && shift == 0.0;
+                solver.report.stable = Some(stable);
+                solver.finish(&q, factor.as_ref().map(|f| (f, matrix.as_slice())));
+                let factor = factor.filter(|_| stable);
+                return Ok(Solution { factor_at: q.c.clone(), c: q.c, report: solver.report, factor });
+            }
+            solver.finish(&p, cur.matrix.as_deref().map(|m| (&cur.factor, m)));
+            let factor_at = cur.at.unwrap_or_default();
+            let factor = Some(cur.factor).filter(|_| !factor_at.is_empty());
+            return Ok(Solution { c, report: solver.report, factor, factor_at });
+        }
+        previous_step = if unshifted { size } else { f64::INFINITY };
+        // Line search: full step, then halvings; then a new matrix (after a
+        // chord step), or a plain step.
+        let mut next = None;
+        let mut alpha = 1.0;
+        for halving in 0..=MAX_HALVINGS {
+            let mut trial: Vec<f64> = p.c.iter().zip(&delta).map(|(c, x)| c + alpha * x).collect();
+            solver.map.round(&mut trial);
+            if solver.admissible(&trial, &p.c) {
+                let q = solver.evaluate(trial)?;
+                if solver.accepts(&p, &q, &delta, alpha, unshifted) {
+                    if halving > 0 {
+                        solver.report.backtracks += 1;
+                        previous_step = f64::INFINITY;
+                    }
+                    next = Some(q);
+                    break;
+                }
+            }
+            alpha *= 0.5;
+        }
+        p = match next {
+            Some(q) => q,
+            None if !fresh => {
+                chord_failed = true;
+                previous_step = f64::INFINITY;
+                continue;
+            }
+            None => {
+                solver.report.plain_steps += 1;
+                previous_step = f64::INFINITY;
+                let mut f = p.f();
+                solver.map.round(&mut f);
+                solver.evaluate(f)?
+            }
+        };
+    }
+    let stable = solver.report.stable != Some(false);
+    solver.finish(&p, current.as_ref().and_then(|cur| cur.matrix.as_deref().map(|m| (&cur.factor, m))));
+    let (factor, factor_at) = match current {
+        Some(Assembled { factor, at: Some(at), .. }) if stable => (Some(factor), at),
+        _ => (None, Vec::new()),
+    };
+    Ok(Solution { c: p.c, report: solver.report, factor, factor_at })
+}
+
+/// Corrects `solution`, found on an approximation of the map (bins), on
+/// the exact `map` (the weights): chord steps with the approximation's
+/// factor from one exact pass each, until the step is at most `tol` or
+/// `steps` passes were spent. The report's residual and distance become
+/// the exact pass's.
+pub fn refine<M: KmeansMap>(map: &mut M, solution: &mut Solution, settings: Settings, steps: usize) -> Result<()> {
+    let Some(factor) = &solution.factor else { return Ok(()) };
+    let d = settings.d;
+    let spread = settings.spread.max(f64::MIN_POSITIVE);
+    let dead: Vec<bool> = match factor {
+        Factor::Symmetric { dead, .. } | Factor::General { dead, .. } => dead.clone(),
+    };
+    let mut passes = map.passes();
+    for _ in 0..steps {
+        let eval = map.evaluate(&solution.c)?;
+        let (weights, bins) = map.passes();
+        (solution.report.weight_passes, solution.report.bin_passes) =
+            (solution.report.weight_passes + weights - passes.0, solution.report.bin_passes + bins - passes.1);
+        passes = (weights, bins);
+        let p = Point::new(solution.c.clone(), eval, &dead, d);
+        let delta = factor.step(&p.r, &p.mass);
+        let size = max_norm(&delta, d);
+        solution.report.residual = max_norm(&p.r, d) / spread;
+        solution.report.distance = size / spread;
+        let eps = map.epsilon();
+        let within = delta.chunks_exact(d).zip(p.c.chunks_exact(d)).all(|(step, c)| {
+            linalg::norm(step) <= settings.tol.max(2.0 * eps * linalg::norm(c))
+        });
+        let mut c: Vec<f64> = p.c.iter().zip(&delta).map(|(c, x)| c + x).collect();
+        map.round(&mut c);
+        solution.c = c;
+        if within {
+            return Ok(());
+        }
+    }
+    solution.report.converged = false;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::streaming::{self as pass, Geometry};
+
+    /// The map on f64 weights through the streaming passes.
+    struct Plain<'a> {
+        w: &'a [f64],
+        geo: Geometry,
+    }
+
+    impl KmeansMap for Plain<'_> {
+        fn round(&self, _: &mut [f64]) {}
+        fn evaluate(&mut self, c: &[f64]) -> Result<Evaluation> {
+            let (moments, energy) = pass::counted_reduce_energy(self.w, &[], c, &self.geo);
+            Ok(Evaluation { moments, energy: Some(energy) })
+        }
+        fn matrix(&mut self, c: &[f64], f: &[f64], inv_mass: &[f64]) -> Result<Vec<f64>> {
+            Ok(pass::adjoint_matrix(self.w, c, f, inv_mass, &self.geo))
+        }
+        fn passes(&self) -> (usize, usize) {
+            (0, 0)
+        }
+        fn epsilon(&self) -> f64 {
+            f64::EPSILON
+        }
+    }
+
+    fn settings(k: usize) -> Settings {
+        Settings { k, d: 1, distance: Distance::Squared, tol: 1e-12, spread: 1.0, max_iter: 50 }
+    }
+
+    #[test]
+    fn converges_quadratically_to_a_stable_fixed_point() {
+        // Three clumps; a start between them.
+        let w: Vec<f64> = (0..3000).map(|i| [-1.0, 0.2, 1.5][i % 3] + 0.3 * ((i as f64) * 0.61).sin()).collect();
+        let geo = Geometry { k: 3, d: 1, tau: 0.05, distance: Distance::Squared };
+        let mut map = Plain { w: &w, geo };
+        let sol = solve(&mut map, &[-0.5, 0.1, 0.9], vec![(-2.0, 2.0)], settings(3), None, true).unwrap();
+        let r = sol.report;
+        assert!(r.converged && r.stable == Some(true) && r.distinct == 3, "{r:?}");
+        assert!(r.iterations <= 8, "{r:?}");
+        // A fixed point: one more k-means step does not move it.
+        let m = pass::soft_assign_reduce(&w, &sol.c, &geo);
+        let mut next = sol.c.clone();
+        let shift = m.update(&sol.c, &mut next, 1);
+        assert!(shift < 1e-12, "shift {shift:e}");
+        // The factor solves the adjoint system (I - J^T) u = h.
+        let f = next;
+        let jt = pass::adjoint_matrix(&w, &sol.c, &f, &m.inverse_mass(), &geo);
+        let h = [0.3, -1.0, 0.7];
+        let u = sol.factor.unwrap().adjoint(&h);
+        let jtu = linalg::matvec(&jt, &u);
+        for i in 0..3 {
+            assert!((u[i] - jtu[i] - h[i]).abs() < 1e-9, "{u:?}");
+        }
+    }
+
+    #[test]
+    fn counts_distinct_centroids() {
+        assert_eq!(distinct(&[0.0, 1e-9, 1.0, 2.0], 1, 1e-6), 3);
+        assert_eq!(distinct(&[0.0, 0.0, 1.0, 1.0], 2, 1e-6), 2);
+    }
+}
