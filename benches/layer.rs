@@ -16,7 +16,7 @@
 
 use candle_core::{Device, Tensor, Var};
 use idkm::cluster::backward::Adjoint;
-use idkm::cluster::{ClusteredWeight, KmeansConfig, Method};
+use idkm::cluster::{ClusteredWeight, Forward, KmeansConfig, Method};
 use std::time::Instant;
 
 #[global_allocator]
@@ -50,9 +50,13 @@ fn step(layer: &ClusteredWeight, w: &Tensor, g: &Tensor) -> candle_core::Result<
     Ok(())
 }
 
-fn config(bits: u32, tau: f64, method: Method, t: usize) -> KmeansConfig {
-    // tol = 0: (almost) every configuration runs exactly t iterations.
-    KmeansConfig { bits, method, max_iter: t, tol: 0.0, tau, ..Default::default() }
+/// Plain steps (`t` of them: tol = 0) for DKM and the `plain` rows; the
+/// default Newton solve (to its tolerance) for the others.
+fn config(bits: u32, tau: Option<f64>, method: Method, forward: Forward, t: usize) -> KmeansConfig {
+    match forward {
+        Forward::Plain => KmeansConfig { bits, method, forward, max_iter: t, tol: 0.0, tau, ..Default::default() },
+        Forward::Newton => KmeansConfig { bits, method, tau, ..Default::default() },
+    }
 }
 
 fn gib(bytes: f64) -> f64 {
@@ -66,39 +70,55 @@ fn main() -> candle_core::Result<()> {
     let bits: Vec<u32> = std::env::var("IDKM_BENCH_BITS")
         .map(|s| s.split(',').filter_map(|x| x.trim().parse().ok()).collect())
         .unwrap_or_else(|_| vec![2, 4, 8]);
-    let taus: Vec<f64> = std::env::var("IDKM_BENCH_TAUS")
-        .map(|s| s.split(',').filter_map(|x| x.trim().parse().ok()).collect())
-        .unwrap_or_else(|_| vec![1e-4]);
+    // `auto` (the default) derives each layer's temperature from its weights.
+    let taus: Vec<Option<f64>> = std::env::var("IDKM_BENCH_TAUS")
+        .map(|s| s.split(',').map(|x| x.trim().parse().ok()).collect())
+        .unwrap_or_else(|_| vec![None]);
     let budget: f64 = std::env::var("IDKM_BENCH_BUDGET_GIB").ok().and_then(|s| s.parse().ok()).unwrap_or(16.0);
-    println!("| m | k | tau | method | t | fwd+bwd s | peak extra MiB | x weight bytes | k-means steps | solver steps | ns per pair and pass | ns per weight and pass |");
-    println!("|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| m | k | tau | method | forward | fwd+bwd s | peak extra MiB | x weight bytes | k-means iterations | passes (weights + bins) | distance | solver steps | ns per weight and pass |");
+    println!("|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     for &m in &sizes {
         let weight_bytes = (m * 4) as f64;
         let w = Tensor::randn(0f32, 0.05, (m, 1), &Device::Cpu)?;
         let g = Tensor::randn(0f32, 1.0, (m, 1), &Device::Cpu)?;
         for (&bits, &tau) in bits.iter().flat_map(|b| taus.iter().map(move |t| (b, t))) {
             let k = 1usize << bits;
+            let tau_text = tau.map_or("auto".to_string(), |t| format!("{t:e}"));
             // Calibrate DKM's bytes per attention element per iteration on a small slice.
             let probe = 16_384.min(m);
             let dkm_per_elem = {
-                let layer = ClusteredWeight::new("probe", config(bits, tau, Method::Dkm, 2))?;
+                let layer = ClusteredWeight::new("probe", config(bits, tau, Method::Dkm, Forward::Plain, 2))?;
                 let wp = w.narrow(0, 0, probe)?;
                 let gp = g.narrow(0, 0, probe)?;
                 step(&layer, &wp, &gp)?;
                 let (_, peak) = measure(|| step(&layer, &wp, &gp))?;
                 peak as f64 / (2 * probe * k) as f64
             };
-            let runs = [(Method::Dkm, 1), (Method::Dkm, 5), (Method::Dkm, 10), (Method::Dkm, 30), (Method::Idkm, 30), (Method::IdkmJfb, 30)];
-            for (method, t) in runs {
+            let (plain, newton) = (Forward::Plain, Forward::Newton);
+            let runs = [
+                (Method::Dkm, plain, 1),
+                (Method::Dkm, plain, 5),
+                (Method::Dkm, plain, 10),
+                (Method::Dkm, plain, 30),
+                (Method::Idkm, plain, 30),
+                (Method::IdkmJfb, plain, 30),
+                (Method::Idkm, newton, 0),
+                (Method::IdkmJfb, newton, 0),
+            ];
+            for (method, forward, t) in runs {
                 let name = method.to_string();
+                let solve = match forward {
+                    Forward::Plain => format!("plain t={t}"),
+                    Forward::Newton => "newton".to_string(),
+                };
                 if method == Method::Dkm {
                     let predicted = dkm_per_elem * (t * m * k) as f64;
                     if gib(predicted) > budget {
-                        println!("| {m} | {k} | {tau:e} | {name} | {t} | does not fit | ~{:.0} (predicted) | {:.0} | - | - | - | - |", predicted / 1048576.0, predicted / weight_bytes);
+                        println!("| {m} | {k} | {tau_text} | {name} | {solve} | does not fit | ~{:.0} (predicted) | {:.0} | - | - | - | - | - |", predicted / 1048576.0, predicted / weight_bytes);
                         continue;
                     }
                 }
-                let layer = ClusteredWeight::new("bench", config(bits, tau, method, t))?;
+                let layer = ClusteredWeight::new("bench", config(bits, tau, method, forward, t))?;
                 step(&layer, &w, &g)?; // initialise and warm start, as in training
                 // The median of three steps (IDKM's take a fraction of a
                 // second, where this machine's noise shows), the largest peak.
@@ -106,28 +126,31 @@ fn main() -> candle_core::Result<()> {
                 let mut runs = (0..reps).map(|_| measure(|| step(&layer, &w, &g))).collect::<candle_core::Result<Vec<_>>>()?;
                 runs.sort_by(|a, b| a.0.total_cmp(&b.0));
                 let (secs, peak) = (runs[reps / 2].0, runs.iter().map(|r| r.1).max().unwrap_or(0));
-                let forward = layer.last_forward().map_or(0, |r| r.steps);
+                let report = layer.last_forward().unwrap_or_default();
+                let passes = report.weight_passes + report.bin_passes;
                 let (solver, solved) = match layer.last_adjoint() {
+                    Some(Adjoint::Reused { .. }) => (Some(0), " (forward's factor)".to_string()),
                     Some(Adjoint::Solved(r)) => (Some(r.steps), String::new()),
                     Some(Adjoint::BestIterate(r)) => (Some(r.steps), format!(" (missed: best iterate, residual {:.0e})", r.rel_residual)),
                     Some(Adjoint::FellBackToJfb(r)) => (Some(r.steps), format!(" (diverged: JFB, residual {:.0e})", r.rel_residual)),
                     _ => (None, String::new()),
                 };
-                // Streaming passes over the weights: the forward's k-means steps,
-                // the soft output, the moments with the cotangent, each solver
-                // step and the weight gradient.
-                let (per_pair, per_weight) = match method {
-                    Method::Dkm => ("-".to_string(), "-".to_string()),
-                    _ => {
-                        let passes = (forward + 3 + solver.unwrap_or(0)) as f64;
-                        let per_weight = secs * 1e9 / (passes * m as f64);
-                        (format!("{:.2}", per_weight / k as f64), format!("{per_weight:.1}"))
-                    }
+                // Passes: the forward solve's, the soft output, the moments with
+                // the cotangent, each solver step and the weight gradient (an
+                // average: passes over bins and matrix passes cost otherwise).
+                let per_weight = match method {
+                    Method::Dkm => "-".to_string(),
+                    _ => format!("{:.1}", secs * 1e9 / ((passes + 3 + solver.unwrap_or(0)) as f64 * m as f64)),
                 };
+                let distance = if report.distance.is_finite() { format!("{:.1e}", report.distance) } else { "-".into() };
                 println!(
-                    "| {m} | {k} | {tau:e} | {name} | {t} | {secs:.2} | {:.1} | {:.2} | {forward} | {}{solved} | {per_pair} | {per_weight} |",
+                    "| {m} | {k} | {} | {name} | {solve} | {secs:.2} | {:.1} | {:.2} | {} | {} + {} | {distance} | {}{solved} | {per_weight} |",
+                    layer.tau().map_or(tau_text.clone(), |t| format!("{t:.2e}")),
                     peak as f64 / 1048576.0,
                     peak as f64 / weight_bytes,
+                    report.iterations,
+                    report.weight_passes,
+                    report.bin_passes,
                     solver.map_or("-".to_string(), |s| s.to_string()),
                 );
             }

@@ -101,12 +101,15 @@ fn main() -> anyhow::Result<()> {
     let iters: usize = env_or("IDKM_STEP_ITERS", "30").parse()?;
     let steady_bits: Vec<u32> = list("IDKM_STEP_STEADY_BITS", "4,8");
     let converge: usize = env_or("IDKM_STEP_CONVERGE_ITERS", "1000").parse()?;
+    // The plain rows run the earlier setting: an absolute tau (1e-4 at 4
+    // bits, 4x smaller per extra bit), at most `iters` plain steps stopped
+    // at a move of `plain_tol` of the spread. The Newton rows run the
+    // defaults: tau from each layer's weights, Newton to its tolerance.
     let tau4: f64 = env_or("IDKM_STEP_TAU", "1e-4").parse()?;
     let tau = |bits: u32| tau4 * 4f64.powi(4 - bits as i32);
-    let tol: f64 = match std::env::var("IDKM_STEP_TOL") {
-        Ok(v) => v.parse()?,
-        Err(_) => idkm::cluster::KmeansConfig::default().tol,
-    };
+    let plain_tol: f64 = env_or("IDKM_STEP_PLAIN_TOL", "1e-4").parse()?;
+    let forwards: Vec<String> = list("IDKM_STEP_FORWARDS", "newton,plain");
+    let newton = idkm::cluster::KmeansConfig::default();
     let methods: Vec<String> = list("IDKM_STEP_METHODS", "dkm,idkm,idkm-jfb");
     let allocs: Vec<AllocKind> = list(
         "IDKM_STEP_ALLOCS",
@@ -144,7 +147,8 @@ fn main() -> anyhow::Result<()> {
         cluster_dim: 1,
         iters,
         tol: 0.0,
-        tau: tau4,
+        tau: None,
+        forward: "plain".into(),
         solver: idkm::cluster::KmeansConfig::default().solver.to_string(),
         min_weights: idkm::quantize::QuantizePlan::MIN_WEIGHTS,
         classes: 10,
@@ -159,22 +163,15 @@ fn main() -> anyhow::Result<()> {
     let mut configs = vec![(base.clone(), true)];
     for &b in &bits {
         for m in &methods {
-            let ts: Vec<usize> = if m == "dkm" {
-                dkm_iters.clone()
-            } else {
-                vec![iters]
-            };
-            for t in ts {
-                // DKM runs exactly t iterations: its memory grows with them.
-                let c = StepConfig {
-                    method: m.clone(),
-                    bits: b,
-                    tau: tau(b),
-                    iters: t,
-                    tol: if m == "dkm" { 0.0 } else { tol },
-                    ..base.clone()
-                };
-                configs.push((c, false));
+            if m == "dkm" {
+                // DKM runs exactly t plain steps: its memory grows with them.
+                for &t in &dkm_iters {
+                    configs.push((StepConfig { method: m.clone(), bits: b, iters: t, ..base.clone() }, false));
+                }
+                continue;
+            }
+            for f in &forwards {
+                configs.push((solve_config(&base, m, b, f, None, &newton, tau(b), plain_tol), false));
             }
         }
     }
@@ -182,15 +179,9 @@ fn main() -> anyhow::Result<()> {
     // fixed point (reached here by up to `converge` iterations first).
     for &b in &steady_bits {
         for m in methods.iter().filter(|m| *m != "dkm") {
-            let c = StepConfig {
-                method: m.clone(),
-                bits: b,
-                tau: tau(b),
-                tol,
-                converge_iters: Some(converge),
-                ..base.clone()
-            };
-            configs.push((c, false));
+            for f in &forwards {
+                configs.push((solve_config(&base, m, b, f, Some(converge), &newton, tau(b), plain_tol), false));
+            }
         }
     }
     let channels = if arch == "small-cnn" { 1 } else { 3 };
@@ -218,6 +209,26 @@ fn main() -> anyhow::Result<()> {
     let report = |r: &Record| eprintln!("{}", memory::table_row(r));
     let records = memory::profile(&shape, &plan, budget, timeout, command, report)?;
     finish(&records, batch, steps, &bits, budget, &out_dir)
+}
+
+/// A Newton row (the defaults) or a plain row (absolute `tau`, plain steps
+/// stopped at `plain_tol`) of `method` at `bits`.
+#[allow(clippy::too_many_arguments)]
+fn solve_config(
+    base: &StepConfig,
+    method: &str,
+    bits: u32,
+    forward: &str,
+    converge: Option<usize>,
+    newton: &idkm::cluster::KmeansConfig,
+    tau: f64,
+    plain_tol: f64,
+) -> StepConfig {
+    let common = StepConfig { method: method.into(), bits, forward: forward.into(), converge_iters: converge, ..base.clone() };
+    match forward {
+        "newton" => StepConfig { tau: None, tol: newton.tol, iters: newton.max_iter, ..common },
+        _ => StepConfig { tau: Some(tau), tol: plain_tol, ..common },
+    }
 }
 
 fn finish(

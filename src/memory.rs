@@ -43,7 +43,7 @@
 //! `--memory-budget`, with the alternatives that fit.
 
 use crate::cluster::backward::Adjoint;
-use crate::cluster::{ClusteredWeight, KmeansConfig, Method, Solver};
+use crate::cluster::{ClusteredWeight, Forward, KmeansConfig, Method, Solver};
 use crate::model::{Arch, Model, Weights};
 use crate::quantize::{Clustering, QuantizePlan};
 use crate::train::{Optimizer, OptimizerKind, SgdConfig};
@@ -1083,8 +1083,11 @@ pub struct StepConfig {
     pub iters: usize,
     /// k-means tolerance: 0 runs exactly `iters` iterations.
     pub tol: f64,
-    /// Softmax temperature.
-    pub tau: f64,
+    /// Softmax temperature; `None` derives it from each layer's weights.
+    pub tau: Option<f64>,
+    /// How the forward pass reaches the fixed point: `newton` or `plain`.
+    #[serde(default = "default_forward")]
+    pub forward: String,
     /// Adjoint solver of IDKM.
     pub solver: String,
     /// Layers with fewer weights stay in float.
@@ -1111,6 +1114,10 @@ pub struct StepConfig {
     pub converge_iters: Option<usize>,
 }
 
+fn default_forward() -> String {
+    Forward::default().to_string()
+}
+
 impl StepConfig {
     /// A short label such as `idkm 4-bit t=30` or `fp32`.
     pub fn label(&self) -> String {
@@ -1118,7 +1125,11 @@ impl StepConfig {
             "fp32".into()
         } else {
             let steady = if self.converge_iters.is_some() { " steady" } else { "" };
-            format!("{} {}-bit t={}{steady}", self.method, self.bits, self.iters)
+            let solve = match self.forward.as_str() {
+                "newton" if self.method != "dkm" => "newton".to_string(),
+                _ => format!("t={}", self.iters),
+            };
+            format!("{} {}-bit {solve}{steady}", self.method, self.bits)
         }
     }
 
@@ -1146,6 +1157,7 @@ impl StepConfig {
             bits: self.bits,
             cluster_dim: self.cluster_dim,
             tau: self.tau,
+            forward: self.forward.parse()?,
             max_iter: self.iters,
             tol: self.tol,
             method,
@@ -1197,6 +1209,24 @@ pub struct LayerReport {
     pub transient_bytes: u64,
     /// k-means iterations of the last forward pass.
     pub forward_iters: Option<usize>,
+    /// Passes (over the weights and over bins) of the last forward solve.
+    #[serde(default)]
+    pub forward_passes: Option<usize>,
+    /// Its distance estimate to the fixed point, relative to the spread.
+    #[serde(default)]
+    pub forward_distance: Option<f64>,
+    /// `cond(I - J)` at its fixed point (Newton only).
+    #[serde(default)]
+    pub forward_cond: Option<f64>,
+    /// Distinct centroids at its fixed point.
+    #[serde(default)]
+    pub distinct: Option<usize>,
+    /// The layer's temperature.
+    #[serde(default)]
+    pub tau: Option<f64>,
+    /// Plain steps the Newton solve fell back to.
+    #[serde(default)]
+    pub forward_fallbacks: Option<usize>,
     /// How the adjoint was obtained: `solved`, `best-iterate`, `jfb-fallback`, `jfb`, or none (DKM).
     pub adjoint: Option<String>,
     /// Solver steps of the last backward (IDKM).
@@ -1347,6 +1377,7 @@ fn adjoint_report(a: Option<Adjoint>) -> (Option<String>, Option<usize>, Option<
             Some(r.steps),
             Some(r.rel_residual),
         ),
+        Some(Adjoint::Reused { .. }) => (Some("reused".into()), Some(0), None),
     }
 }
 
@@ -1362,6 +1393,9 @@ fn converge(model: &Model, clustering: &Clustering, iters: usize) -> anyhow::Res
         long.forward(&w.detach())?;
         let c = long.centroids().with_context(|| format!("no centroids for {name}"))?;
         layer.set_centroids(c)?;
+        if let Some(tau) = long.tau() {
+            layer.set_tau(tau)?;
+        }
     }
     Ok(())
 }
@@ -1460,12 +1494,19 @@ pub fn run_steps(config: &StepConfig) -> anyhow::Result<Measured> {
                 let layer = c.layers().get(&s.name)?;
                 let (kept, transient) = layer_bytes(s.numel, cfg);
                 let (adjoint, solver_steps, residual) = adjoint_report(layer.last_adjoint());
+                let forward = layer.last_forward();
                 Some(LayerReport {
                     name: s.name.clone(),
                     numel: s.numel,
                     kept_bytes: kept,
                     transient_bytes: transient,
-                    forward_iters: layer.last_forward().map(|r| r.steps),
+                    forward_iters: forward.map(|r| r.iterations),
+                    forward_passes: forward.map(|r| r.weight_passes + r.bin_passes),
+                    forward_distance: forward.map(|r| r.distance).filter(|d| d.is_finite()),
+                    forward_cond: forward.and_then(|r| r.cond),
+                    distinct: forward.map(|r| r.distinct),
+                    tau: layer.tau(),
+                    forward_fallbacks: forward.map(|r| r.plain_steps),
                     adjoint,
                     solver_steps,
                     residual,
@@ -1795,21 +1836,26 @@ pub fn table(records: &[Record]) -> String {
 /// Per clustered layer of each measured record: predicted extra bytes,
 /// forward iterations, solver steps and residual (Markdown).
 pub fn layer_table(records: &[Record]) -> String {
-    let mut s = String::from("| config | layer | weights | kept MiB (pred.) | in-flight MiB (pred.) | k-means iters | adjoint | solver steps | residual |\n|---|---|---:|---:|---:|---:|---|---:|---:|\n");
+    let mut s = String::from("| config | layer | weights | kept MiB (pred.) | in-flight MiB (pred.) | tau | k-means iters | passes | distance | cond | distinct | fallbacks | adjoint | solver steps | residual |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|\n");
+    let opt = |x: Option<String>| x.unwrap_or_else(|| "-".into());
     for r in records {
         let Some(m) = r.measured() else { continue };
         for l in &m.layers {
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | {:.1} | {:.1} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {:.1} | {:.1} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 r.config.label(),
                 l.name,
                 l.numel,
                 l.kept_bytes as f64 / (1u64 << 20) as f64,
                 l.transient_bytes as f64 / (1u64 << 20) as f64,
-                l.forward_iters
-                    .map(|i| i.to_string())
-                    .unwrap_or_else(|| "-".into()),
+                opt(l.tau.map(|t| format!("{t:.2e}"))),
+                opt(l.forward_iters.map(|i| i.to_string())),
+                opt(l.forward_passes.map(|i| i.to_string())),
+                opt(l.forward_distance.map(|x| format!("{x:.1e}"))),
+                opt(l.forward_cond.map(|x| format!("{x:.0}"))),
+                opt(l.distinct.map(|x| x.to_string())),
+                opt(l.forward_fallbacks.map(|x| x.to_string())),
                 l.adjoint.as_deref().unwrap_or("-"),
                 l.solver_steps
                     .map(|i| i.to_string())

@@ -5,7 +5,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use idkm::cluster::backward::Adjoint;
 use super::common::KmeansArgs;
-use idkm::cluster::ClusteredWeight;
+use idkm::cluster::{ClusteredWeight, Forward, ForwardReport, Method};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -92,7 +92,10 @@ pub fn run(a: ClusterArgs) -> Result<()> {
     out.insert("indices".to_string(), indices);
     print_summary(&name, &layer, &out, seconds)?;
     if let Some(path) = &a.output {
-        idkm::io::save_safetensors(&out, path).with_context(|| format!("writing {}", path.display()))?;
+        let tau = layer.tau().context("the temperature was not set")?;
+        let metadata = HashMap::from([("tau".to_string(), tau.to_string())]);
+        let tensors = out.into_iter().collect();
+        idkm::checkpoint::save(&tensors, &metadata, path).with_context(|| format!("writing {}", path.display()))?;
         tracing::info!(path = %path.display(), "wrote results");
     }
     Ok(())
@@ -130,6 +133,40 @@ fn example_layer() -> Result<(Tensor, Tensor)> {
     Ok((w, g))
 }
 
+/// The forward solve's line of the summary.
+fn forward_summary(cfg: &idkm::cluster::KmeansConfig, r: &ForwardReport) -> String {
+    let k = cfg.k();
+    if cfg.method == Method::Dkm {
+        return format!("k-means         {} steps recorded by autograd; {} of {k} centroids distinct", r.iterations, r.distinct);
+    }
+    let passes = match (r.weight_passes, r.bin_passes) {
+        (w, 0) => format!("{w} passes"),
+        (w, b) => format!("{w} passes over the weights + {b} over bins"),
+    };
+    let outcome = if r.converged { "converged" } else { "stopped at --max-iter" };
+    let mut line = match cfg.forward {
+        Forward::Newton => format!(
+            "k-means         newton: {} iterations, {passes}, {outcome}; distance to the fixed point {:.1e} of the spread, residual {:.1e}",
+            r.iterations, r.distance, r.residual
+        ),
+        Forward::Plain => format!("k-means         {} plain steps ({passes}), {outcome}; last move {:.1e} of the spread", r.iterations, r.distance),
+    };
+    let stable = match r.stable {
+        Some(true) => ", stable",
+        Some(false) => ", NOT stable",
+        None => "",
+    };
+    let cond = r.cond.map(|c| format!(", cond(I - J) {c:.0}")).unwrap_or_default();
+    line.push_str(&format!("\nfixed point     {} of {k} centroids distinct{stable}{cond}", r.distinct));
+    if r.damped + r.backtracks + r.plain_steps > 0 {
+        line.push_str(&format!(
+            "\nsafeguards      {} damped iterations, {} shortened steps, {} plain steps",
+            r.damped, r.backtracks, r.plain_steps
+        ));
+    }
+    line
+}
+
 /// Prints what was computed, for a person at a terminal.
 fn print_summary(name: &str, layer: &ClusteredWeight, out: &HashMap<String, Tensor>, seconds: f64) -> Result<()> {
     use std::io::Write;
@@ -140,19 +177,24 @@ fn print_summary(name: &str, layer: &ClusteredWeight, out: &HashMap<String, Tens
     let vectors = numel / cfg.cluster_dim;
     let packed = (vectors * cfg.bits as usize).div_ceil(8) + k * cfg.cluster_dim * 4;
     writeln!(o, "tensor          {name} {:?} ({numel} weights)", soft.dims())?;
-    writeln!(o, 
-        "clustering      {} | {} bits, k = {k}, d = {} | tau = {} | {} distance",
-        cfg.method, cfg.bits, cfg.cluster_dim, cfg.tau, cfg.distance
-    )?;
+    let tau = match (cfg.tau, layer.tau()) {
+        (Some(tau), _) => format!("tau = {tau:.3e} (given)"),
+        (None, Some(tau)) => format!("tau = {tau:.3e} ({} x the hard-quantization error)", cfg.tau_scale),
+        (None, None) => "tau not set".into(),
+    };
+    writeln!(o, "clustering      {} | {} bits, k = {k}, d = {} | {tau} | {} distance", cfg.method, cfg.bits, cfg.cluster_dim, cfg.distance)?;
     if let Some(r) = layer.last_forward() {
-        let shift = if r.shift.is_nan() { "recorded by autograd".to_string() } else { format!("last centroid move {:.2e}", r.shift) };
-        writeln!(o, "k-means         {} steps ({shift})", r.steps)?;
+        writeln!(o, "{}", forward_summary(cfg, &r))?;
     }
     match layer.last_adjoint() {
         Some(Adjoint::JacobianFree) => writeln!(o, "adjoint         u = h (Jacobian-free)")?,
         Some(Adjoint::Solved(r)) => writeln!(o, "adjoint         {} solved in {} steps (relative residual {:.1e})", cfg.solver, r.steps, r.rel_residual)?,
         Some(Adjoint::BestIterate(r)) => writeln!(o, "adjoint         {} missed its tolerance: best iterate after {} steps (residual {:.1e})", cfg.solver, r.steps, r.rel_residual)?,
         Some(Adjoint::FellBackToJfb(r)) => writeln!(o, "adjoint         {} diverged after {} steps (residual {:.1e}): JFB used", cfg.solver, r.steps, r.rel_residual)?,
+        Some(Adjoint::Reused { distance }) => writeln!(
+            o,
+            "adjoint         dense, the forward solve's factorisation (assembled {distance:.1e} of the spread from the fixed point)"
+        )?,
         None if out.contains_key("grad_weight") => writeln!(o, "adjoint         autograd through the recorded iterations")?,
         None => {}
     }

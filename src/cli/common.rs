@@ -3,7 +3,8 @@
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use idkm::checkpoint::{self, LoadOptions};
-use idkm::cluster::{Distance, Init, KmeansConfig, Method, Solver};
+use idkm::cluster::config::{DEFAULT_NEWTON_ITER, DEFAULT_PLAIN_ITER, DEFAULT_TAU_SCALE};
+use idkm::cluster::{Distance, Forward, Init, KmeansConfig, Method, Solver};
 use idkm::data::{self, DataSplit};
 use idkm::hub::{self, ModelSource};
 use idkm::model::{Arch, Model};
@@ -20,11 +21,23 @@ pub struct KmeansArgs {
     /// Consecutive weights per vector: 1, 2, 4 or 8.
     #[arg(long, default_value_t = 1)]
     pub cluster_dim: usize,
-    /// Softmax temperature, in squared weight units (squared distance): how
-    /// far a weight's attention reaches relative to the centroid spacing;
-    /// 4x smaller per extra bit keeps that reach (1e-4 at 4 bits, 3.9e-7 at 8).
-    #[arg(long, default_value_t = KmeansConfig::default().tau)]
-    pub tau: f64,
+    /// Softmax temperature for every layer, absolute (squared weight units
+    /// with the squared distance) [default: derived from each layer's own
+    /// weights, see --tau-scale].
+    #[arg(long)]
+    pub tau: Option<f64>,
+    /// Without --tau, each layer's temperature is this times its
+    /// hard-quantization error (the mean squared distance of a weight to its
+    /// nearest initial centroid, per coordinate): small enough that every
+    /// centroid stays distinct and the fixed point well conditioned.
+    #[arg(long, default_value_t = DEFAULT_TAU_SCALE)]
+    pub tau_scale: f64,
+    /// How the forward pass reaches the k-means fixed point: newton (to
+    /// the fixed point, where the implicit gradient is exact) or plain
+    /// (k-means steps until --tol or --max-iter, as in the DKM and IDKM
+    /// papers; DKM always steps).
+    #[arg(long, default_value_t = Forward::Newton)]
+    pub forward: Forward,
     /// squared | euclidean.
     #[arg(long, default_value_t = Distance::Squared)]
     pub distance: Distance,
@@ -34,11 +47,15 @@ pub struct KmeansArgs {
     /// Adjoint solver: auto | dense | cg | gmres | neumann.
     #[arg(long, default_value_t = KmeansConfig::default().solver)]
     pub solver: Solver,
-    /// Maximum k-means iterations.
-    #[arg(long, default_value_t = KmeansConfig::default().max_iter)]
-    pub max_iter: usize,
-    /// k-means tolerance: the largest centroid move, relative to the spread of
-    /// the weights (their RMS distance from the mean); 0 runs --max-iter steps.
+    /// Most iterations per forward pass: Newton iterations, or plain
+    /// k-means steps (which DKM unrolls) [default: 100 with newton, 30 with
+    /// plain steps or DKM].
+    #[arg(long)]
+    pub max_iter: Option<usize>,
+    /// k-means tolerance relative to the spread of the weights (their RMS
+    /// distance from the mean): Newton stops when its step, the distance to
+    /// the fixed point, is below it (0: as far as rounding allows); plain
+    /// steps when a step moves no centroid further (0: exactly --max-iter).
     #[arg(long, default_value_t = KmeansConfig::default().tol)]
     pub tol: f64,
     /// Relative residual of the adjoint solve.
@@ -47,8 +64,9 @@ pub struct KmeansArgs {
     /// Maximum adjoint solver steps.
     #[arg(long, default_value_t = KmeansConfig::default().solver_max_steps)]
     pub solver_max_steps: usize,
-    /// Initialisation: kmeans++ | optimal-1d.
-    #[arg(long, default_value_t = Init::KmeansPlusPlus)]
+    /// Initialisation: auto (optimal-1d for scalar weights, else kmeans++)
+    /// | kmeans++ | optimal-1d.
+    #[arg(long, default_value_t = Init::Auto)]
     pub init: Init,
 }
 
@@ -56,11 +74,14 @@ impl KmeansArgs {
     /// The clustering configuration these arguments describe, with `seed`
     /// for the initialisation.
     pub fn config(&self, seed: u64) -> KmeansConfig {
+        let steps = self.method == Method::Dkm || self.forward == Forward::Plain;
         KmeansConfig {
             bits: self.bits,
             cluster_dim: self.cluster_dim,
             tau: self.tau,
-            max_iter: self.max_iter,
+            tau_scale: self.tau_scale,
+            forward: self.forward,
+            max_iter: self.max_iter.unwrap_or(if steps { DEFAULT_PLAIN_ITER } else { DEFAULT_NEWTON_ITER }),
             tol: self.tol,
             distance: self.distance,
             method: self.method,

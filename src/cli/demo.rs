@@ -34,9 +34,10 @@ pub struct DemoArgs {
     /// Bits per weight of the clustered layers.
     #[arg(long, default_value_t = 2)]
     bits: u32,
-    /// Softmax temperature of the clustering.
-    #[arg(long, default_value_t = 2e-4)]
-    tau: f64,
+    /// Softmax temperature of the clustering [default: derived from each
+    /// layer's weights].
+    #[arg(long)]
+    tau: Option<f64>,
     /// Seed of everything.
     #[arg(long, default_value_t = 0)]
     seed: u64,

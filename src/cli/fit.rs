@@ -5,6 +5,7 @@ use anyhow::{Context, Result};
 use candle_core::Device;
 use idkm::data::{Augment, Batcher, DataSplit, Dataset};
 use idkm::model::{Model, Weights};
+use idkm::cluster::layer::ForwardStats;
 use idkm::quantize::{snapshot, Clustering, LutDType};
 use idkm::train::{evaluate, EpochStats, Trainer};
 use std::io::Write;
@@ -16,6 +17,28 @@ pub struct EpochReport {
     pub test: EpochStats,
     /// Test accuracy with hard (palettized) weights, when clustering.
     pub hard: Option<EpochStats>,
+}
+
+/// One line on an epoch's forward k-means solves.
+fn solve_summary(s: &ForwardStats) -> String {
+    let mut line = format!(
+        "k-means: {} solves, {:.1} iterations (at most {}), {:.1} passes each; distance to the fixed point <= {:.1e} of the spread",
+        s.solves,
+        s.iterations as f64 / s.solves as f64,
+        s.max_iterations,
+        s.passes as f64 / s.solves as f64,
+        s.max_distance,
+    );
+    if s.max_cond > 0.0 {
+        line.push_str(&format!(", cond(I - J) <= {:.0}", s.max_cond));
+    }
+    line.push_str(&format!(", >= {} distinct centroids", s.min_distinct));
+    for (count, what) in [(s.plain_steps, "plain fallback steps"), (s.unconverged, "solves at --max-iter"), (s.unstable, "unstable ends")] {
+        if count > 0 {
+            line.push_str(&format!(", {count} {what}"));
+        }
+    }
+    line
 }
 
 /// Evaluation batches over `data` (fixed order, no augmentation).
@@ -57,6 +80,7 @@ pub fn fit(
         );
         let label = format!("epoch {}/{}", epoch + 1, args.epochs);
         let train = trainer.epoch(model, &weights, batches, &label)?;
+        let solves = clustering.map(Clustering::take_stats);
         let (test, hard) = match clustering {
             None => (evaluate(model, &Weights::Float, eval_batches(&split.test, split, 256, device), "test")?, None),
             Some(c) => {
@@ -78,6 +102,9 @@ pub fn fit(
             train.seconds,
             peak_rss().map(mib).unwrap_or_else(|| "?".into()),
         )?;
+        if let Some(stats) = solves.filter(|s| s.solves > 0) {
+            writeln!(out, "        {}", solve_summary(&stats))?;
+        }
         let mut extra = vec![("idkm.epoch", (epoch + 1).to_string()), ("idkm.test_accuracy", test.accuracy.to_string())];
         if let Some(h) = hard {
             extra.push(("idkm.hard_accuracy", h.accuracy.to_string()));

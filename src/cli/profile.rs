@@ -3,7 +3,7 @@
 //! (this binary, re-executed), beside the memory model's prediction.
 
 use anyhow::{bail, Context, Result};
-use idkm::cluster::{KmeansConfig, Method, Solver};
+use idkm::cluster::{Forward, KmeansConfig, Method, Solver};
 use idkm::memory::{self, AllocKind, Outcome, Record, StepConfig};
 use idkm::model::Arch;
 use idkm::quantize::QuantizePlan;
@@ -43,11 +43,14 @@ pub struct ProfileArgs {
     /// training part) [default: synthetic inputs of the model's shape].
     #[arg(long)]
     data: Option<PathBuf>,
-    /// Softmax temperature: one for all bit widths, or one per `--bits`
-    /// (`--bits 4,8 --tau 1e-4,3.9e-7` keeps the attention's reach relative
-    /// to the centroid spacing, as the step benchmark does).
-    #[arg(long, value_delimiter = ',', default_values_t = [KmeansConfig::default().tau])]
+    /// Softmax temperature, absolute: one for all bit widths, or one per
+    /// `--bits` [default: derived from each layer's weights].
+    #[arg(long, value_delimiter = ',')]
     tau: Vec<f64>,
+    /// How the forward pass reaches the fixed point: newton | plain (DKM
+    /// always steps).
+    #[arg(long, default_value_t = Forward::Newton)]
+    forward: Forward,
     /// k-means tolerance; 0 runs exactly t iterations in every step.
     #[arg(long, default_value_t = 0.0)]
     tol: f64,
@@ -117,14 +120,14 @@ pub fn run(a: ProfileArgs) -> Result<()> {
             .map(|m| m.saturating_sub(1 << 30))
             .unwrap_or(8 << 30),
     };
-    if a.tau.len() != 1 && a.tau.len() != a.bits.len() {
+    if a.tau.len() > 1 && a.tau.len() != a.bits.len() {
         bail!(
             "--tau takes one temperature for all bit widths or one per --bits: got {} for {} bit widths",
             a.tau.len(),
             a.bits.len()
         );
     }
-    let tau = |n: usize| a.tau[n.min(a.tau.len() - 1)];
+    let tau = |n: usize| a.tau.get(n.min(a.tau.len().saturating_sub(1))).copied();
     let channels = if arch == Arch::SmallCnn { 1 } else { 3 };
     let shape = memory::ModelShape::of_arch(arch, channels, a.classes)?;
     let base = StepConfig {
@@ -136,6 +139,7 @@ pub fn run(a: ProfileArgs) -> Result<()> {
         iters: a.iters.iter().copied().max().unwrap_or(30),
         tol: a.tol,
         tau: tau(0),
+        forward: a.forward.to_string(),
         solver: a.solver.to_string(),
         min_weights: a.min_weights,
         classes: a.classes,

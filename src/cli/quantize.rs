@@ -58,9 +58,12 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
     };
     a.budget.check(&model, Some(&clustering), &split, &a.optim)?;
     println!("{} on {} ({} train / {} test)", model.arch(), split.name, split.train.len(), split.test.len());
+    clustering.prepare(&model).context("initialising the clustering")?;
     for (name, layer) in clustering.layers() {
         let c = layer.config();
-        println!("  {name}: {} bits, d = {}, {}, tau {}", c.bits, c.cluster_dim, c.method, c.tau);
+        let rule = if c.tau.is_some() { "given".to_string() } else { format!("{} x its hard-quantization error", c.tau_scale) };
+        let tau = layer.tau().map_or("-".into(), |t| format!("{t:.3e}"));
+        println!("  {name}: {} bits, d = {}, {}, {} forward, tau {tau} ({rule})", c.bits, c.cluster_dim, c.method, c.forward);
     }
     fit(&model, Some(&clustering), &split, &a.optim, a.lut, &a.output, &device)?;
     Ok(())

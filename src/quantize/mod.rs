@@ -47,6 +47,22 @@ impl Clustering {
         }
     }
 
+    /// Initialises every clustered layer's centroids and temperature from
+    /// `model`'s weights (see [`ClusteredWeight::prepare`]).
+    pub fn prepare(&self, model: &Model) -> Result<()> {
+        for (name, w) in model.weights() {
+            if let Some(layer) = self.layers.get(&name) {
+                layer.prepare(&w)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The summary of every layer's forward solves since the last call, reset.
+    pub fn take_stats(&self) -> crate::cluster::layer::ForwardStats {
+        self.layers.values().fold(Default::default(), |all, layer| all.merge(&layer.take_stats()))
+    }
+
     /// The clustered layers by weight name.
     pub fn layers(&self) -> &BTreeMap<String, ClusteredWeight> {
         &self.layers

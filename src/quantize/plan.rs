@@ -88,7 +88,7 @@ impl QuantizePlan {
         let mut config = self.base.clone();
         config.bits = over.bits.unwrap_or(config.bits);
         config.cluster_dim = over.cluster_dim.unwrap_or(config.cluster_dim);
-        config.tau = over.tau.unwrap_or(config.tau);
+        config.tau = over.tau.or(config.tau);
         if let Some(m) = &over.method {
             config.method = m.parse::<Method>()?;
         }

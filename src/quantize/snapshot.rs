@@ -4,8 +4,10 @@
 //! the hard weights that were evaluated.
 //!
 //! Metadata: `idkm.arch`, `idkm.channels`, `idkm.classes`, optionally
-//! `idkm.clustering` (JSON: weight name -> clustering config) and whatever
-//! the caller adds (epoch, accuracy).
+//! `idkm.clustering` (JSON: weight name -> clustering config) with
+//! `idkm.tau` (JSON: weight name -> the temperature each layer uses,
+//! derived from its weights unless configured), and whatever the caller
+//! adds (epoch, accuracy).
 
 use super::Clustering;
 use crate::cluster::{ClusteredWeight, KmeansConfig};
@@ -26,14 +28,18 @@ pub fn save(model: &Model, clustering: Option<&Clustering>, extra: &[(&str, Stri
         ("idkm.classes".into(), model.classes().to_string()),
     ]);
     if let Some(clustering) = clustering {
-        let mut configs = serde_json::Map::new();
+        let (mut configs, mut taus) = (serde_json::Map::new(), serde_json::Map::new());
         for (name, layer) in clustering.layers() {
             configs.insert(name.clone(), layer.config().to_json());
             if let Some(c) = layer.centroids() {
                 tensors.insert(format!("{name}{CENTROIDS}"), c);
             }
+            if let Some(tau) = layer.tau() {
+                taus.insert(name.clone(), tau.into());
+            }
         }
         metadata.insert("idkm.clustering".into(), serde_json::Value::Object(configs).to_string());
+        metadata.insert("idkm.tau".into(), serde_json::Value::Object(taus).to_string());
     }
     metadata.extend(extra.iter().map(|(k, v)| (k.to_string(), v.clone())));
     crate::checkpoint::save(&tensors, &metadata, path)
@@ -77,12 +83,20 @@ pub fn load(path: &Path, device: &Device) -> Result<Snapshot> {
         Some(text) => {
             let configs: serde_json::Map<String, serde_json::Value> =
                 serde_json::from_str(text).map_err(|e| format_error(format!("metadata `idkm.clustering`: {e}")))?;
+            let taus: serde_json::Map<String, serde_json::Value> = match metadata.get("idkm.tau") {
+                Some(text) => serde_json::from_str(text).map_err(|e| format_error(format!("metadata `idkm.tau`: {e}")))?,
+                None => serde_json::Map::new(),
+            };
             let mut layers = BTreeMap::new();
             for (name, json) in configs {
                 let config = KmeansConfig::from_json(&json).map_err(|e| format_error(format!("clustering of `{name}`: {e}")))?;
                 let layer = ClusteredWeight::new(name.clone(), config)?;
                 if let Some(c) = centroids.get(&format!("{name}{CENTROIDS}")) {
                     layer.set_centroids(c.clone())?;
+                }
+                if let Some(tau) = taus.get(&name) {
+                    let tau = tau.as_f64().ok_or_else(|| format_error(format!("metadata `idkm.tau` of `{name}` is not a number")))?;
+                    layer.set_tau(tau).map_err(|e| format_error(format!("metadata `idkm.tau`: {e}")))?;
                 }
                 layers.insert(name, layer);
             }
