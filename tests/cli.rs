@@ -44,7 +44,7 @@ fn cluster_writes_weights_centroids_indices_and_gradient() {
 
     // The same computation through the library.
     let cfg = KmeansConfig {
-        bits: 2, cluster_dim: 2, tau: 0.3, method: Method::Idkm, solver: Solver::Gmres, max_iter: 500, tol: 1e-7, seed: 5,
+        bits: 2, cluster_dim: 2, tau: Some(0.3), method: Method::Idkm, solver: Solver::Gmres, max_iter: 500, tol: 1e-7, seed: 5,
         ..Default::default()
     };
     let layer = ClusteredWeight::new("conv.weight", cfg).unwrap();

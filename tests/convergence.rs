@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use common::{randn, rel_err};
 use idkm::cluster::reference;
 use idkm::cluster::streaming::Geometry;
-use idkm::cluster::{ClusteredWeight, Distance, KmeansConfig, Method, Solver};
+use idkm::cluster::{ClusteredWeight, Distance, Forward, Init, KmeansConfig, Method, Solver};
 
 fn grad_of(layer: &ClusteredWeight, w: &Tensor, g: &Tensor) -> Tensor {
     let var = Var::from_tensor(w).unwrap();
@@ -19,7 +19,7 @@ fn grad_of(layer: &ClusteredWeight, w: &Tensor, g: &Tensor) -> Tensor {
 fn tight(method: Method, tau: f64, distance: Distance, solver: Solver) -> KmeansConfig {
     KmeansConfig {
         bits: 2,
-        tau,
+        tau: Some(tau),
         distance,
         method,
         solver,
@@ -93,13 +93,14 @@ fn solvers_agree() {
     assert!(rel_err(&neumann, &cg) < 1e-9, "neumann vs cg ({a:?}, {c:?})");
     let (dense, e) = grad(Distance::Squared, Solver::Dense, 0.8);
     assert!(rel_err(&dense, &cg) < 1e-9, "dense vs cg ({a:?}, {e:?})");
-    let (gmres, _) = grad(Distance::Euclidean, Solver::Gmres, 0.4);
-    let (neumann, _) = grad(Distance::Euclidean, Solver::Neumann, 0.4);
-    let (dense, _) = grad(Distance::Euclidean, Solver::Dense, 0.4);
-    assert!(rel_err(&neumann, &gmres) < 1e-9, "euclidean: neumann vs gmres");
-    assert!(rel_err(&dense, &gmres) < 1e-9, "euclidean: dense vs gmres");
-    // CG needs fewer passes than the fixed-point iteration; the dense solver one.
-    assert!(matches!(e, idkm::cluster::backward::Adjoint::Solved(r) if r.steps == 1), "{e:?}");
+    let (gmres, x) = grad(Distance::Euclidean, Solver::Gmres, 0.4);
+    let (neumann, y) = grad(Distance::Euclidean, Solver::Neumann, 0.4);
+    let (dense, z) = grad(Distance::Euclidean, Solver::Dense, 0.4);
+    assert!(rel_err(&neumann, &gmres) < 1e-9, "euclidean: neumann vs gmres ({x:?}, {y:?})");
+    assert!(rel_err(&dense, &gmres) < 1e-9, "euclidean: dense vs gmres ({x:?}, {z:?})");
+    // CG needs fewer passes than the fixed-point iteration; the dense solver
+    // none: it reuses the forward solve's factorisation.
+    assert!(matches!(e, idkm::cluster::backward::Adjoint::Reused { .. }), "{e:?}");
     let steps = |a: idkm::cluster::backward::Adjoint| match a {
         idkm::cluster::backward::Adjoint::Solved(r) => r.steps,
         other => panic!("not solved: {other:?}"),
@@ -107,45 +108,58 @@ fn solvers_agree() {
     assert!(steps(a) < steps(c), "cg {a:?} vs neumann {c:?}");
 }
 
-/// The k-means tolerance is relative to the spread of the weights: weights
-/// scaled by 2^10 (tau by 2^20, so every logit is bit for bit the same) stop
-/// after the same number of steps at centroids scaled exactly by 2^10. An
-/// absolute tolerance would stop the two at different steps.
+/// The k-means tolerance and the temperature are relative to the weights:
+/// weights scaled by 2^10 (so that the derived tau scales by 2^20 and every
+/// logit is bit for bit the same) stop after the same number of iterations
+/// at centroids scaled exactly by 2^10, with plain steps and with Newton.
+/// An absolute tolerance would stop the two at different steps.
 #[test]
-fn kmeans_tolerance_is_relative_to_the_weights_spread() {
+fn kmeans_tolerance_and_temperature_are_relative_to_the_weights() {
     let w = randn(5000, 1, 21, DType::F32);
-    let run = |scale: f64| {
-        let config = KmeansConfig { bits: 3, tau: 1e-2 * scale * scale, tol: 1e-4, max_iter: 500, ..Default::default() };
+    let run = |scale: f64, forward: Forward| {
+        let config = KmeansConfig { bits: 3, forward, tol: 1e-4, max_iter: 500, ..Default::default() };
         let layer = ClusteredWeight::new("scaled", config).unwrap();
         layer.forward(&(&w * scale).unwrap()).unwrap();
-        (layer.last_forward().unwrap().steps, layer.centroids().unwrap())
+        (layer.last_forward().unwrap().iterations, layer.centroids().unwrap(), layer.tau().unwrap())
     };
-    let (steps, c) = run(1.0);
-    let (steps_scaled, c_scaled) = run(1024.0);
-    assert!(steps > 3 && steps < 500, "a cold start takes a few steps, not the limit: {steps}");
-    assert_eq!(steps, steps_scaled, "the same step count at any weight scale");
-    let diff = ((c * 1024.0).unwrap() - c_scaled).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-    assert_eq!(diff, 0.0, "centroids scale exactly with the weights");
+    for forward in [Forward::Plain, Forward::Newton] {
+        let (steps, c, tau) = run(1.0, forward);
+        let (steps_scaled, c_scaled, tau_scaled) = run(1024.0, forward);
+        assert!(steps > 1 && steps < 500, "{forward}: a cold start takes some iterations, not the limit: {steps}");
+        assert_eq!(steps, steps_scaled, "{forward}: the same iterations at any weight scale");
+        assert_eq!(tau * 1024.0 * 1024.0, tau_scaled, "{forward}: tau scales with the squared weights");
+        let diff = ((c * 1024.0).unwrap() - c_scaled).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert_eq!(diff, 0.0, "{forward}: centroids scale exactly with the weights");
+    }
 }
 
 /// Warm start: once k-means has reached its fixed point, a forward pass on
-/// slightly moved weights starts there and stops within a few steps. (Weights
-/// in 16 well-separated groups: on unimodal weights soft k-means drifts for
-/// hundreds of steps, and the warm start continues that drift.)
+/// slightly moved weights starts there and stops within a few steps (plain
+/// steps) or one or two iterations (Newton). (Weights in 16 well-separated
+/// groups: on unimodal weights plain soft k-means drifts for hundreds of
+/// steps, and the warm start continues that drift.)
 #[test]
 fn warm_start_stops_within_a_few_steps() {
     let m = 20_000;
     let noise = randn(m, 1, 22, DType::F32);
     let groups: Vec<f32> = (0..m).map(|i| (i % 16) as f32).collect();
     let w = (Tensor::from_vec(groups, (m, 1), &Device::Cpu).unwrap() + (noise * 0.05).unwrap()).unwrap();
-    let layer = ClusteredWeight::new("warm", KmeansConfig { bits: 4, tau: 1e-2, max_iter: 300, ..Default::default() }).unwrap();
-    layer.forward(&w).unwrap();
-    let cold = layer.last_forward().unwrap().steps;
     let nudged = (&w + (randn(m, 1, 23, DType::F32) * 1e-3).unwrap()).unwrap();
-    layer.forward(&nudged).unwrap();
-    let warm = layer.last_forward().unwrap().steps;
-    assert!(cold < 300, "the cold start converges: {cold} steps");
-    assert!(warm <= 3 && cold >= 3 * warm, "cold start {cold} steps, warm start {warm}");
+    for forward in [Forward::Plain, Forward::Newton] {
+        // k-means++: a start away from the groups (the optimal 1-D one is at them).
+        let config = KmeansConfig { bits: 4, tau: Some(1e-2), forward, tol: 1e-4, max_iter: 300, init: Init::KmeansPlusPlus, ..Default::default() };
+        let layer = ClusteredWeight::new("warm", config).unwrap();
+        layer.forward(&w).unwrap();
+        let cold = layer.last_forward().unwrap();
+        layer.forward(&nudged).unwrap();
+        let warm = layer.last_forward().unwrap();
+        assert!(cold.converged && warm.converged, "{forward}: cold {cold:?}, warm {warm:?}");
+        let passes = |r: idkm::cluster::ForwardReport| r.weight_passes + r.bin_passes;
+        match forward {
+            Forward::Plain => assert!(warm.iterations <= 3 && cold.iterations >= 3 * warm.iterations, "cold {cold:?}, warm {warm:?}"),
+            Forward::Newton => assert!(warm.iterations <= 2 && passes(warm) < passes(cold), "cold {cold:?}, warm {warm:?}"),
+        }
+    }
 }
 
 /// Scalar centroids on the CPU start every k-means run in ascending order
@@ -154,7 +168,7 @@ fn warm_start_stops_within_a_few_steps() {
 #[test]
 fn scalar_centroids_are_kept_ascending() {
     let w = randn(20_000, 1, 24, DType::F32);
-    let config = KmeansConfig { bits: 6, tau: 1e-4, max_iter: 20, ..Default::default() };
+    let config = KmeansConfig { bits: 6, tau: Some(1e-4), max_iter: 20, ..Default::default() };
     let layer = ClusteredWeight::new("ascending", config.clone()).unwrap();
     let values = |c: Tensor| c.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     let ascending = |v: &[f32]| v.windows(2).all(|p| p[0] <= p[1]);

@@ -32,9 +32,9 @@ fn user_errors_are_specific() {
     assert!(e.to_string().contains("layer1.weight"), "{e}");
     let e = err(KmeansConfig { bits: 1, cluster_dim: 4, ..Default::default() }, &w);
     assert!(matches!(e, Error::NotDivisible { numel: 10, dim: 4, .. }), "{e}");
-    let e = err(KmeansConfig { tau: 0.0, ..Default::default() }, &w);
+    let e = err(KmeansConfig { tau: Some(0.0), ..Default::default() }, &w);
     assert!(e.to_string().contains("tau"), "{e}");
-    let e = err(KmeansConfig { tau: -0.1, ..Default::default() }, &w);
+    let e = err(KmeansConfig { tau: Some(-0.1), ..Default::default() }, &w);
     assert!(matches!(e, Error::Config(_)), "{e}");
 
     let mut v = flat(&w);
@@ -56,7 +56,7 @@ fn all_weights_equal() {
         let solver = if distance == Distance::Squared { Solver::Cg } else { Solver::Gmres };
         for method in [Method::Dkm, Method::Idkm, Method::IdkmJfb] {
             let w = Tensor::full(0.25f32, (64, 2), &Device::Cpu).unwrap();
-            let cfg = KmeansConfig { bits: 2, cluster_dim: 2, tau: 0.1, distance, method, solver, ..Default::default() };
+            let cfg = KmeansConfig { bits: 2, cluster_dim: 2, tau: Some(0.1), distance, method, solver, ..Default::default() };
             let (out, grad) = forward_backward(cfg, &w);
             assert!(rel_err(&out, &w) < 1e-6, "{method:?} {distance:?}");
             assert!(finite(&grad), "{method:?} {distance:?}: {:?}", flat(&grad));
@@ -70,7 +70,7 @@ fn duplicate_weights() {
     let v: Vec<f32> = (0..90).map(|i| [-1.0, 0.0, 2.0][i % 3]).collect();
     let w = Tensor::from_vec(v, (90, 1), &Device::Cpu).unwrap();
     for method in [Method::Dkm, Method::Idkm, Method::IdkmJfb] {
-        let cfg = KmeansConfig { bits: 2, tau: 0.05, method, ..Default::default() };
+        let cfg = KmeansConfig { bits: 2, tau: Some(0.05), method, ..Default::default() };
         let (out, grad) = forward_backward(cfg, &w);
         assert!(finite(&out) && finite(&grad), "{method:?}");
         assert!(rel_err(&out, &w) < 1e-4, "{method:?}: soft weights should sit on the values");
@@ -96,8 +96,8 @@ fn dead_centroid_is_kept_fixed_and_ignored() {
     let cfg = idkm::cluster::backward::BackwardConfig { method: Method::Idkm, solver: Solver::Cg, tol: 1e-12, max_steps: 100 };
     let mut g3 = vec![0.0; 200];
     let mut g4 = vec![0.0; 200];
-    idkm::cluster::backward::implicit_backward(&w, &c3, &g, &geo(3), &cfg, "w", &mut g3);
-    idkm::cluster::backward::implicit_backward(&w, &c4, &g, &geo(4), &cfg, "w", &mut g4);
+    idkm::cluster::backward::implicit_backward(&w, &c3, &g, &geo(3), &cfg, None, "w", &mut g3);
+    idkm::cluster::backward::implicit_backward(&w, &c4, &g, &geo(4), &cfg, None, "w", &mut g4);
     for (a, b) in g3.iter().zip(&g4) {
         assert!((a - b).abs() < 1e-9 * (1.0 + a.abs()), "{a} vs {b}");
     }
@@ -107,7 +107,7 @@ fn dead_centroid_is_kept_fixed_and_ignored() {
 fn hard_assignment_and_export() {
     let v: Vec<f32> = (0..100).map(|i| [-2.0, -1.0, 1.0, 3.0][i % 4] + 0.01 * (i % 7) as f32).collect();
     let w = Tensor::from_vec(v.clone(), (10, 10), &Device::Cpu).unwrap();
-    let layer = ClusteredWeight::new("fc.weight", KmeansConfig { bits: 2, tau: 0.01, ..Default::default() }).unwrap();
+    let layer = ClusteredWeight::new("fc.weight", KmeansConfig { bits: 2, tau: Some(0.01), ..Default::default() }).unwrap();
     let (indices, centroids) = layer.palettize(&w).unwrap();
     assert_eq!(indices.dtype(), DType::U32);
     let c = flat(&centroids);

@@ -42,7 +42,7 @@ fn two_bit_idkm_on_fashion_mnist_and_export_round_trip() {
     Trainer::new(&model, sgd, 0.05, steps).unwrap().epoch(&model, &Weights::Float, batches(&split, Some(0)), "float").unwrap();
     let float = evaluate(&model, &Weights::Float, batches(&split, None), "test").unwrap();
 
-    let config = KmeansConfig { bits: 2, tau: 2e-4, method: Method::Idkm, ..Default::default() };
+    let config = KmeansConfig { bits: 2, tau: Some(2e-4), method: Method::Idkm, ..Default::default() };
     let clustering = Clustering::new(&model, &QuantizePlan::new(config)).unwrap();
     let names: Vec<_> = clustering.layers().keys().cloned().collect();
     // conv1 (144 weights) and fc2 (640) are below the 2048 threshold.

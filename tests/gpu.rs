@@ -431,7 +431,7 @@ fn layer_on_cuda_matches_cpu() {
         let config = KmeansConfig {
             bits,
             cluster_dim: d,
-            tau: case.geo.tau,
+            tau: Some(case.geo.tau),
             distance,
             method,
             solver,
@@ -490,7 +490,7 @@ fn cuda_gradient_matches_dense_reference() {
         let config = KmeansConfig {
             bits,
             cluster_dim: d,
-            tau: case.geo.tau,
+            tau: Some(case.geo.tau),
             distance,
             solver,
             max_iter: 300,
@@ -517,14 +517,14 @@ fn cuda_gradient_matches_dense_reference() {
 fn cuda_refuses_f64_and_non_finite_weights_by_name() {
     let dev = gpu();
     let w = Tensor::randn(0f64, 1.0, (512, 1), &dev).unwrap();
-    let layer = ClusteredWeight::new("conv9.weight", KmeansConfig { bits: 2, tau: 0.1, ..Default::default() }).unwrap();
+    let layer = ClusteredWeight::new("conv9.weight", KmeansConfig { bits: 2, tau: Some(0.1), ..Default::default() }).unwrap();
     let err = layer.forward(&w).unwrap_err().to_string();
     assert!(err.contains("conv9.weight") && err.contains("f32") && err.contains("F64"), "{err}");
 
     // The host checks the weights at initialisation; on a warm start the
     // device kernel does.
     let mut v: Vec<f32> = common::normal(512, 3).iter().map(|&x| x as f32).collect();
-    let layer = ClusteredWeight::new("conv9.weight", KmeansConfig { bits: 2, tau: 0.1, ..Default::default() }).unwrap();
+    let layer = ClusteredWeight::new("conv9.weight", KmeansConfig { bits: 2, tau: Some(0.1), ..Default::default() }).unwrap();
     layer.forward(&tensor_f32(&v, (512, 1), &dev)).unwrap();
     v[301] = f32::NAN;
     let err = layer.forward(&tensor_f32(&v, (512, 1), &dev)).unwrap_err().to_string();
@@ -666,7 +666,7 @@ fn layer_bench() {
     let bits: Vec<u32> = env_list("IDKM_GPU_BENCH_BITS", &[4, 8]);
     let budget: f64 = std::env::var("IDKM_GPU_BENCH_BUDGET_GIB").ok().and_then(|s| s.parse().ok()).unwrap_or(100.0);
     let reps: usize = std::env::var("IDKM_GPU_BENCH_REPS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
-    let config = |bits: u32, method: Method, t: usize| KmeansConfig { bits, method, max_iter: t, tol: 0.0, tau: 1e-4, ..Default::default() };
+    let config = |bits: u32, method: Method, t: usize| KmeansConfig { bits, method, max_iter: t, tol: 0.0, tau: Some(1e-4), ..Default::default() };
     let mut rows = vec![
         "| m | k | method | t | fwd+bwd ms | peak extra MiB | x weight bytes | solver steps |".to_string(),
         "|---:|---:|---|---:|---:|---:|---:|---:|".to_string(),

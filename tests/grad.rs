@@ -6,7 +6,7 @@ use candle_core::{DType, Tensor, Var};
 use common::{flat, randn, rel_err};
 use idkm::cluster::reference::{self, Adjoint as RefAdjoint};
 use idkm::cluster::streaming::Geometry;
-use idkm::cluster::{init, ClusteredWeight, Distance, KmeansConfig, Method, Solver};
+use idkm::cluster::{init, ClusteredWeight, Distance, Init, KmeansConfig, Method, Solver};
 
 const EPS: f64 = 1e-6;
 
@@ -49,7 +49,7 @@ fn config(case: &Case, method: Method) -> KmeansConfig {
     KmeansConfig {
         bits: case.bits,
         cluster_dim: case.d,
-        tau: case.tau,
+        tau: Some(case.tau),
         distance: case.distance,
         method,
         solver: if case.distance == Distance::Squared { Solver::Cg } else { Solver::Gmres },
@@ -95,11 +95,11 @@ fn dkm_gradient_matches_finite_differences() {
     for (n, case) in CASES.iter().enumerate() {
         let w = randn(case.m, case.d, 30 + n as u64, DType::F64);
         let g = randn(case.m, case.d, 40 + n as u64, DType::F64);
-        let cfg = KmeansConfig { max_iter: 3, tol: 0.0, ..config(case, Method::Dkm) };
+        let cfg = KmeansConfig { max_iter: 3, tol: 0.0, init: Init::KmeansPlusPlus, ..config(case, Method::Dkm) };
         let layer = ClusteredWeight::new("w", cfg.clone()).unwrap();
         let grad = layer_grad(&layer, &w, &g);
-        // The layer's first forward starts from k-means++ with its seed.
-        let c0 = init::kmeans_plus_plus(&flat(&w), case.d, 1 << case.bits, cfg.seed);
+        // The layer's first forward starts from k-means++ (refined) with its seed.
+        let c0 = init::kmeans_plus_plus_refined(&flat(&w), case.d, 1 << case.bits, cfg.seed);
         let c0 = Tensor::from_vec(c0, (1 << case.bits, case.d), w.device()).unwrap();
         let fd = finite_differences(&w, |w| {
             dot(&reference::dkm(w, &c0, &geometry(case), 3, 0.0).unwrap().0, &g)

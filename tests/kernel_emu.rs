@@ -731,7 +731,7 @@ fn device_cg_and_backward_match_cpu() {
         let (u_cpu, report) = backward::symmetrised_cg(&moments.mass, &inv_mass, d, jt, &h_cpu, tol, max_steps);
         let cfg = BackwardConfig { method: Method::Idkm, solver: Solver::Cg, tol, max_steps };
         let mut want = vec![0f32; m * d];
-        backward::implicit_backward(&case.w, &case.c, &case.g, &case.geo, &cfg, "cpu", &mut want);
+        backward::implicit_backward(&case.w, &case.c, &case.g, &case.geo, &cfg, None, "cpu", &mut want);
 
         let (err_h, err_u, err_grad) = (rel(&h, &h_cpu), rel(&cg.u, &u_cpu), rel(&wide(&grad), &wide(&want)));
         let line = format!(

@@ -19,7 +19,7 @@ static GLOBAL: idkm::alloc::Counting = idkm::alloc::Counting;
 #[test]
 fn streaming_idkm_stays_within_three_weight_copies_while_dkm_grows_with_t() {
     // Warm up rayon's pool and candle's thread-locals outside the measurement.
-    let warm = ClusteredWeight::new("warm", KmeansConfig { bits: 1, tau: 0.1, ..Default::default() }).unwrap();
+    let warm = ClusteredWeight::new("warm", KmeansConfig { bits: 1, tau: Some(0.1), ..Default::default() }).unwrap();
     let small = randn(4096, 1, 0, DType::F32);
     warm.weight_grad(&small, &warm.forward(&small).unwrap()).unwrap();
 
@@ -28,7 +28,7 @@ fn streaming_idkm_stays_within_three_weight_copies_while_dkm_grows_with_t() {
     let w = randn(m, 1, 1, DType::F32);
     let g = randn(m, 1, 2, DType::F32);
     let weight_bytes = m * 4;
-    let cfg = KmeansConfig { bits: 8, tau: 1e-4, max_iter: 2, solver_max_steps: 4, ..Default::default() };
+    let cfg = KmeansConfig { bits: 8, tau: Some(1e-4), max_iter: 2, solver_max_steps: 4, ..Default::default() };
     let layer = ClusteredWeight::new("big", cfg).unwrap();
     let ((), idkm_peak) = peak_extra(|| {
         let out = layer.forward(&w).unwrap();
@@ -48,7 +48,7 @@ fn streaming_idkm_stays_within_three_weight_copies_while_dkm_grows_with_t() {
         let t = 5;
         let w = randn(m, 1, 3, DType::F32);
         let g = randn(m, 1, 4, DType::F32);
-        let cfg = KmeansConfig { bits, tau: 1e-4, max_iter: t, tol: 0.0, method: Method::Dkm, ..Default::default() };
+        let cfg = KmeansConfig { bits, tau: Some(1e-4), max_iter: t, tol: 0.0, method: Method::Dkm, ..Default::default() };
         let layer = ClusteredWeight::new("dkm", cfg).unwrap();
         let ((), dkm_peak) = peak_extra(|| {
             let var = candle_core::Var::from_tensor(&w).unwrap();

@@ -125,7 +125,7 @@ fn torchvision_checkpoint_loads_into_resnet18_exactly() {
 #[test]
 fn clustered_resnet18_trains() {
     let model = Model::new(Arch::ResNet18Cifar, 3, 10, 3, &Device::Cpu).unwrap();
-    let config = KmeansConfig { bits: 2, tau: 1e-3, max_iter: 5, method: Method::Idkm, ..Default::default() };
+    let config = KmeansConfig { bits: 2, tau: Some(1e-3), max_iter: 5, method: Method::Idkm, ..Default::default() };
     let clustering = Clustering::new(&model, &QuantizePlan::new(config)).unwrap();
     // conv1 (1,728 weights) stays in float; the other 19 convs and fc are clustered.
     assert_eq!(clustering.layers().len(), 20);

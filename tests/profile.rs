@@ -33,7 +33,8 @@ fn small_cnn(method: &str, bits: u32, iters: usize, batch: usize) -> StepConfig 
         cluster_dim: 1,
         iters,
         tol: 0.0,
-        tau: 1e-4,
+        tau: Some(1e-4),
+        forward: "plain".into(),
         solver: "cg".into(),
         min_weights: 2048,
         classes: 10,
@@ -379,6 +380,6 @@ fn profile_takes_one_temperature_per_bit_width() {
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("p.json")).unwrap()).unwrap();
     let records: Vec<memory::Record> = serde_json::from_value(json["records"].clone()).unwrap();
-    let taus: Vec<(u32, f64)> = records.iter().map(|r| (r.config.bits, r.config.tau)).collect();
-    assert_eq!(taus, vec![(2, 0.01), (3, 0.0025)]);
+    let taus: Vec<(u32, Option<f64>)> = records.iter().map(|r| (r.config.bits, r.config.tau)).collect();
+    assert_eq!(taus, vec![(2, Some(0.01)), (3, Some(0.0025))]);
 }

@@ -15,7 +15,7 @@ static GLOBAL: idkm::alloc::Counting = idkm::alloc::Counting;
 /// Live bytes after each of `steps` SGD steps on one fixed batch.
 fn live_after_steps(clustering: bool, steps: usize) -> Vec<usize> {
     let model = Model::new(Arch::SmallCnn, 1, 10, 0, &Device::Cpu).unwrap();
-    let config = KmeansConfig { bits: 2, tau: 2e-4, method: Method::Idkm, ..Default::default() };
+    let config = KmeansConfig { bits: 2, tau: Some(2e-4), method: Method::Idkm, ..Default::default() };
     let clustering = clustering.then(|| Clustering::new(&model, &QuantizePlan::new(config)).unwrap());
     let weights = match &clustering {
         Some(c) => Weights::Clustered(c),

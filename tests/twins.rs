@@ -63,7 +63,7 @@ fn check(case: &Case, method: Method) -> Vec<String> {
     let config = KmeansConfig {
         bits,
         cluster_dim: d,
-        tau,
+        tau: Some(tau),
         distance,
         method,
         solver: if distance == Distance::Squared { Solver::Cg } else { Solver::Gmres },
