@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod local_hub;
 pub mod pattern;
 
 use candle_core::{DType, Device, Tensor};
