@@ -433,3 +433,17 @@ fn timm_style_bin_maps_the_head_onto_fc() {
         "{details}"
     );
 }
+
+#[test]
+fn views_beyond_their_storage_are_errors_not_panics() {
+    let dir = tempfile::tempdir().unwrap();
+    let storages = vec![("0".to_string(), vec![0.5f32; 108])];
+    let cases: [(usize, Vec<usize>); 2] = [(100, vec![4, 3, 3, 3]), (0, vec![i32::MAX as usize; 3])];
+    for (offset, size) in cases {
+        let path = dir.path().join("bad.pth");
+        let entries = [Entry { name: "conv1.weight".into(), key: "0".into(), offset, size: size.clone() }];
+        write_pytorch(&path, &entries, &storages, None);
+        let e = checkpoint::read(&path).unwrap_err().to_string();
+        assert!(e.contains("tensor `conv1.weight`") && e.contains("reaches beyond storage `0`, which holds 108"), "{size:?}: {e}");
+    }
+}

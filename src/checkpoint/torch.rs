@@ -208,7 +208,7 @@ fn rebuilt(callable: &Value, args: &Value) -> std::result::Result<Option<TensorR
             }
             Ok(Some(TensorRef {
                 storage,
-                offset: offset + view_offset,
+                offset: offset.saturating_add(view_offset),
                 shape,
                 stride,
             }))
@@ -385,22 +385,27 @@ fn materialise(
 ) -> std::result::Result<Tensor, String> {
     let size = t.storage.elem.size();
     let available = bytes.len() / size;
-    let numel: usize = t.shape.iter().product();
-    if numel > 0 {
-        let last = t
-            .shape
-            .iter()
-            .zip(&t.stride)
-            .map(|(&d, &s)| (d - 1) * s)
-            .sum::<usize>()
-            + t.offset;
-        if last >= available {
+    // In checked arithmetic: a damaged file may name any sizes.
+    let numel = t.shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
+    let last = t
+        .shape
+        .iter()
+        .zip(&t.stride)
+        .try_fold(t.offset, |acc, (&d, &s)| {
+            d.saturating_sub(1)
+                .checked_mul(s)
+                .and_then(|reach| acc.checked_add(reach))
+        });
+    let numel = match (numel, last) {
+        (Some(0), _) => 0,
+        (Some(numel), Some(last)) if last < available => numel,
+        _ => {
             return Err(format!(
-                "tensor `{name}` (shape {:?}, strides {:?}, offset {}) reaches element {last} of storage `{}`, which holds {available}",
+                "tensor `{name}` (shape {:?}, strides {:?}, offset {}) reaches beyond storage `{}`, which holds {available} elements",
                 t.shape, t.stride, t.offset, t.storage.key
-            ));
+            ))
         }
-    }
+    };
     let element = |index: usize| {
         let start = index * size;
         let raw = &bytes[start..start + size];
@@ -525,7 +530,7 @@ pub fn read_zip(path: &Path) -> Result<NamedTensors> {
             return Ok(bytes.clone());
         }
         let bytes = std::rc::Rc::new(entry(&mut zip, &format!("{prefix}data/{}", s.key))?);
-        if bytes.len() < s.numel * s.elem.size() {
+        if bytes.len() < s.numel.saturating_mul(s.elem.size()) {
             return Err(format_error(
                 path,
                 format!(
