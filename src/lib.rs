@@ -8,6 +8,7 @@ pub mod data;
 pub mod error;
 pub mod hub;
 pub mod io;
+pub mod loader;
 pub mod memory;
 pub mod model;
 pub mod quantize;

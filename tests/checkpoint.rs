@@ -246,9 +246,13 @@ fn unreadable_files_name_the_file() {
     std::fs::write(&junk, b"not a checkpoint at all").unwrap();
     let e = checkpoint::read(&junk).unwrap_err();
     assert!(matches!(&e, Error::Format { path, .. } if *path == junk), "{e}");
+    // The magic number of a legacy PyTorch file, and then nothing.
     let legacy = dir.path().join("legacy.pth");
-    std::fs::write(&legacy, [0x80, 2, 0x8a, 0x0a]).unwrap();
-    assert!(checkpoint::read(&legacy).unwrap_err().to_string().contains("legacy PyTorch"));
+    std::fs::write(&legacy, b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19.").unwrap();
+    let e = checkpoint::read(&legacy).unwrap_err().to_string();
+    assert!(e.contains("legacy PyTorch file, its protocol version: pickle byte 0"), "{e}");
+    let e = checkpoint::read(&junk).unwrap_err().to_string();
+    assert!(e.contains("matches no known format") && e.contains("(\"not a checkpoint\")"), "{e}");
     let missing = dir.path().join("missing.safetensors");
     assert!(matches!(checkpoint::read(&missing), Err(Error::Io { path, .. }) if path == missing));
     assert!(matches!(checkpoint::metadata(&junk), Err(Error::Format { .. })));
@@ -428,4 +432,18 @@ fn timm_style_bin_maps_the_head_onto_fc() {
         details.contains("mis-shaped  fc.weight: model [5, 4], checkpoint [10, 4] (`head.fc.weight` in the file)"),
         "{details}"
     );
+}
+
+#[test]
+fn views_beyond_their_storage_are_errors_not_panics() {
+    let dir = tempfile::tempdir().unwrap();
+    let storages = vec![("0".to_string(), vec![0.5f32; 108])];
+    let cases: [(usize, Vec<usize>); 2] = [(100, vec![4, 3, 3, 3]), (0, vec![i32::MAX as usize; 3])];
+    for (offset, size) in cases {
+        let path = dir.path().join("bad.pth");
+        let entries = [Entry { name: "conv1.weight".into(), key: "0".into(), offset, size: size.clone() }];
+        write_pytorch(&path, &entries, &storages, None);
+        let e = checkpoint::read(&path).unwrap_err().to_string();
+        assert!(e.contains("tensor `conv1.weight`") && e.contains("reaches beyond storage `0`, which holds 108"), "{size:?}: {e}");
+    }
 }

@@ -2,13 +2,13 @@
 
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
-use idkm::checkpoint::{self, LoadOptions};
 use idkm::cluster::config::{DEFAULT_NEWTON_ITER, DEFAULT_PLAIN_ITER, DEFAULT_TAU_SCALE};
 use idkm::cluster::{Distance, Forward, Init, KmeansConfig, Method, Solver};
 use idkm::data::{self, DataSplit};
 use idkm::hub::{self, ModelSource};
+use idkm::loader::{Kind, Request};
 use idkm::model::{Arch, Model};
-use idkm::quantize::{snapshot, Clustering};
+use idkm::quantize::Clustering;
 use idkm::train::{OptimizerKind, SgdConfig};
 use std::path::PathBuf;
 
@@ -145,9 +145,9 @@ pub struct ModelArgs {
     /// File inside the hub repo (with a repo id in --model).
     #[arg(long)]
     pub model_file: Option<String>,
-    /// Architecture: resnet18-cifar | resnet18 | small-cnn [default:
-    /// small-cnn for 28x28 grey images, resnet18-cifar otherwise, or what
-    /// an idkm checkpoint records].
+    /// Architecture: resnet18-cifar | resnet18 | small-cnn [default: what
+    /// an idkm checkpoint records or a state dict's tensors show; without
+    /// --model, small-cnn for 28x28 grey images, resnet18-cifar otherwise].
     #[arg(long)]
     pub arch: Option<String>,
     /// Leave checkpoint tensors with these name prefixes out (for example
@@ -156,51 +156,62 @@ pub struct ModelArgs {
     pub skip: Vec<String>,
 }
 
+impl ModelArgs {
+    /// Builds the model for `data`, from the checkpoint if one is given
+    /// (any file [`idkm::loader`] reads).
+    pub fn load(&self, data: &DataSplit, seed: u64, device: &Device) -> Result<Loaded> {
+        let channels = data.train.channels();
+        let requested: Option<Arch> = self.arch.as_deref().map(str::parse).transpose()?;
+        let Some(spec) = &self.model else {
+            let default = if channels == 1 && data.train.height() == 28 { Arch::SmallCnn } else { Arch::ResNet18Cifar };
+            let model = Model::new(requested.unwrap_or(default), channels, data.classes, seed, device)?;
+            return Ok(Loaded { model, clustering: None });
+        };
+        let path = resolve_model(spec, self.model_file.as_deref())?;
+        let request = Request {
+            arch: requested,
+            channels: Some(channels),
+            classes: Some(data.classes),
+            skip: self.skip.clone(),
+            seed,
+        };
+        let loaded = idkm::loader::load(&path, &request, device).with_context(|| format!("loading {}", path.display()))?;
+        check_fits(&loaded.model, &loaded.kind, channels, data.classes, &path)?;
+        tracing::info!(path = %path.display(), kind = %loaded.kind, arch = %loaded.model.arch(), "loaded the model");
+        Ok(Loaded { model: loaded.model, clustering: loaded.clustering })
+    }
+}
+
 /// A model and, when the checkpoint was written by `idkm quantize`, its clustering.
 pub struct Loaded {
     pub model: Model,
     pub clustering: Option<Clustering>,
 }
 
-impl ModelArgs {
-    /// Builds the model for `data`, from the checkpoint if one is given.
-    pub fn load(&self, data: &DataSplit, seed: u64, device: &Device) -> Result<Loaded> {
-        let channels = data.train.channels();
-        let requested: Option<Arch> = self.arch.as_deref().map(str::parse).transpose()?;
-        let default = || {
-            if channels == 1 && data.train.height() == 28 { Arch::SmallCnn } else { Arch::ResNet18Cifar }
-        };
-        let Some(spec) = &self.model else {
-            let model = Model::new(requested.unwrap_or_else(default), channels, data.classes, seed, device)?;
-            return Ok(Loaded { model, clustering: None });
-        };
-        let mut source: ModelSource = spec.parse()?;
-        if let (ModelSource::Hub { file, .. }, Some(f)) = (&mut source, &self.model_file) {
-            *file = Some(f.clone());
-        }
-        let path = hub::resolve(&source).with_context(|| format!("resolving --model {spec}"))?;
-        if snapshot::is_snapshot(&path) {
-            let s = snapshot::load(&path, device).with_context(|| format!("loading {}", path.display()))?;
-            if let Some(arch) = requested.filter(|a| *a != s.model.arch()) {
-                bail!("{} holds a {} model, not {arch}", path.display(), s.model.arch());
-            }
-            if s.model.classes() != data.classes || s.model.channels() != channels {
-                bail!(
-                    "{} is a model for {} channels and {} classes; the data has {channels} and {}",
-                    path.display(),
-                    s.model.channels(),
-                    s.model.classes(),
-                    data.classes
-                );
-            }
-            return Ok(Loaded { model: s.model, clustering: s.clustering });
-        }
-        let model = Model::new(requested.unwrap_or_else(default), channels, data.classes, seed, device)?;
-        let options = LoadOptions { skip_prefixes: self.skip.clone(), allow_unexpected: false };
-        let report = checkpoint::load_into(model.varmap(), &path, &options)?;
-        tracing::info!(path = %path.display(), loaded = report.loaded, skipped = report.skipped.len(), "loaded checkpoint");
-        Ok(Loaded { model, clustering: None })
+/// The local file of `--model` (a path, or a hub repo id with `--model-file`).
+pub fn resolve_model(spec: &str, model_file: Option<&str>) -> Result<PathBuf> {
+    let mut source: ModelSource = spec.parse()?;
+    if let (ModelSource::Hub { file, .. }, Some(f)) = (&mut source, model_file) {
+        *file = Some(f.to_string());
     }
+    hub::resolve(&source).with_context(|| format!("resolving --model {spec}"))
+}
+
+/// Fails unless `model` takes the data's channels and classes.
+pub fn check_fits(model: &Model, kind: &Kind, channels: usize, classes: usize, path: &std::path::Path) -> Result<()> {
+    if model.channels() == channels && model.classes() == classes {
+        return Ok(());
+    }
+    let hint = match kind {
+        Kind::StateDict(_) if model.classes() != classes => " (--skip fc. trains a new head for them)",
+        _ => "",
+    };
+    bail!(
+        "{} is a model for {} channels and {} classes; the data has {channels} and {classes}{hint}",
+        path.display(),
+        model.channels(),
+        model.classes(),
+    )
 }
 
 /// The optimiser and its schedule.

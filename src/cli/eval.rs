@@ -1,20 +1,28 @@
-//! `idkm eval`: evaluates a float checkpoint or a palettized model.
+//! `idkm eval`: evaluates any model file on a test set.
 
-use super::common::{device, DataArgs};
+use super::common::{check_fits, device, resolve_model, DataArgs};
 use super::fit::eval_batches;
-use anyhow::{bail, Context, Result};
-use idkm::model::{Model, Weights};
-use idkm::quantize::{snapshot, Palettized};
+use anyhow::{Context, Result};
+use idkm::loader::{self, Kind, Request};
+use idkm::model::{Arch, Weights};
 use idkm::train::evaluate;
 
 #[derive(clap::Args, Debug)]
 pub struct EvalArgs {
     #[command(flatten)]
     data: DataArgs,
-    /// A checkpoint written by `idkm train`/`quantize` or a palettized model
-    /// written by `idkm export`: a local file or a hub repo id.
+    /// The model: a checkpoint of `idkm train`/`quantize`, a palettized model
+    /// of `idkm export`, or a state dict (safetensors, PyTorch .pth/.bin);
+    /// a local file or directory, or a hub repo id `owner/name[@revision]`.
     #[arg(long)]
     model: String,
+    /// File inside the hub repo (with a repo id in --model).
+    #[arg(long)]
+    model_file: Option<String>,
+    /// Architecture of a state dict: resnet18-cifar | resnet18 | small-cnn
+    /// [default: inferred from its tensor names and shapes].
+    #[arg(long)]
+    arch: Option<String>,
     /// Samples per batch.
     #[arg(long, default_value_t = 256)]
     batch_size: usize,
@@ -23,31 +31,24 @@ pub struct EvalArgs {
     device: String,
 }
 
-/// Test accuracy of the model in `path` on `data`'s test part.
+/// Test accuracy of the model in `--model` on the data's test part.
 pub fn run(a: EvalArgs) -> Result<()> {
     let device = device(&a.device)?;
     let split = a.data.load()?;
-    let path = idkm::hub::resolve(&a.model.parse()?).with_context(|| format!("resolving --model {}", a.model))?;
-    let metadata = idkm::checkpoint::metadata(&path).with_context(|| format!("reading {}", path.display()))?;
-    let (model, kind) = if metadata.contains_key("idkm.format") {
-        let p = Palettized::load(&path)?;
-        let model = Model::new(p.arch, p.channels, p.classes, 0, &device)?;
-        model.assign(p.tensors()?, &path)?;
-        (model, format!("palettized, {} clustered tensors", p.packed.len()))
-    } else {
-        let s = snapshot::load(&path, &device).with_context(|| format!("loading {}", path.display()))?;
-        (s.model, "float weights".to_string())
+    let path = resolve_model(&a.model, a.model_file.as_deref())?;
+    let request = Request {
+        arch: a.arch.as_deref().map(str::parse::<Arch>).transpose()?,
+        channels: Some(split.test.channels()),
+        classes: Some(split.classes),
+        ..Request::default()
     };
-    if model.classes() != split.classes || model.channels() != split.test.channels() {
-        bail!(
-            "{} is a model for {} channels and {} classes; the data has {} and {}",
-            path.display(),
-            model.channels(),
-            model.classes(),
-            split.test.channels(),
-            split.classes
-        );
-    }
+    let loaded = loader::load(&path, &request, &device).with_context(|| format!("loading {}", path.display()))?;
+    check_fits(&loaded.model, &loaded.kind, split.test.channels(), split.classes, &path)?;
+    let kind = match &loaded.kind {
+        Kind::Palettized { .. } => loaded.kind.to_string(),
+        other => format!("float weights, {other}"),
+    };
+    let model = loaded.model;
     let stats = evaluate(&model, &Weights::Float, eval_batches(&split.test, &split, a.batch_size, &device), "eval")?;
     println!(
         "{} ({}, {kind}) on {} test ({} samples): accuracy {:.2}%, loss {:.4}",

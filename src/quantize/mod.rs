@@ -4,9 +4,11 @@
 mod palette;
 mod plan;
 pub mod snapshot;
+mod torch;
 
-pub use palette::{pack, unpack, LutDType, PackedTensor, Palettized};
+pub use palette::{pack, unpack, LutDType, PackedTensor, Palettized, FORMAT as PALETTIZED_FORMAT};
 pub use plan::{LayerOverride, QuantizePlan};
+pub use torch::{save_torch, torch_state_dict, TORCH_FORMAT};
 
 use crate::cluster::ClusteredWeight;
 use crate::error::Result;

@@ -17,7 +17,8 @@ use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
-const FORMAT: &str = "palettized-v1";
+/// The `idkm.format` metadata of a palettized model.
+pub const FORMAT: &str = "palettized-v1";
 
 /// The float type of the lookup tables.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

@@ -45,9 +45,10 @@ pub fn save(model: &Model, clustering: Option<&Clustering>, extra: &[(&str, Stri
     crate::checkpoint::save(&tensors, &metadata, path)
 }
 
-/// Whether `path` is a checkpoint written by [`save`].
+/// Whether `path` is a checkpoint written by [`save`] (exports, which
+/// name their `idkm.format`, are not).
 pub fn is_snapshot(path: &Path) -> bool {
-    crate::checkpoint::metadata(path).is_ok_and(|m| m.contains_key("idkm.arch"))
+    crate::checkpoint::metadata(path).is_ok_and(|m| m.contains_key("idkm.arch") && !m.contains_key("idkm.format"))
 }
 
 /// A checkpoint read back: the model, its clustering if it had one, and the metadata.

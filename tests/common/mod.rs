@@ -1,6 +1,9 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod local_hub;
+pub mod pattern;
+
 use candle_core::{DType, Device, Tensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -26,7 +29,12 @@ pub fn randn(m: usize, d: usize, seed: u64, dtype: DType) -> Tensor {
 
 /// A flat f64 copy of a tensor.
 pub fn flat(t: &Tensor) -> Vec<f64> {
-    t.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+    t.to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
 }
 
 /// `max |a - b| / max |b|`.
@@ -34,7 +42,10 @@ pub fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
     let (a, b) = (flat(a), flat(b));
     assert_eq!(a.len(), b.len());
     let scale = b.iter().fold(0f64, |m, x| m.max(x.abs())).max(1e-300);
-    a.iter().zip(&b).fold(0f64, |m, (x, y)| m.max((x - y).abs())) / scale
+    a.iter()
+        .zip(&b)
+        .fold(0f64, |m, (x, y)| m.max((x - y).abs()))
+        / scale
 }
 
 /// A temperature that keeps the attention soft but not uniform for k
@@ -94,7 +105,14 @@ impl KernelCase {
     /// Standard normal weights, centroids on k of the rows (spread over the
     /// data) plus jitter, a temperature at which the attention is soft but
     /// not uniform; `dead` moves centroid 0 far away (zero mass).
-    pub fn new(m: usize, k: usize, d: usize, distance: idkm::cluster::Distance, seed: u64, dead: bool) -> Self {
+    pub fn new(
+        m: usize,
+        k: usize,
+        d: usize,
+        distance: idkm::cluster::Distance,
+        seed: u64,
+        dead: bool,
+    ) -> Self {
         let w: Vec<f32> = normal(m * d, seed).iter().map(|&x| x as f32).collect();
         let jitter = normal(k * d, seed ^ 0xc0ffee);
         let mut c = Vec::with_capacity(k * d);
@@ -113,9 +131,24 @@ impl KernelCase {
             idkm::cluster::Distance::Squared => sq,
             idkm::cluster::Distance::Euclidean => sq.sqrt(),
         };
-        let g: Vec<f32> = normal(m * d, seed ^ 0x9e37).iter().map(|&x| x as f32).collect();
+        let g: Vec<f32> = normal(m * d, seed ^ 0x9e37)
+            .iter()
+            .map(|&x| x as f32)
+            .collect();
         let u = normal(k * d, seed ^ 0x51ab);
-        Self { m, geo: idkm::cluster::streaming::Geometry { k, d, tau, distance }, w, c, g, u }
+        Self {
+            m,
+            geo: idkm::cluster::streaming::Geometry {
+                k,
+                d,
+                tau,
+                distance,
+            },
+            w,
+            c,
+            g,
+            u,
+        }
     }
 
     /// `F(C)` and `1/S` from the CPU twin: the inputs of the adjoint passes.
@@ -128,8 +161,15 @@ impl KernelCase {
 
     /// `m=.. k=.. d=.. Distance[ dead]`, for failure messages.
     pub fn label(&self) -> String {
-        let dead = if self.c.first() == Some(&1e3) { " dead" } else { "" };
-        format!("m={} k={} d={} {:?}{dead}", self.m, self.geo.k, self.geo.d, self.geo.distance)
+        let dead = if self.c.first() == Some(&1e3) {
+            " dead"
+        } else {
+            ""
+        };
+        format!(
+            "m={} k={} d={} {:?}{dead}",
+            self.m, self.geo.k, self.geo.d, self.geo.distance
+        )
     }
 }
 

@@ -1,20 +1,28 @@
-//! Reading and writing model checkpoints (safetensors, PyTorch `.bin`/`.pth`).
+//! Reading and writing model checkpoints: safetensors and PyTorch files
+//! (the zip archive of `torch.save` and its legacy format).
 //!
-//! [`read`] gives the float tensors of a checkpoint whatever its format,
-//! [`load_into`] copies them into a model's [`VarMap`] by name (after
-//! [`canonical_names`] has mapped the checkpoint's names onto the model's),
-//! and [`save`] writes a `VarMap` back as safetensors with metadata.
+//! [`read`] gives the float tensors of a checkpoint whatever its format
+//! ([`format::detect`] tells it from the bytes), [`load_into`] copies them
+//! into a model's [`VarMap`] by name (after [`canonical_names`] has mapped
+//! the checkpoint's names onto the model's), and [`save`] writes a `VarMap`
+//! back as safetensors with metadata.
+
+pub mod format;
+mod pickle;
+mod torch;
+
+pub use format::{detect, Format};
+pub use torch::NESTED_KEYS;
 
 use crate::{Error, Result};
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{Device, Tensor, Var};
 use candle_nn::VarMap;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Read;
 use std::path::Path;
 
-/// Keys under which training scripts nest the state dict in a PyTorch file,
-/// tried in this order when the top level holds no tensors.
-const NESTED_KEYS: [&str; 4] = ["state_dict", "model", "model_state_dict", "module"];
+/// Tensors by name, as [`read`] gives them.
+pub type NamedTensors = Vec<(String, Tensor)>;
 
 /// Prefixes that wrappers put before every parameter name: `module.`
 /// (DataParallel, DistributedDataParallel), `_orig_mod.` (`torch.compile`),
@@ -52,12 +60,6 @@ pub struct LoadReport {
     pub unexpected: Vec<String>,
 }
 
-/// The two on-disk formats, told apart by their first bytes.
-enum Format {
-    Safetensors,
-    PyTorchZip,
-}
-
 fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
     move |source| Error::Io { path: path.to_path_buf(), source }
 }
@@ -66,77 +68,49 @@ fn format_error(path: &Path, msg: impl Into<String>) -> Error {
     Error::Format { path: path.to_path_buf(), msg: msg.into() }
 }
 
-/// Sniffs the format: PyTorch (since 1.6) writes a zip archive, safetensors
-/// starts with an 8-byte header length followed by a JSON object.
-fn sniff(path: &Path) -> Result<Format> {
-    let mut head = Vec::with_capacity(9);
-    std::fs::File::open(path)
-        .and_then(|f| f.take(9).read_to_end(&mut head))
-        .map_err(io_error(path))?;
-    match head.as_slice() {
-        [b'P', b'K', 3, 4, ..] => Ok(Format::PyTorchZip),
-        [_, _, _, _, _, _, _, _, b'{'] => Ok(Format::Safetensors),
-        [0x80, ..] => Err(format_error(
-            path,
-            "legacy PyTorch file (a bare pickle, written before PyTorch 1.6), which is not supported; \
-             re-save it with a recent torch.save or convert it to safetensors",
-        )),
-        _ => Err(format_error(path, "neither a safetensors file nor a PyTorch zip archive")),
+/// Reads every float tensor of a checkpoint, as f32 on the CPU, sorted by name.
+///
+/// The format is recognised from the bytes ([`detect`]): safetensors, or a
+/// PyTorch file (`.bin`, `.pth`, `.pt`; zip or legacy) holding a state dict
+/// at the top level, nested in a training checkpoint under one of
+/// [`NESTED_KEYS`] (the first that holds tensors), or as the parameters of
+/// a whole pickled `nn.Module`. f16, bf16 and f64 tensors are converted;
+/// PyTorch tensors are read through their offsets and strides, so views
+/// into shared storages read as PyTorch shows them; integer tensors (such
+/// as batch norm's `num_batches_tracked`) are skipped.
+pub fn read(path: &Path) -> Result<NamedTensors> {
+    match detect(path)? {
+        Format::Safetensors => read_safetensors(path),
+        Format::TorchZip => torch::read_zip(path),
+        Format::TorchLegacy => torch::read_legacy(path),
     }
 }
 
-/// Reads every float tensor of a checkpoint, as f32 on the CPU, sorted by name.
-///
-/// The format is recognised by content: safetensors, or a PyTorch zip
-/// archive (`.bin`, `.pth`, `.pt`) holding a pickled state dict, either at the
-/// top level or nested under one of the keys `state_dict`, `model`,
-/// `model_state_dict`, `module` (the first that holds tensors). f16, bf16 and
-/// f64 tensors are converted; integer tensors (such as batch norm's
-/// `num_batches_tracked`) are skipped.
-pub fn read(path: &Path) -> Result<Vec<(String, Tensor)>> {
-    let tensors = match sniff(path)? {
-        Format::Safetensors => candle_core::safetensors::load(path, &Device::Cpu)
-            .map_err(|e| format_error(path, format!("reading safetensors: {e}")))?
-            .into_iter()
-            .collect(),
-        Format::PyTorchZip => read_pytorch(path)?,
-    };
-    let mut floats = Vec::with_capacity(tensors.len());
-    for (name, tensor) in tensors {
-        if !tensor.dtype().is_float() {
-            tracing::debug!(tensor = %name, dtype = ?tensor.dtype(), "skipping a non-float checkpoint tensor");
-            continue;
-        }
-        let tensor = tensor
-            .to_dtype(DType::F32)
-            .map_err(|e| format_error(path, format!("converting tensor `{name}` to f32: {e}")))?;
+/// The float tensors of a safetensors file as f32, sorted by name.
+fn read_safetensors(path: &Path) -> Result<NamedTensors> {
+    use safetensors::Dtype;
+    let bytes = std::fs::read(path).map_err(io_error(path))?;
+    let file = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| format_error(path, format!("reading safetensors: {e}")))?;
+    let mut floats = Vec::new();
+    for (name, view) in file.tensors() {
+        let data = view.data();
+        let values: Vec<f32> = match view.dtype() {
+            Dtype::F32 => data.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes"))).collect(),
+            Dtype::F64 => data.chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes")) as f32).collect(),
+            Dtype::F16 => data.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+            Dtype::BF16 => data.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+            other => {
+                tracing::debug!(tensor = %name, dtype = ?other, "skipping a non-float checkpoint tensor");
+                continue;
+            }
+        };
+        let tensor = Tensor::from_vec(values, view.shape(), &Device::Cpu)
+            .map_err(|e| format_error(path, format!("tensor `{name}`: {e}")))?;
         floats.push((name, tensor));
     }
     floats.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(floats)
-}
-
-/// Reads the tensors of a PyTorch zip archive, looking into the nested
-/// state dict keys when the top level holds none.
-fn read_pytorch(path: &Path) -> Result<Vec<(String, Tensor)>> {
-    use candle_core::pickle;
-    let pickle_error = |e: candle_core::Error| format_error(path, format!("reading PyTorch archive: {e}"));
-    let top = pickle::read_pth_tensor_info(path, false, None).map_err(pickle_error)?;
-    let key = if top.is_empty() {
-        let found = NESTED_KEYS.into_iter().find(|key| {
-            pickle::read_pth_tensor_info(path, false, Some(key)).is_ok_and(|infos| !infos.is_empty())
-        });
-        let Some(key) = found else {
-            return Err(format_error(
-                path,
-                format!("the pickle holds no tensors, neither at the top level nor under {}", NESTED_KEYS.join(", ")),
-            ));
-        };
-        Some(key)
-    } else {
-        None
-    };
-    pickle::read_all_with_key(path, key).map_err(pickle_error)
 }
 
 /// Maps checkpoint tensor names onto the variable names of a model, in the
@@ -207,7 +181,12 @@ impl Entry {
 /// [`Error::Checkpoint`] that lists each name with the shapes, and for a
 /// missing variable the closest unused checkpoint names.
 pub fn load_into(varmap: &VarMap, path: &Path, options: &LoadOptions) -> Result<LoadReport> {
-    let tensors = read(path)?;
+    load_tensors(varmap, read(path)?, path, options)
+}
+
+/// [`load_into`] with the tensors already read from `path` (which names
+/// the file in errors).
+pub fn load_tensors(varmap: &VarMap, tensors: NamedTensors, path: &Path, options: &LoadOptions) -> Result<LoadReport> {
     let vars = varmap.data().lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     let model: HashSet<String> = vars.keys().cloned().collect();
     let file_names: Vec<String> = tensors.iter().map(|(n, _)| n.clone()).collect();
@@ -328,6 +307,10 @@ pub fn save(tensors: &BTreeMap<String, Tensor>, metadata: &HashMap<String, Strin
 /// Reads the string metadata (`__metadata__`) of a safetensors file, empty
 /// when it has none; only the header is read.
 pub fn metadata(path: &Path) -> Result<HashMap<String, String>> {
+    let format = detect(path)?;
+    if format != Format::Safetensors {
+        return Err(format_error(path, format!("a {format} file, which has no safetensors metadata")));
+    }
     let mut file = std::fs::File::open(path).map_err(io_error(path))?;
     let mut len = [0u8; 8];
     file.read_exact(&mut len).map_err(|_| format_error(path, "too short for a safetensors file"))?;

@@ -7,9 +7,11 @@
 //! `<cache>/models--owner--name/snapshots/<hash>/<file>` the file (usually a
 //! symlink into `blobs/`).
 
+mod download;
+pub mod progress;
+
 use crate::{Error, Result};
-use hf_hub::api::sync::ApiBuilder;
-use hf_hub::{Repo, RepoType};
+use hf_hub::Repo;
 use std::path::{Path, PathBuf};
 
 /// The checkpoint files looked for, in this order, when no file is named;
@@ -153,10 +155,12 @@ pub fn resolve(source: &ModelSource) -> Result<PathBuf> {
 /// Resolves a model source to a local checkpoint file.
 ///
 /// A local file is returned as it is, a local directory gives the checkpoint
-/// file it holds. A hub file is looked up in the cache when offline;
-/// otherwise the hub is asked for the repo's files (when none is named) and
-/// the file is taken from the cache or downloaded into it. When the hub
-/// cannot be reached, the cache is used, with a warning.
+/// file it holds. A hub file is taken from the cache when the revision's
+/// snapshot there has it (no request is made: a branch's later commits are
+/// not looked for); otherwise, unless offline, the hub is asked for the
+/// repo's files (when none is named) and the file is downloaded into the
+/// cache, with a progress bar on a terminal. A downloaded weight file is
+/// checked against the SHA-256 the hub named.
 pub fn resolve_with(source: &ModelSource, options: &HubOptions) -> Result<PathBuf> {
     match source {
         ModelSource::Local(path) => local(path),
@@ -215,56 +219,23 @@ fn tried(file: Option<&str>) -> String {
     }
 }
 
-/// A hub file from the cache or, when online, from the hub.
+/// A hub file from the cache (without asking the hub) or, when it is not
+/// there and the hub may be asked, downloaded into it.
 fn hub_file(repo: &str, revision: &str, file: Option<&str>, options: &HubOptions) -> Result<PathBuf> {
     let context = || format!("looked for {} in cache {}", tried(file), options.cache_dir.display());
-    if options.offline {
-        return cached(&options.cache_dir, repo, revision, file).map_err(|missing| {
-            Error::Hub(format!(
-                "{repo}@{revision} is not in the cache and offline mode (HF_HUB_OFFLINE) forbids downloading: {missing}; {}",
-                context()
-            ))
-        });
-    }
-    let failed = match download(repo, revision, file, options) {
+    let missing = match cached(&options.cache_dir, repo, revision, file) {
         Ok(path) => return Ok(path),
-        Err(failed) => failed,
+        Err(missing) => missing,
     };
-    match cached(&options.cache_dir, repo, revision, file) {
-        Ok(path) => {
-            tracing::warn!(repo, revision, error = %failed, "could not use the hub; taking the cached copy");
-            Ok(path)
-        }
-        Err(missing) => Err(Error::Hub(format!(
-            "{repo}@{revision}: {failed}; and the cache has no copy: {missing}; {}",
+    if options.offline {
+        return Err(Error::Hub(format!(
+            "{repo}@{revision} is not in the cache and offline mode (HF_HUB_OFFLINE) forbids downloading: {missing}; {}",
             context()
-        ))),
+        )));
     }
-}
-
-/// Downloads a repo file into the cache (or finds it there) through hf-hub.
-fn download(repo: &str, revision: &str, file: Option<&str>, options: &HubOptions) -> std::result::Result<PathBuf, String> {
-    let mut builder = ApiBuilder::from_cache(hf_hub::Cache::new(options.cache_dir.clone()));
-    if let Some(endpoint) = &options.endpoint {
-        builder = builder.with_endpoint(endpoint.clone());
-    }
-    if options.token.is_some() {
-        builder = builder.with_token(options.token.clone());
-    }
-    let api = builder.build().map_err(|e| format!("cannot set up the hub client: {e}"))?;
-    let api_repo = api.repo(Repo::with_revision(repo.to_string(), RepoType::Model, revision.to_string()));
-    let file = match file {
-        Some(file) => file.to_string(),
-        None => {
-            let info = api_repo.info().map_err(|e| format!("listing the repo's files failed: {e}"))?;
-            let files: Vec<String> = info.siblings.into_iter().map(|s| s.rfilename).collect();
-            match choose(&files) {
-                Some(file) => file.to_string(),
-                None => return Err(format!("the repo has none of {}; it has {}", tried(None), files.join(", "))),
-            }
-        }
-    };
-    api_repo.get(&file).map_err(|e| format!("downloading {file} failed: {e}"))
+    download::download(repo, revision, file, options).map_err(|failed| {
+        Error::Hub(format!("{repo}@{revision}: {failed}; and the cache has no copy: {missing}; {}", context()))
+    })
 }
 
 /// A repo file from the cache, or why it is not there.
