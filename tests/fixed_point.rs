@@ -304,3 +304,29 @@ fn weights_times_ten_give_centroids_times_ten() {
     let moved = indices.iter().zip(&indices10).filter(|(a, b)| a != b).count();
     assert!(moved <= m / 10_000, "{moved} of {m} weights changed cluster");
 }
+
+/// Above the dense limit (k d > 256 unknowns) Newton's steps come from
+/// conjugate gradient on matrix-vector products: the solve still ends at a
+/// fixed point (one more k-means step moves no centroid by more than the
+/// tolerance allows) and reports it stable.
+#[test]
+fn many_unknowns_reach_the_fixed_point_by_newton_krylov() {
+    let (m, d, bits) = (20_000, 4, 7);
+    let (w, _) = common::mixture(m, d, 1 << bits, 5, 0.3);
+    let layer = ClusteredWeight::new("w", KmeansConfig { bits, cluster_dim: d, ..Default::default() }).unwrap();
+    layer.forward(&w).unwrap();
+    let report = layer.last_forward().unwrap();
+    assert!(report.converged && report.stable == Some(true), "{report:?}");
+    assert_eq!(report.distinct, 1 << bits, "{report:?}");
+    let c = layer.centroids().unwrap();
+    let geo = idkm::cluster::streaming::Geometry {
+        k: 1 << bits,
+        d,
+        tau: layer.tau().unwrap(),
+        distance: idkm::cluster::Distance::Squared,
+    };
+    let next = idkm::cluster::reference::kmeans_step(&w, &c, &geo).unwrap();
+    let shift = values(&(next - &c).unwrap().abs().unwrap().max(0).unwrap()).into_iter().fold(0.0, f64::max);
+    let spread = values(&w.sqr().unwrap().mean_all().unwrap())[0].sqrt();
+    assert!(shift <= 1e-5 * spread, "a k-means step moves a centroid by {:.1e} of the spread", shift / spread);
+}

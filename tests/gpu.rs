@@ -15,6 +15,8 @@ use candle_core::cuda_backend::cudarc::driver::CudaSlice;
 use candle_core::cuda_backend::CudaDevice;
 use candle_core::{DType, Device, Tensor, Var};
 use idkm::cluster::backward::{self, Adjoint, BackwardConfig};
+use idkm::cluster::forward;
+use idkm::cluster::newton::Settings;
 use idkm::cluster::cuda::{self, AtFixedPoint, Partials, Problem};
 use idkm::cluster::reference;
 use idkm::cluster::solve::SolveReport;
@@ -293,13 +295,45 @@ fn fixed_point_matches_twin() {
     assert!(shift <= 1e-4 && steps.abs_diff(want_steps) <= 1, "steps {steps} vs {want_steps}, shift {shift}");
 }
 
+/// Root-mean-square distance of the weights (m x d) from their mean.
+fn spread(w: &[f32], d: usize) -> f64 {
+    let m = (w.len() / d) as f64;
+    let mut mean = vec![0f64; d];
+    w.chunks(d).for_each(|row| row.iter().zip(&mut mean).for_each(|(&x, s)| *s += f64::from(x) / m));
+    let squares: f64 = w.chunks(d).flat_map(|row| row.iter().zip(&mean).map(|(&x, s)| (f64::from(x) - s).powi(2))).sum();
+    (squares / m).sqrt()
+}
+
+#[test]
+fn newton_fixed_point_matches_twin() {
+    // The device map (k-means passes by kernel, the matrix column by column)
+    // drives the same Newton iteration as the CPU: both reach the same fixed
+    // point, to f32 rounding relative to the spread.
+    let dev = gpu();
+    let cd = cuda_dev(&dev);
+    for (k, d, seed) in [(16usize, 1usize, 41u64), (16, 4, 42), (64, 2, 43)] {
+        let case = Case::new(20_011, k, d, Distance::Squared, seed, false);
+        let spread = spread(&case.w, d);
+        let want = forward::newton_fixed_point(&case.w, &case.c, &case.geo, 100, 1e-6, spread, None, false).unwrap();
+        let settings = Settings { k, d, distance: Distance::Squared, tol: 1e-6, spread, max_iter: 100 };
+        let p = case.problem();
+        let (w, c0) = (up(cd, &case.w), up(cd, &case.c));
+        let (c, report) = cuda::newton_fixed_point(cd, &p, &w.as_view(), &c0.as_view(), settings).unwrap();
+        let got = down(cd, &c);
+        let gap = got.iter().zip(&want.c).map(|(&a, &b)| (f64::from(a) - b).abs()).fold(0.0, f64::max) / spread;
+        println!("{}: gap {gap:.2e} of the spread, gpu {report:?}, cpu {:?}", case.label(), want.report);
+        assert!(report.converged && want.report.converged, "{}: not converged", case.label());
+        assert!(gap < 1e-4, "{}: device fixed point {gap:.2e} of the spread from the CPU's", case.label());
+    }
+}
+
 // ----------------------------------------------------------------------------
 // The backward as a whole
 
 fn report(a: &Adjoint) -> Option<SolveReport> {
     match a {
         Adjoint::Solved(r) | Adjoint::BestIterate(r) | Adjoint::FellBackToJfb(r) => Some(*r),
-        Adjoint::JacobianFree => None,
+        Adjoint::JacobianFree | Adjoint::Reused { .. } => None,
     }
 }
 
@@ -326,7 +360,7 @@ fn implicit_backward_matches_cpu() {
             case.c = c;
             let cfg = BackwardConfig { method, solver, tol: 1e-6, max_steps: 200 };
             let mut want = vec![0f32; case.m * d];
-            let want_adj = backward::implicit_backward(&case.w, &case.c, &case.g, &case.geo, &cfg, "cpu", &mut want);
+            let want_adj = backward::implicit_backward(&case.w, &case.c, &case.g, &case.geo, &cfg, None, "cpu", &mut want);
             let p = case.problem();
             let (w, c, g) = (up(cd, &case.w), up(cd, &case.c), up(cd, &case.g));
             let (out, adj) =

@@ -6,7 +6,8 @@ use super::common::{mib, peak_rss, DataArgs, OptimArgs};
 use super::fit::{eval_batches, fit};
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
-use idkm::cluster::{KmeansConfig, Method};
+use idkm::cluster::config::DEFAULT_PLAIN_ITER;
+use idkm::cluster::{Forward, Init, KmeansConfig};
 use idkm::data;
 use idkm::model::{Arch, Model, Weights};
 use idkm::quantize::{Clustering, LutDType, Palettized, QuantizePlan};
@@ -38,6 +39,11 @@ pub struct DemoArgs {
     /// layer's weights].
     #[arg(long)]
     tau: Option<f64>,
+    /// How the forward pass reaches the k-means fixed point: newton, or
+    /// plain, which runs the papers' setting (k-means++, at most 30 plain
+    /// steps stopped at a move of 1e-4 of the spread; give --tau with it).
+    #[arg(long, default_value_t = Forward::Newton)]
+    forward: Forward,
     /// Seed of everything.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -91,10 +97,23 @@ pub fn run(a: DemoArgs) -> Result<()> {
     let float_acc = float.last().map_or(0.0, |r| r.test.accuracy);
 
     println!("\n== {}-bit IDKM fine-tuning", a.bits);
-    let config = KmeansConfig { bits: a.bits, tau: a.tau, method: Method::Idkm, ..Default::default() };
+    let config = match a.forward {
+        Forward::Newton => KmeansConfig { bits: a.bits, tau: a.tau, ..Default::default() },
+        Forward::Plain => KmeansConfig {
+            bits: a.bits,
+            tau: a.tau,
+            forward: Forward::Plain,
+            max_iter: DEFAULT_PLAIN_ITER,
+            tol: 1e-4,
+            init: Init::KmeansPlusPlus,
+            ..Default::default()
+        },
+    };
     let clustering = Clustering::new(&model, &QuantizePlan::new(config))?;
+    clustering.prepare(&model)?;
     for (name, layer) in clustering.layers() {
-        println!("  {name}: {} bits, k = {}", layer.config().bits, layer.config().k());
+        let tau = layer.tau().map_or("-".into(), |t| format!("{t:.2e}"));
+        println!("  {name}: {} bits, k = {}, tau {tau}, {} forward", layer.config().bits, layer.config().k(), layer.config().forward);
     }
     let optim = OptimArgs { epochs: a.quantize_epochs, lr: 0.01, ..optim };
     let t = Instant::now();

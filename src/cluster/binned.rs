@@ -216,17 +216,17 @@ impl<T: Real> Bins<T> {
             t.sum += x;
             t.squares += x * x;
         }
-        let (mut mean, mut deviation) = (Vec::new(), Vec::new());
-        let count = tally
-            .iter()
-            .filter(|t| t.count > 0.0)
-            .map(|t| {
-                let m = t.sum / t.count;
-                mean.push(T::of(m));
-                deviation.push(T::of((t.squares / t.count - m * m).max(0.0).sqrt()));
-                T::of(t.count)
-            })
-            .collect();
+        // Sized exactly: with many slots, growth by doubling would hold up
+        // to twice the bins' memory.
+        let filled = tally.iter().filter(|t| t.count > 0.0).count();
+        let (mut mean, mut deviation, mut count) =
+            (Vec::with_capacity(filled), Vec::with_capacity(filled), Vec::with_capacity(filled));
+        for t in tally.iter().filter(|t| t.count > 0.0) {
+            let m = t.sum / t.count;
+            mean.push(T::of(m));
+            deviation.push(T::of((t.squares / t.count - m * m).max(0.0).sqrt()));
+            count.push(T::of(t.count));
+        }
         Some(Self { mean, count, deviation, built_for: sorted, allowed_move })
     }
 
@@ -501,6 +501,11 @@ impl<T: Real> KmeansMap for BinnedMap<'_, T> {
         }
         self.passes.0 += 1;
         Ok(pass::adjoint_matrix(self.w, &narrow_c, &narrow::<T>(f), inv_mass, &geo))
+    }
+
+    fn matvec(&mut self, c: &[f64], f: &[f64], inv_mass: &[f64], u: &[f64]) -> Result<Vec<f64>> {
+        self.passes.0 += 1;
+        Ok(pass::adjoint_matvec(self.w, &narrow::<T>(c), &narrow::<T>(f), inv_mass, u, &self.geo))
     }
 
     fn passes(&self) -> (usize, usize) {

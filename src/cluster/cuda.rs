@@ -32,8 +32,9 @@
 
 use super::backward::{fallback, Adjoint, BackwardConfig, GMRES_RESTART};
 use super::config::{Distance, Method, Solver};
+use super::newton::{self, Evaluation, ForwardReport, KmeansMap, Settings};
 use super::solve::{self, SolveReport};
-use super::streaming::Geometry;
+use super::streaming::{Geometry, Moments};
 use crate::error::Error;
 use candle_core::backend::{BackendDevice, BackendStorage};
 use candle_core::cuda_backend::cudarc::driver::{sys, CudaFunction, CudaSlice, CudaView, LaunchConfig, PushKernelArg};
@@ -438,6 +439,105 @@ pub fn fixed_point(
         }
     }
     Ok((c, steps, shift))
+}
+
+/// The k-means map on the device for the forward Newton solve
+/// ([`super::newton`]): each k-means pass is one `soft_assign_reduce`
+/// (the sums copied back, k (d + 1) doubles); the matrix is assembled from
+/// n = k d `adjoint_matvec` passes of the unit vectors, as the dense
+/// adjoint solver does here (there is no kernel for the one-pass assembly
+/// the CPU has). No free energy: the line search uses the residual.
+struct DeviceMap<'a> {
+    dev: &'a CudaDevice,
+    p: &'a Problem,
+    w: &'a CudaView<'a, f32>,
+    scratch: Partials,
+    sums: CudaSlice<f64>,
+    passes: usize,
+}
+
+impl DeviceMap<'_> {
+    fn upload_f32(&self, x: &[f64]) -> Result<CudaSlice<f32>> {
+        let narrow: Vec<f32> = x.iter().map(|&v| v as f32).collect();
+        self.dev.clone_htod(&narrow)
+    }
+}
+
+impl KmeansMap for DeviceMap<'_> {
+    fn round(&self, c: &mut [f64]) {
+        c.iter_mut().for_each(|x| *x = f64::from(*x as f32));
+    }
+
+    fn evaluate(&mut self, c: &[f64]) -> crate::error::Result<Evaluation> {
+        let c = self.upload_f32(c)?;
+        soft_assign_reduce(self.dev, self.p, self.w, &c.as_view(), &mut self.scratch, &mut self.sums)?;
+        self.passes += 1;
+        let sums = self.dev.clone_dtoh(&self.sums)?;
+        let (mass, weighted) = sums.split_at(self.p.k);
+        Ok(Evaluation { moments: Moments { mass: mass.to_vec(), weighted: weighted.to_vec() }, energy: None })
+    }
+
+    fn matrix(&mut self, c: &[f64], f: &[f64], inv_mass: &[f64]) -> crate::error::Result<Vec<f64>> {
+        let n = self.p.n();
+        let (c, f) = (self.upload_f32(c)?, self.upload_f32(f)?);
+        let inv_mass = self.dev.clone_htod(inv_mass)?;
+        let mut scratch = Partials::new(self.dev, self.p, n)?;
+        let mut u = alloc::<f64>(self.dev, n)?;
+        let mut out = alloc::<f64>(self.dev, n)?;
+        let mut columns = vec![0f64; n * n];
+        let mut unit = vec![0f64; n];
+        for q in 0..n {
+            unit[q] = 1.0;
+            self.dev.memcpy_htod(&unit, &mut u)?;
+            adjoint_matvec(self.dev, self.p, self.w, &c.as_view(), &f.as_view(), &inv_mass, &u, &mut scratch, &mut out)?;
+            for (r, x) in self.dev.clone_dtoh(&out)?.into_iter().enumerate() {
+                columns[r * n + q] = x;
+            }
+            unit[q] = 0.0;
+        }
+        self.passes += n;
+        Ok(columns)
+    }
+
+    fn matvec(&mut self, c: &[f64], f: &[f64], inv_mass: &[f64], u: &[f64]) -> crate::error::Result<Vec<f64>> {
+        let n = self.p.n();
+        let (c, f) = (self.upload_f32(c)?, self.upload_f32(f)?);
+        let inv_mass = self.dev.clone_htod(inv_mass)?;
+        let u = self.dev.clone_htod(u)?;
+        let mut scratch = Partials::new(self.dev, self.p, n)?;
+        let mut out = alloc::<f64>(self.dev, n)?;
+        adjoint_matvec(self.dev, self.p, self.w, &c.as_view(), &f.as_view(), &inv_mass, &u, &mut scratch, &mut out)?;
+        self.passes += 1;
+        Ok(self.dev.clone_dtoh(&out)?)
+    }
+
+    fn passes(&self) -> (usize, usize) {
+        (self.passes, 0)
+    }
+
+    fn epsilon(&self) -> f64 {
+        f64::from(f32::EPSILON)
+    }
+}
+
+/// `forward::newton_fixed_point` on the device: Newton's method from `c0`
+/// with [`DeviceMap`]. Returns the centroids (k x d) and the report. The
+/// weights' range (which the centroids must keep to) is read once.
+pub fn newton_fixed_point(
+    dev: &CudaDevice,
+    p: &Problem,
+    w: &CudaView<f32>,
+    c0: &CudaView<f32>,
+    settings: Settings,
+) -> Result<(CudaSlice<f32>, ForwardReport)> {
+    p.check("the initial centroids", c0.len(), p.n())?;
+    let start: Vec<f64> = dev.clone_dtoh(c0)?.iter().map(|&x| f64::from(x)).collect();
+    let bounds = super::forward::bounds(&dev.clone_dtoh(w)?, p.d);
+    let len = p.k * (p.d + 1);
+    let mut map = DeviceMap { dev, p, w, scratch: Partials::new(dev, p, len)?, sums: alloc::<f64>(dev, len)?, passes: 0 };
+    let solution = newton::solve(&mut map, &start, bounds, settings, None, false)?;
+    let c: Vec<f32> = solution.c.iter().map(|&x| x as f32).collect();
+    Ok((dev.clone_htod(&c)?, solution.report))
 }
 
 // ----------------------------------------------------------------------------

@@ -44,6 +44,12 @@ impl<T: Real> KmeansMap for WeightsMap<'_, T> {
         Ok(pass::adjoint_matrix(self.w, &narrow(c), &narrow(f), inv_mass, &self.geo))
     }
 
+    fn matvec(&mut self, c: &[f64], f: &[f64], inv_mass: &[f64], u: &[f64]) -> Result<Vec<f64>> {
+        let narrow = |x: &[f64]| x.iter().map(|&v| T::of(v)).collect::<Vec<T>>();
+        self.passes += 1;
+        Ok(pass::adjoint_matvec(self.w, &narrow(c), &narrow(f), inv_mass, u, &self.geo))
+    }
+
     fn passes(&self) -> (usize, usize) {
         (self.passes, 0)
     }

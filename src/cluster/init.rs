@@ -119,21 +119,21 @@ pub fn optimal_1d<T: Real>(w: &[T], k: usize, seed: u64) -> Vec<T> {
         let (n, s, q) = (pre[hi].0 - pre[lo].0, pre[hi].1 - pre[lo].1, pre[hi].2 - pre[lo].2);
         if n > 0.0 { (q - s * s / n).max(0.0) } else { 0.0 }
     };
-    // best[j][b]: cost of the first b bins in j + 1 groups; cut[j][b]: start of the last group.
-    let mut best = vec![vec![f64::INFINITY; nb + 1]; k];
-    let mut cut = vec![vec![0usize; nb + 1]; k];
-    for (b, first) in best[0].iter_mut().enumerate().skip(1) {
-        *first = cost(0, b);
-    }
+    // best[b]: cost of the first b bins in j + 1 groups (two rows kept);
+    // cut[j][b]: start of the last group (all rows, as u16: nb <= 2048).
+    let mut best: Vec<f64> = (0..=nb).map(|b| if b == 0 { f64::INFINITY } else { cost(0, b) }).collect();
+    let mut next = vec![f64::INFINITY; nb + 1];
+    let mut cut = vec![vec![0u16; nb + 1]; k];
     for j in 1..k {
-        let (done, rest) = best.split_at_mut(j);
-        let fill = Layer { prev: &done[j - 1], cost: &cost, best: &mut rest[0], cut: &mut cut[j] };
+        next.fill(f64::INFINITY);
+        let fill = Layer { prev: &best, cost: &cost, best: &mut next, cut: &mut cut[j] };
         fill.solve(j + 1, nb, j, nb);
+        std::mem::swap(&mut best, &mut next);
     }
     let mut c = vec![T::zero(); k];
     let mut hi = nb;
     for j in (0..k).rev() {
-        let lo = if j == 0 { 0 } else { cut[j][hi] };
+        let lo = if j == 0 { 0 } else { usize::from(cut[j][hi]) };
         let (n, s) = (pre[hi].0 - pre[lo].0, pre[hi].1 - pre[lo].1);
         c[j] = T::of(if n > 0.0 { s / n } else { sorted[0] });
         hi = lo;
@@ -146,7 +146,7 @@ struct Layer<'a, C> {
     prev: &'a [f64],
     cost: &'a C,
     best: &'a mut [f64],
-    cut: &'a mut [usize],
+    cut: &'a mut [u16],
 }
 
 impl<C: Fn(usize, usize) -> f64> Layer<'_, C> {
@@ -166,7 +166,7 @@ impl<C: Fn(usize, usize) -> f64> Layer<'_, C> {
                 }
             }
             self.best[b] = value;
-            self.cut[b] = at;
+            self.cut[b] = u16::try_from(at).expect("at most 2048 bins");
             if b > lo {
                 stack.push((lo, b - 1, cut_lo, at));
             }

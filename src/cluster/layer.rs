@@ -240,7 +240,7 @@ impl ClusteredWeight {
         let host = vectors.detach().to_device(&Device::Cpu)?;
         let c = match host.dtype() {
             DType::F64 => self.initial(&host.flatten_all()?.to_vec1::<f64>()?, last.as_ref(), vectors.device())?,
-            _ => self.initial(&host.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?, last.as_ref(), vectors.device())?,
+            _ => self.initial(&host.flatten_all()?.to_vec1::<f32>()?, last.as_ref(), vectors.device())?,
         };
         Ok(c.to_dtype(vectors.dtype())?)
     }

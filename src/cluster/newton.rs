@@ -30,7 +30,7 @@
 //! `(I - J) dC = r` (damped to `((1 + lambda) I - J)` where it is singular),
 //! accepted on the residual, with plain steps as the last resort.
 
-use super::config::Distance;
+use super::config::{Distance, DENSE_MAX_UNKNOWNS};
 use super::linalg::{self, Cholesky, Lu};
 use super::streaming::{Moments, DEAD_MASS};
 use crate::error::Result;
@@ -56,6 +56,9 @@ pub trait KmeansMap {
     /// `f` and `inv_mass`: `J^T` for `f = F(C)` and the inverse masses, the
     /// curvature `M` for `f = c` and unit masses.
     fn matrix(&mut self, c: &[f64], f: &[f64], inv_mass: &[f64]) -> Result<Vec<f64>>;
+    /// `matrix(c, f, inv_mass) u` without the matrix: one
+    /// [`super::streaming::adjoint_matvec`] pass (for many unknowns).
+    fn matvec(&mut self, c: &[f64], f: &[f64], inv_mass: &[f64], u: &[f64]) -> Result<Vec<f64>>;
     /// Passes run so far: over the weights, and over bins of them.
     fn passes(&self) -> (usize, usize);
     /// The relative rounding of the passes' arithmetic (machine epsilon).
@@ -423,6 +426,9 @@ pub fn solve<M: KmeansMap>(
     let mut p = solver.evaluate(c)?;
     solver.dead = p.eval.moments.mass.iter().flat_map(|&s| std::iter::repeat_n(s <= DEAD_MASS, d)).collect();
     p = Point::new(p.c, p.eval, &solver.dead, d);
+    if n > DENSE_MAX_UNKNOWNS {
+        return solve_krylov(solver, p);
+    }
     let warm_dead = |f: &Factor| match f {
         Factor::Symmetric { dead, .. } | Factor::General { dead, .. } => dead.len() == n,
     };
@@ -560,6 +566,105 @@ pub fn solve<M: KmeansMap>(
     Ok(Solution { c: p.c, report: solver.report, factor, factor_at })
 }
 
+/// Most conjugate-gradient steps (passes) of one Newton step in
+/// [`solve_krylov`].
+const KRYLOV_STEPS: usize = 50;
+
+/// Newton's method for more than [`DENSE_MAX_UNKNOWNS`] unknowns, where
+/// the matrix is not assembled: each Newton step solves `(D - M) dC = D r`
+/// by conjugate gradient on matrix-vector products (one pass each), to a
+/// relative residual of `min(0.1, sqrt(||D r|| / ||D r0||))` (inexact
+/// Newton), stopped at negative curvature (then the steepest-descent
+/// direction `r`, a plain step, is taken). The same line search and
+/// stopping rule as [`solve`]; no factor is left (the backward solves by
+/// GMRES there). The Euclidean distance takes plain steps.
+fn solve_krylov<M: KmeansMap>(mut solver: Solver<'_, M>, mut p: Point) -> Result<Solution> {
+    let s = solver.s;
+    let (n, d) = (s.k * s.d, s.d);
+    let spread = s.spread.max(f64::MIN_POSITIVE);
+    let first = p.merit.max(f64::MIN_POSITIVE);
+    let ones = vec![1.0; s.k];
+    while solver.report.iterations < s.max_iter {
+        solver.report.iterations += 1;
+        let rhs: Vec<f64> = p.r.iter().zip(&p.mass).map(|(r, m)| r * m).collect();
+        let (delta, curved) = if s.distance == Distance::Squared {
+            // CG on (D - M + lambda D) dC = D r, lambda raised from 0 (as the
+            // dense solve's shift) while CG meets non-positive curvature.
+            let forcing = (p.merit / first).sqrt().min(0.1);
+            let mut shift = 0.0;
+            loop {
+                let mut failure = None;
+                let mut apply = |x: &[f64]| -> Vec<f64> {
+                    let mx = solver.map.matvec(&p.c, &p.c, &ones, x).unwrap_or_else(|e| {
+                        failure = Some(e);
+                        vec![f64::NAN; n]
+                    });
+                    x.iter()
+                        .zip(&p.mass)
+                        .zip(mx)
+                        .zip(&solver.dead)
+                        .map(|(((x, m), mx), &dead)| if dead { *x } else { (1.0 + shift) * m * x - mx })
+                        .collect()
+                };
+                let (x, report) = super::solve::conjugate_gradient(&mut apply, &rhs, forcing, KRYLOV_STEPS.min(n));
+                if let Some(e) = failure {
+                    return Err(e);
+                }
+                if report.converged || report.steps >= KRYLOV_STEPS.min(n) {
+                    if shift > 0.0 {
+                        solver.report.damped += 1;
+                    }
+                    break (x, shift == 0.0);
+                }
+                shift = if shift == 0.0 { FIRST_SHIFT } else { shift * 4.0 };
+                if shift > 1e3 {
+                    break (p.r.clone(), false);
+                }
+            }
+        } else {
+            (p.r.clone(), false)
+        };
+        solver.report.stable = Some(curved);
+        let size = max_norm(&delta, d);
+        solver.report.distance = size / spread;
+        let eps = solver.map.epsilon();
+        let within = delta.chunks_exact(d).zip(p.c.chunks_exact(d)).all(|(step, c)| linalg::norm(step) <= s.tol.max(2.0 * eps * linalg::norm(c)));
+        if curved && within {
+            let mut c: Vec<f64> = p.c.iter().zip(&delta).map(|(c, x)| c + x).collect();
+            solver.map.round(&mut c);
+            solver.report.converged = true;
+            solver.finish(&p, None);
+            return Ok(Solution { c, report: solver.report, factor: None, factor_at: Vec::new() });
+        }
+        let mut next = None;
+        let mut alpha = 1.0;
+        for _ in 0..=MAX_HALVINGS {
+            let mut trial: Vec<f64> = p.c.iter().zip(&delta).map(|(c, x)| c + alpha * x).collect();
+            solver.map.round(&mut trial);
+            if solver.admissible(&trial, &p.c) {
+                let q = solver.evaluate(trial)?;
+                if solver.accepts(&p, &q, &delta, alpha, curved) {
+                    next = Some(q);
+                    break;
+                }
+            }
+            alpha *= 0.5;
+            solver.report.backtracks += 1;
+        }
+        p = match next {
+            Some(q) => q,
+            None => {
+                solver.report.plain_steps += 1;
+                let mut f = p.f();
+                solver.map.round(&mut f);
+                solver.evaluate(f)?
+            }
+        };
+    }
+    solver.finish(&p, None);
+    Ok(Solution { c: p.c, report: solver.report, factor: None, factor_at: Vec::new() })
+}
+
 /// Corrects `solution`, found on an approximation of the map (bins), on
 /// the exact `map` (the weights): chord steps with the approximation's
 /// factor from one exact pass each, until the step is at most `tol` or
@@ -618,6 +723,9 @@ mod tests {
         }
         fn matrix(&mut self, c: &[f64], f: &[f64], inv_mass: &[f64]) -> Result<Vec<f64>> {
             Ok(pass::adjoint_matrix(self.w, c, f, inv_mass, &self.geo))
+        }
+        fn matvec(&mut self, c: &[f64], f: &[f64], inv_mass: &[f64], u: &[f64]) -> Result<Vec<f64>> {
+            Ok(pass::adjoint_matvec(self.w, c, f, inv_mass, u, &self.geo))
         }
         fn passes(&self) -> (usize, usize) {
             (0, 0)
