@@ -10,6 +10,7 @@ pub mod hub;
 pub mod io;
 pub mod memory;
 pub mod model;
+pub mod nn;
 pub mod quantize;
 pub mod train;
 
