@@ -71,28 +71,70 @@ impl Dims {
     }
 }
 
-/// Lanes of the per-channel reductions (independent f64 accumulators, so
-/// that the loops vectorise).
+/// Lanes of the per-channel reductions: independent accumulators, so that
+/// the loops vectorise.
 const LANES: usize = 8;
 
-/// `(Σ f(i), Σ h(i))` over `0..len` in [`LANES`] f64 accumulators.
-#[inline(always)]
-fn lane_sums(len: usize, mut f: impl FnMut(usize) -> (f64, f64)) -> (f64, f64) {
-    let (mut a, mut b) = ([0f64; LANES], [0f64; LANES]);
-    let full = len / LANES * LANES;
-    for base in (0..full).step_by(LANES) {
-        for l in 0..LANES {
-            let (u, v) = f(base + l);
-            a[l] += u;
-            b[l] += v;
+/// Values summed in the input's dtype (a sixty-fourth of them per lane)
+/// before the partial sums are added up in f64.
+const BLOCK: usize = 512;
+
+/// The sum of a lane accumulator, in f64.
+fn wide_sum<T: Float>(lanes: &[T; LANES]) -> f64 {
+    lanes.iter().map(|x| x.wide()).sum()
+}
+
+/// `(Σ v, Σ v²)` of `v = x - shift` over `xs`.
+fn shifted_moments<T: Float>(xs: &[T], shift: T) -> (f64, f64) {
+    let (mut s1, mut s2) = (0.0, 0.0);
+    for block in xs.chunks(BLOCK) {
+        let (chunks, rest) = block.as_chunks::<LANES>();
+        let (mut u, mut v) = ([T::zero(); LANES], [T::zero(); LANES]);
+        for c in chunks {
+            for l in 0..LANES {
+                let d = c[l] - shift;
+                u[l] += d;
+                v[l] += d * d;
+            }
         }
+        for &x in rest {
+            let d = x - shift;
+            u[0] += d;
+            v[0] += d * d;
+        }
+        s1 += wide_sum(&u);
+        s2 += wide_sum(&v);
     }
-    for i in full..len {
-        let (u, v) = f(i);
-        a[0] += u;
-        b[0] += v;
+    (s1, s2)
+}
+
+/// `(Σ g, Σ g (x - mean))` over a plane, where `g` is the output gradient
+/// `dy` after the activation's mask (from the output `y`).
+fn grad_moments<T: Float>(xs: &[T], ys: &[T], dy: &[T], mean: T, act: Activation) -> (f64, f64) {
+    let (mut s1, mut s2) = (0.0, 0.0);
+    for ((xb, yb), gb) in xs.chunks(BLOCK).zip(ys.chunks(BLOCK)).zip(dy.chunks(BLOCK)) {
+        let ((xc, xr), (yc, yr), (gc, gr)) = (
+            xb.as_chunks::<LANES>(),
+            yb.as_chunks::<LANES>(),
+            gb.as_chunks::<LANES>(),
+        );
+        let (mut u, mut v) = ([T::zero(); LANES], [T::zero(); LANES]);
+        for ((x, y), g) in xc.iter().zip(yc).zip(gc) {
+            for l in 0..LANES {
+                let g = masked(act, g[l], y[l]);
+                u[l] += g;
+                v[l] += g * (x[l] - mean);
+            }
+        }
+        for ((&x, &y), &g) in xr.iter().zip(yr).zip(gr) {
+            let g = masked(act, g, y);
+            u[0] += g;
+            v[0] += g * (x - mean);
+        }
+        s1 += wide_sum(&u);
+        s2 += wide_sum(&v);
     }
-    (a.iter().sum(), b.iter().sum())
+    (s1, s2)
 }
 
 /// Per-channel mean and biased variance of `x`.
@@ -102,20 +144,16 @@ fn channel_stats<T: Float>(d: Dims, x: &[T]) -> Vec<(f64, f64)> {
         .map(|ch| {
             // Sums of values shifted by one of them: no cancellation when
             // the mean is large against the spread.
-            let shift = d.plane(x, 0, ch)[0].wide();
+            let shift = d.plane(x, 0, ch)[0];
             let (mut s1, mut s2) = (0.0, 0.0);
             for b in 0..d.n {
-                let p = d.plane(x, b, ch);
-                let (a, q) = lane_sums(p.len(), |i| {
-                    let v = p[i].wide() - shift;
-                    (v, v * v)
-                });
+                let (a, q) = shifted_moments(d.plane(x, b, ch), shift);
                 s1 += a;
                 s2 += q;
             }
             let m = d.count() as f64;
             let delta = s1 / m;
-            (shift + delta, (s2 / m - delta * delta).max(0.0))
+            (shift.wide() + delta, (s2 / m - delta * delta).max(0.0))
         })
         .collect()
 }
@@ -181,12 +219,10 @@ fn grad_sums<T: Float>(
         .into_par_iter()
         .map(|ch| {
             let (mut sg, mut sgx) = (0.0, 0.0);
+            let m = T::narrow(mean[ch]);
             for b in 0..d.n {
                 let (xs, ys, gs) = (d.plane(x, b, ch), d.plane(y, b, ch), d.plane(dy, b, ch));
-                let (a, q) = lane_sums(xs.len(), |i| {
-                    let g = masked(act, gs[i], ys[i]).wide();
-                    (g, g * (xs[i].wide() - mean[ch]))
-                });
+                let (a, q) = grad_moments(xs, ys, gs, m, act);
                 sg += a;
                 sgx += q;
             }
@@ -220,12 +256,13 @@ fn input_grad<T: Float>(
             for (ch, dxs) in dx.chunks_exact_mut(d.plane).enumerate() {
                 let (scale, a, c) = coef[ch];
                 let (xs, ys, gs) = (d.plane(x, b, ch), d.plane(y, b, ch), d.plane(dy, b, ch));
-                for i in 0..d.plane {
-                    dxs[i] = masked(act, gs[i], ys[i]) * scale + xs[i] * a + c;
+                for ((dx, &x), (&y, &g)) in dxs.iter_mut().zip(xs).zip(ys.iter().zip(gs)) {
+                    *dx = masked(act, g, y) * scale + x * a + c;
                 }
                 if let Some(dr) = dr.as_deref_mut() {
-                    for (i, r) in dr[ch * d.plane..][..d.plane].iter_mut().enumerate() {
-                        *r = masked(act, gs[i], ys[i]);
+                    let drs = &mut dr[ch * d.plane..][..d.plane];
+                    for (r, (&y, &g)) in drs.iter_mut().zip(ys.iter().zip(gs)) {
+                        *r = masked(act, g, y);
                     }
                 }
             }
