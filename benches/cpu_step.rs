@@ -18,7 +18,8 @@
 //! batch size (forward, input gradient, weight gradient) and each batch
 //! norm + ReLU (forward and backward) against candle's own ops (its
 //! `conv2d`, the `conv_transpose2d` and batch-as-channels `conv2d` of its
-//! backward, candle-nn's `BatchNorm`), interleaved the same way.
+//! backward, candle-nn's `BatchNorm`), and the in-place SGD update against
+//! the same update with tensor ops, interleaved the same way.
 //!
 //! Environment (all optional): `IDKM_CPU_BATCH` (32), `IDKM_CPU_STEPS` (5
 //! measured steps after one warm-up each), `IDKM_CPU_OP_REPS` (5),
@@ -28,7 +29,7 @@ use candle_core::CustomOp2;
 use candle_core::{DType, Device, ModuleT, Tensor, Var};
 use idkm::model::{Arch, BatchNorm, Model, Weights};
 use idkm::nn::{conv2d, Conv2d, Conv2dParams};
-use idkm::train::{Optimizer, OptimizerKind, SgdConfig};
+use idkm::train::{Optimizer, OptimizerKind, Sgd, SgdConfig};
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::Instant;
@@ -229,15 +230,18 @@ fn op_row(name: &str, (ours, candle): (f64, f64)) {
 }
 
 /// The distinct convolutions of ResNet18-CIFAR: (cin, cout, size, kernel, stride).
-const RESNET18_CIFAR_CONVS: [(usize, usize, usize, usize, usize); 8] = [
+const RESNET18_CIFAR_CONVS: [(usize, usize, usize, usize, usize); 11] = [
     (3, 64, 32, 3, 1),
     (64, 64, 32, 3, 1),
     (64, 128, 32, 3, 2),
-    (128, 128, 16, 3, 1),
     (64, 128, 32, 1, 2),
+    (128, 128, 16, 3, 1),
+    (128, 256, 16, 3, 2),
+    (128, 256, 16, 1, 2),
     (256, 256, 8, 3, 1),
-    (512, 512, 4, 3, 1),
+    (256, 512, 8, 3, 2),
     (256, 512, 8, 1, 2),
+    (512, 512, 4, 3, 1),
 ];
 
 fn op_table(batch: usize, reps: usize) -> anyhow::Result<()> {
@@ -305,6 +309,43 @@ fn op_table(batch: usize, reps: usize) -> anyhow::Result<()> {
             both,
         );
     }
+    // The optimiser: one SGD update of every ResNet18-CIFAR parameter, in
+    // place against the composed tensor ops (the update before).
+    let model = Model::new(Arch::ResNet18Cifar, 3, 10, 0, &Device::Cpu)?;
+    let x = uniform(&[batch, 3, 32, 32], 50)?;
+    let labels = Tensor::from_vec(
+        (0..batch as u32).map(|i| i % 10).collect::<Vec<_>>(),
+        batch,
+        &Device::Cpu,
+    )?;
+    let logits = model.forward(&x, true, &Weights::Float)?;
+    let grads = candle_nn::loss::cross_entropy(&logits, &labels)?.backward()?;
+    let vars: Vec<Var> = model.trainable().into_iter().map(|(_, v)| v).collect();
+    let config = SgdConfig {
+        momentum: 0.9,
+        nesterov: false,
+        weight_decay: 5e-4,
+    };
+    let mut sgd = Sgd::new(vars.clone(), 0.01, config);
+    let mut velocity = vec![None; vars.len()];
+    let sgd_step = versus(
+        reps,
+        || sgd.step(&grads),
+        || {
+            for (v, b) in vars.iter().zip(velocity.iter_mut()) {
+                Sgd::step_composed(config, 0.01, v, grads.get(v).expect("a gradient"), b)?;
+            }
+            Ok(())
+        },
+    )?;
+    let params: usize = vars.iter().map(|v| v.elem_count()).sum();
+    op_row(
+        &format!(
+            "SGD update (momentum, weight decay), {:.1}M parameters",
+            params as f64 / 1e6
+        ),
+        sgd_step,
+    );
     Ok(())
 }
 
