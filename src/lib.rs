@@ -11,6 +11,7 @@ pub mod io;
 pub mod loader;
 pub mod memory;
 pub mod model;
+pub mod nn;
 pub mod quantize;
 pub mod train;
 

@@ -329,27 +329,44 @@ pub fn available_memory() -> Option<u64> {
 /// Bytes per element: the models train in f32.
 const F32: u64 = 4;
 
-/// Tensors of a feature map's size that a conv + training-mode batch norm
-/// keep for the backward: the conv output, and in candle-nn's batch norm the
-/// contiguous copy, `x - mean`, its square, the normalised, scaled and
-/// shifted tensors.
-const CONV_BN_MAPS: u64 = 7;
+/// Feature maps the recorded graph keeps for the backward, per layer kind.
+#[derive(Debug, Clone, Copy)]
+struct KeptMaps {
+    /// A conv and its batch norm (with a fused ReLU and residual add, if any).
+    conv_bn: u64,
+    /// A ReLU after a batch norm.
+    relu: u64,
+    /// A residual add and the ReLU after it.
+    add_relu: u64,
+}
 
-/// The same in evaluation mode: the conv output, and the batch norm's
-/// centred, scaled, multiplied and shifted tensors. The graph is recorded in
-/// evaluation too (the parameters are variables) and lives until the
-/// batch's logits are dropped.
-const CONV_BN_MAPS_EVAL: u64 = 5;
+/// Training on the CPU: the conv output and the output of the fused batch
+/// norm (`crate::nn`), which also does the ReLU and the residual add.
+const TRAIN_MAPS: KeptMaps = KeptMaps { conv_bn: 2, relu: 0, add_relu: 0 };
+
+/// Evaluation: the conv output, and candle-nn's batch norm's centred,
+/// scaled, multiplied and shifted tensors, then the ReLU and the add
+/// separately. The graph is recorded in evaluation too (the parameters are
+/// variables) and lives until the batch's logits are dropped.
+const EVAL_MAPS: KeptMaps = KeptMaps { conv_bn: 5, relu: 1, add_relu: 2 };
 
 /// Feature maps of the largest layer in flight on top of the graph and the
-/// retained gradients near the end of the backward (the gradients of the
-/// batch norm's and ReLU's intermediates, the max-pool's masks, the conv
-/// backward's copies). Measured: 10.4 for ResNet18-CIFAR at batch 8 and 32
-/// and for the small CNN at batch 64 (docs/memory-model.md).
-const TRANSIENT_MAPS: f64 = 10.4;
+/// retained gradients near the end of the backward: the output gradient,
+/// the fused batch norm's input and residual gradients, candle's
+/// accumulation of each (zeros, then the sum) and the conv's input
+/// gradient. Measured: 5.0 for ResNet18-CIFAR at batch 16 and 32; 9.0 for
+/// the small CNN at batch 16 to 256, whose largest map also goes through
+/// candle's max-pool backward (docs/memory-model.md).
+fn transient_maps(arch: Arch) -> f64 {
+    match arch {
+        Arch::SmallCnn => 9.0,
+        Arch::ResNet18Cifar | Arch::ResNet18 => 5.0,
+    }
+}
 
-/// Optimiser step: copies of the largest parameter in flight (weight decay,
-/// momentum, the update). Measured: 2.9.
+/// Optimiser step: copies of the largest parameter in flight on the first
+/// step, which creates the momentum buffer with tensor ops (weight decay,
+/// the update); later steps update in place. Measured: 2.9.
 const OPTIMIZER_TRANSIENT_COPIES: f64 = 3.0;
 
 /// Resident bytes of the process beyond what a counting allocator sees:
@@ -358,6 +375,15 @@ const OPTIMIZER_TRANSIENT_COPIES: f64 = 3.0;
 /// heap (2 MiB: small-CNN steps peaked 1-4 MiB over the heap prediction
 /// plus 6 MiB). Calibrated (docs/memory-model.md).
 const BASE_RSS: u64 = 8 << 20;
+
+/// Resident set beyond the live heap that the allocator keeps after a step
+/// of a model with large convolutions: freed blocks the size of a conv
+/// weight (the conv backward's per-thread weight-gradient sums, candle's
+/// zeros and sums of the gradients) left between live ones, in multiples
+/// of the largest conv weight. Measured on ResNet18-CIFAR: 3.1 at batch 8,
+/// 4.8 at 16, 5.8 at 32 (the peak resident set less the heap model and
+/// the base).
+const RETAINED_CONV_WEIGHTS: f64 = 5.0;
 
 /// Heap of the runtime whatever the model: rayon's pool, gemm's per-thread
 /// packing buffers, candle's and tracing's bookkeeping. Measured: 2.5-3 MiB.
@@ -622,7 +648,7 @@ struct Walk {
 
 /// Walks `arch`'s forward pass on `c x h x w` inputs, counting what candle
 /// records (per sample).
-fn activation_walk(arch: Arch, w: &Workload, conv_bn_maps: u64) -> Walk {
+fn activation_walk(arch: Arch, w: &Workload, maps: KeptMaps) -> Walk {
     let out = |size: usize, k: usize, s: usize, p: usize| (size + 2 * p - k) / s + 1;
     let mut walk = Walk {
         kept: 0,
@@ -637,11 +663,11 @@ fn activation_walk(arch: Arch, w: &Workload, conv_bn_maps: u64) -> Walk {
         Arch::ResNet18Cifar | Arch::ResNet18 => {
             let (mut h, mut wd) = (w.height, w.width);
             if arch == Arch::ResNet18Cifar {
-                map(&mut walk, 64 * h * wd, conv_bn_maps + 1);
+                map(&mut walk, 64 * h * wd, maps.conv_bn + maps.relu);
             } else {
                 h = out(h, 7, 2, 3);
                 wd = out(wd, 7, 2, 3);
-                map(&mut walk, 64 * h * wd, conv_bn_maps + 1);
+                map(&mut walk, 64 * h * wd, maps.conv_bn + maps.relu);
                 // Two zero paddings (copies) and the max-pool.
                 map(&mut walk, 64 * (h + 2) * wd, 1);
                 map(&mut walk, 64 * (h + 2) * (wd + 2), 1);
@@ -662,11 +688,11 @@ fn activation_walk(arch: Arch, w: &Workload, conv_bn_maps: u64) -> Walk {
                     wd = out(wd, 3, stride, 1);
                     let elems = cout * h * wd;
                     // conv1 + bn + relu, conv2 + bn, [downsample conv + bn], add, relu.
-                    let maps = (conv_bn_maps + 1)
-                        + conv_bn_maps
-                        + if downsample { conv_bn_maps } else { 0 }
-                        + 2;
-                    map(&mut walk, elems, maps);
+                    let kept = (maps.conv_bn + maps.relu)
+                        + maps.conv_bn
+                        + if downsample { maps.conv_bn } else { 0 }
+                        + maps.add_relu;
+                    map(&mut walk, elems, kept);
                     let prefix = format!("layer{}.{block}", stage + 1);
                     walk.conv_outputs
                         .push((format!("{prefix}.conv1.weight"), elems as u64));
@@ -685,9 +711,9 @@ fn activation_walk(arch: Arch, w: &Workload, conv_bn_maps: u64) -> Walk {
         }
         Arch::SmallCnn => {
             let (h, wd) = (w.height, w.width);
-            map(&mut walk, 16 * h * wd, conv_bn_maps + 1);
+            map(&mut walk, 16 * h * wd, maps.conv_bn + maps.relu);
             map(&mut walk, 16 * (h / 2) * (wd / 2), 1);
-            map(&mut walk, 32 * (h / 2) * (wd / 2), conv_bn_maps + 1);
+            map(&mut walk, 32 * (h / 2) * (wd / 2), maps.conv_bn + maps.relu);
             map(&mut walk, 32 * (h / 4) * (wd / 4), 1);
             map(&mut walk, 64, 3);
             map(&mut walk, w.classes, 2);
@@ -740,14 +766,15 @@ pub fn layer_bytes(numel: usize, config: &KmeansConfig) -> (u64, u64) {
 /// (which weights are clustered, how) on `work`.
 ///
 /// Besides the gradients themselves, candle's backward keeps, until the
-/// gradient store is dropped, what the gradient of a float conv or linear
-/// weight was computed from: its output's gradient (one feature map) and
-/// two more copies of the weight (the zeros it was accumulated into and the
-/// product). A clustered weight's gradient comes from the soft weights'
-/// gradient, which is consumed and freed: IDKM keeps neither.
+/// gradient store is dropped, what the gradient of a float linear weight
+/// was computed from: two more copies of the weight (the zeros it was
+/// accumulated into and the product). The convolutions of `crate::nn`
+/// return plain tensors, and a clustered weight's gradient comes from the
+/// soft weights' gradient, which is consumed and freed: they keep nothing
+/// more.
 pub fn estimate(shape: &ModelShape, specs: &[ClusterSpec], work: &Workload) -> Estimate {
     let n = work.batch as u64;
-    let walk = activation_walk(shape.arch, work, CONV_BN_MAPS);
+    let walk = activation_walk(shape.arch, work, TRAIN_MAPS);
     let mut layers = Vec::new();
     let (mut clustering, mut cluster_transient) = (0u64, 0u64);
     let mut retained = shape.trainable_elements * F32;
@@ -766,27 +793,29 @@ pub fn estimate(shape: &ModelShape, specs: &[ClusterSpec], work: &Workload) -> E
                 });
             }
             None => {
-                retained += 2 * spec.numel as u64 * F32;
-                if let Some((_, elems)) = walk
-                    .conv_outputs
-                    .iter()
-                    .find(|(name, _)| *name == spec.name)
-                {
-                    retained += elems * n * F32;
+                if !walk.conv_outputs.iter().any(|(name, _)| *name == spec.name) {
+                    retained += 2 * spec.numel as u64 * F32;
                 }
             }
         }
     }
     let input = n * (work.channels * work.height * work.width) as u64 * F32;
-    // The first conv's input gradient is computed and kept (zeros + result).
-    retained += 2 * input;
     let largest_param = shape
         .weights
         .iter()
         .map(|(_, m)| *m as u64)
         .max()
         .unwrap_or(0);
-    let map_transient = (TRANSIENT_MAPS * (walk.largest * n * F32) as f64) as u64;
+    let largest_conv = shape
+        .weights
+        .iter()
+        .filter(|(name, _)| walk.conv_outputs.iter().any(|(c, _)| c == name))
+        .map(|(_, m)| *m as u64)
+        .max()
+        .unwrap_or(0);
+    let map_transient = (transient_maps(shape.arch) * (walk.largest * n * F32) as f64) as u64;
+    // The conv backward's weight-gradient accumulators, one per thread.
+    let conv_transient = rayon::current_num_threads() as u64 * largest_conv * F32;
     let optimizer_transient = (OPTIMIZER_TRANSIENT_COPIES * (largest_param * F32) as f64) as u64;
     let params = shape.all_elements * F32;
     let optimizer = work.optimizer_slots as u64 * shape.trainable_elements * F32;
@@ -794,7 +823,7 @@ pub fn estimate(shape: &ModelShape, specs: &[ClusterSpec], work: &Workload) -> E
         0
     } else {
         let e = work.eval_batch as u64;
-        let eval_walk = activation_walk(shape.arch, work, CONV_BN_MAPS_EVAL);
+        let eval_walk = activation_walk(shape.arch, work, EVAL_MAPS);
         let clustered: u64 = specs
             .iter()
             .filter(|s| s.config.is_some())
@@ -817,10 +846,11 @@ pub fn estimate(shape: &ModelShape, specs: &[ClusterSpec], work: &Workload) -> E
         activations: walk.kept * n * F32,
         clustering,
         transient: map_transient
+            .max(conv_transient)
             .max(cluster_transient)
             .max(optimizer_transient),
         runtime: RUNTIME_HEAP,
-        base: BASE_RSS,
+        base: BASE_RSS + (RETAINED_CONV_WEIGHTS * (largest_conv * F32) as f64) as u64,
         eval,
         layers,
     }

@@ -1,9 +1,9 @@
 //! A small CNN for 28x28 grey images (MNIST, Fashion-MNIST).
 
-use super::layers::{Conv, Linear};
+use super::layers::{BatchNorm, Conv, Linear};
 use super::{Network, Weights};
 use candle_core::{Result, Tensor};
-use candle_nn::{BatchNorm, ModuleT, VarBuilder};
+use candle_nn::VarBuilder;
 
 /// conv(1→16) bn relu pool, conv(16→32) bn relu pool, fc(1568→64) relu, fc(64→classes).
 #[derive(Debug)]
@@ -21,9 +21,9 @@ impl SmallCnn {
     pub fn new(channels: usize, classes: usize, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
             conv1: Conv::new(channels, 16, 3, 1, 1, vb.pp("conv1"))?,
-            bn1: candle_nn::batch_norm(16, 1e-5, vb.pp("bn1"))?,
+            bn1: BatchNorm::new(16, 1e-5, vb.pp("bn1"))?,
             conv2: Conv::new(16, 32, 3, 1, 1, vb.pp("conv2"))?,
-            bn2: candle_nn::batch_norm(32, 1e-5, vb.pp("bn2"))?,
+            bn2: BatchNorm::new(32, 1e-5, vb.pp("bn2"))?,
             fc1: Linear::new(32 * 7 * 7, 64, vb.pp("fc1"))?,
             fc2: Linear::new(64, classes, vb.pp("fc2"))?,
         })
@@ -33,9 +33,9 @@ impl SmallCnn {
 impl Network for SmallCnn {
     fn forward(&self, x: &Tensor, train: bool, weights: &Weights) -> Result<Tensor> {
         let x = self.conv1.forward(x, weights)?;
-        let x = self.bn1.forward_t(&x, train)?.relu()?.max_pool2d(2)?;
+        let x = self.bn1.forward_relu(&x, train)?.max_pool2d(2)?;
         let x = self.conv2.forward(&x, weights)?;
-        let x = self.bn2.forward_t(&x, train)?.relu()?.max_pool2d(2)?;
+        let x = self.bn2.forward_relu(&x, train)?.max_pool2d(2)?;
         let x = self.fc1.forward(&x.flatten_from(1)?, weights)?.relu()?;
         self.fc2.forward(&x, weights)
     }

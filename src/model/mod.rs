@@ -7,7 +7,7 @@ mod layers;
 mod resnet;
 
 pub use cnn::SmallCnn;
-pub use layers::{Conv, Linear};
+pub use layers::{BatchNorm, Conv, Linear};
 pub use resnet::{ResNet18, Stem};
 
 use crate::error::{Error, Result};

@@ -2,10 +2,10 @@
 //! stride-1 conv, no max-pool) or the ImageNet stem (7x7 stride-2 conv and a
 //! 3x3 stride-2 max-pool).
 
-use super::layers::{Conv, Linear};
+use super::layers::{BatchNorm, Conv, Linear};
 use super::{Network, Weights};
 use candle_core::{Result, Tensor};
-use candle_nn::{BatchNorm, ModuleT, VarBuilder};
+use candle_nn::VarBuilder;
 
 /// The first layers of the network.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,27 +29,26 @@ impl BasicBlock {
     fn new(cin: usize, cout: usize, stride: usize, vb: VarBuilder) -> Result<Self> {
         let downsample = if stride != 1 || cin != cout {
             let vb = vb.pp("downsample");
-            Some((Conv::new(cin, cout, 1, stride, 0, vb.pp("0"))?, candle_nn::batch_norm(cout, 1e-5, vb.pp("1"))?))
+            Some((Conv::new(cin, cout, 1, stride, 0, vb.pp("0"))?, BatchNorm::new(cout, 1e-5, vb.pp("1"))?))
         } else {
             None
         };
         Ok(Self {
             conv1: Conv::new(cin, cout, 3, stride, 1, vb.pp("conv1"))?,
-            bn1: candle_nn::batch_norm(cout, 1e-5, vb.pp("bn1"))?,
+            bn1: BatchNorm::new(cout, 1e-5, vb.pp("bn1"))?,
             conv2: Conv::new(cout, cout, 3, 1, 1, vb.pp("conv2"))?,
-            bn2: candle_nn::batch_norm(cout, 1e-5, vb.pp("bn2"))?,
+            bn2: BatchNorm::new(cout, 1e-5, vb.pp("bn2"))?,
             downsample,
         })
     }
 
     fn forward(&self, x: &Tensor, train: bool, weights: &Weights) -> Result<Tensor> {
-        let y = self.bn1.forward_t(&self.conv1.forward(x, weights)?, train)?.relu()?;
-        let y = self.bn2.forward_t(&self.conv2.forward(&y, weights)?, train)?;
+        let y = self.bn1.forward_relu(&self.conv1.forward(x, weights)?, train)?;
         let shortcut = match &self.downsample {
             Some((conv, bn)) => bn.forward_t(&conv.forward(x, weights)?, train)?,
             None => x.clone(),
         };
-        (y + shortcut)?.relu()
+        self.bn2.forward_add_relu(&self.conv2.forward(&y, weights)?, &shortcut, train)
     }
 
     fn convs(&self) -> impl Iterator<Item = &Conv> {
@@ -87,7 +86,7 @@ impl ResNet18 {
         Ok(Self {
             stem,
             conv1,
-            bn1: candle_nn::batch_norm(64, 1e-5, vb.pp("bn1"))?,
+            bn1: BatchNorm::new(64, 1e-5, vb.pp("bn1"))?,
             blocks,
             fc: Linear::new(512, classes, vb.pp("fc"))?,
         })
@@ -96,7 +95,7 @@ impl ResNet18 {
 
 impl Network for ResNet18 {
     fn forward(&self, x: &Tensor, train: bool, weights: &Weights) -> Result<Tensor> {
-        let mut x = self.bn1.forward_t(&self.conv1.forward(x, weights)?, train)?.relu()?;
+        let mut x = self.bn1.forward_relu(&self.conv1.forward(x, weights)?, train)?;
         if self.stem == Stem::ImageNet {
             // After a ReLU every value is >= 0, so zero padding acts as the
             // -inf padding of PyTorch's max-pool.

@@ -2,7 +2,7 @@
 //! `torch.optim.SGD`), and candle's AdamW.
 
 use candle_core::backprop::GradStore;
-use candle_core::{Result, Tensor, Var};
+use candle_core::{bail, CpuStorage, InplaceOp3, Layout, Result, Tensor, Var, WithDType};
 use candle_nn::{AdamW, Optimizer as _, ParamsAdamW};
 
 /// Hyper-parameters of SGD.
@@ -33,31 +33,165 @@ impl Sgd {
     }
 
     /// One update from `grads`; variables without a gradient are left alone.
-    /// Everything is computed on detached tensors, so no graph outlives the step.
+    /// On the CPU (f32, f64) the momentum buffer and the variable are
+    /// updated in place, in one pass each ([`SgdMomentum`], [`SgdDescend`]);
+    /// elsewhere with tensor ops ([`Sgd::step_composed`]). Both round the
+    /// same operations in the same order, so they agree bit for bit.
     pub fn step(&mut self, grads: &GradStore) -> Result<()> {
         let SgdConfig { momentum, nesterov, weight_decay } = self.config;
         for (var, velocity) in self.vars.iter().zip(self.velocity.iter_mut()) {
-            // Detached: a gradient can reference the step's graph, which
-            // the momentum buffer would otherwise keep alive step after step.
             let Some(g) = grads.get(var) else { continue };
-            let mut g = g.detach();
-            if weight_decay != 0.0 {
-                g = (g + (var.as_detached_tensor() * weight_decay)?)?;
+            let in_place = var.device().is_cpu()
+                && var.is_contiguous()
+                && g.is_contiguous()
+                && velocity.as_ref().is_none_or(|b| b.is_contiguous())
+                && (momentum == 0.0 || velocity.is_some());
+            if !in_place {
+                Self::step_composed(self.config, self.lr, var, g, velocity)?;
+                continue;
             }
-            let step = if momentum != 0.0 {
-                let b = match velocity.take() {
-                    Some(b) => ((b * momentum)? + &g)?,
-                    None => g.clone(),
-                };
-                let step = if nesterov { (&g + (&b * momentum)?)? } else { b.clone() };
-                *velocity = Some(b);
-                step
-            } else {
-                g
+            let w = var.as_tensor();
+            let b = match velocity {
+                Some(b) => {
+                    b.inplace_op3(g, w, &SgdMomentum { momentum, weight_decay })?;
+                    &*b
+                }
+                None => g,
             };
-            var.set(&(var.as_detached_tensor() - (step * self.lr)?)?)?;
+            w.inplace_op3(g, b, &SgdDescend { lr: self.lr, momentum, weight_decay, nesterov })?;
         }
         Ok(())
+    }
+
+    /// One update of `var` with tensor ops (new tensors each step): the
+    /// reference of the in-place update, and the update on other devices
+    /// and on the first step with momentum (which creates the buffer).
+    pub fn step_composed(config: SgdConfig, lr: f64, var: &Var, g: &Tensor, velocity: &mut Option<Tensor>) -> Result<()> {
+        let SgdConfig { momentum, nesterov, weight_decay } = config;
+        // Detached: a gradient can reference the step's graph, which
+        // the momentum buffer would otherwise keep alive step after step.
+        let mut g = g.detach();
+        if weight_decay != 0.0 {
+            g = (g + (var.as_detached_tensor() * weight_decay)?)?;
+        }
+        let step = if momentum != 0.0 {
+            let b = match velocity.take() {
+                Some(b) => ((b * momentum)? + &g)?,
+                // A copy: the buffer is later updated in place, and `g` can
+                // share its storage with the caller's gradient.
+                None => g.copy()?,
+            };
+            let step = if nesterov { (&g + (&b * momentum)?)? } else { b.clone() };
+            *velocity = Some(b);
+            step
+        } else {
+            g
+        };
+        var.set(&(var.as_detached_tensor() - (step * lr)?)?)
+    }
+}
+
+/// The contiguous slice of a tensor's storage.
+fn contiguous<'a, T>(data: &'a [T], l: &Layout) -> Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => bail!("sgd: expected contiguous tensors"),
+    }
+}
+
+/// The mutable contiguous slice of a tensor's storage.
+fn contiguous_mut<'a, T>(data: &'a mut [T], l: &Layout) -> Result<&'a mut [T]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&mut data[a..b]),
+        None => bail!("sgd: expected contiguous tensors"),
+    }
+}
+
+/// Runs `$f::<T>($dst, $a, $b)` on f32 or f64 CPU storages of one dtype.
+macro_rules! float_inplace {
+    ($name:expr, $f:expr, ($dst:expr, $dl:expr), ($a:expr, $al:expr), ($b:expr, $bl:expr)) => {
+        match ($dst, $a, $b) {
+            (CpuStorage::F32(d), CpuStorage::F32(a), CpuStorage::F32(b)) => {
+                $f(contiguous_mut(d, $dl)?, contiguous(a, $al)?, contiguous(b, $bl)?)
+            }
+            (CpuStorage::F64(d), CpuStorage::F64(a), CpuStorage::F64(b)) => {
+                $f(contiguous_mut(d, $dl)?, contiguous(a, $al)?, contiguous(b, $bl)?)
+            }
+            _ => bail!("{}: f32 or f64 tensors of one dtype", $name),
+        }
+    };
+}
+
+/// `b = momentum * b + (g + weight_decay * w)` in place on the momentum
+/// buffer `b`, with the arguments `(g, w)`.
+pub struct SgdMomentum {
+    /// Momentum factor.
+    pub momentum: f64,
+    /// L2 penalty.
+    pub weight_decay: f64,
+}
+
+impl SgdMomentum {
+    fn run<T: WithDType>(&self, b: &mut [T], g: &[T], w: &[T]) -> Result<()> {
+        let (mu, wd) = (T::from_f64(self.momentum), T::from_f64(self.weight_decay));
+        let decay = self.weight_decay != 0.0;
+        for ((b, &g), &w) in b.iter_mut().zip(g).zip(w) {
+            let g = if decay { g + w * wd } else { g };
+            *b = *b * mu + g;
+        }
+        Ok(())
+    }
+}
+
+impl InplaceOp3 for SgdMomentum {
+    fn name(&self) -> &'static str {
+        "sgd-momentum"
+    }
+
+    fn cpu_fwd(&self, b: &mut CpuStorage, bl: &Layout, g: &CpuStorage, gl: &Layout, w: &CpuStorage, wl: &Layout) -> Result<()> {
+        float_inplace!(self.name(), |b, g, w| self.run(b, g, w), (b, bl), (g, gl), (w, wl))
+    }
+}
+
+/// `w -= lr * step` in place on the variable `w`, with the arguments
+/// `(g, b)`: `step = g + weight_decay * w` without momentum, `b` with it,
+/// `g + weight_decay * w + momentum * b` with Nesterov's.
+pub struct SgdDescend {
+    /// Learning rate.
+    pub lr: f64,
+    /// Momentum factor (0: `b` is not read).
+    pub momentum: f64,
+    /// L2 penalty.
+    pub weight_decay: f64,
+    /// Nesterov momentum.
+    pub nesterov: bool,
+}
+
+impl SgdDescend {
+    fn run<T: WithDType>(&self, w: &mut [T], g: &[T], b: &[T]) -> Result<()> {
+        let (lr, mu, wd) = (T::from_f64(self.lr), T::from_f64(self.momentum), T::from_f64(self.weight_decay));
+        let decay = self.weight_decay != 0.0;
+        let momentum = self.momentum != 0.0;
+        for ((w, &g), &b) in w.iter_mut().zip(g).zip(b) {
+            let step = if !momentum || self.nesterov {
+                let g = if decay { g + *w * wd } else { g };
+                if momentum { g + b * mu } else { g }
+            } else {
+                b
+            };
+            *w -= step * lr;
+        }
+        Ok(())
+    }
+}
+
+impl InplaceOp3 for SgdDescend {
+    fn name(&self) -> &'static str {
+        "sgd-descend"
+    }
+
+    fn cpu_fwd(&self, w: &mut CpuStorage, wl: &Layout, g: &CpuStorage, gl: &Layout, b: &CpuStorage, bl: &Layout) -> Result<()> {
+        float_inplace!(self.name(), |w, g, b| self.run(w, g, b), (w, wl), (g, gl), (b, bl))
     }
 }
 
@@ -115,7 +249,7 @@ pub fn cosine_lr(lr: f64, step: usize, total: usize) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
+    use candle_core::{DType, Device};
 
     /// Two steps of PyTorch's SGD on w = [1, -2], loss = sum(w^2), by hand.
     #[test]
@@ -134,6 +268,39 @@ mod tests {
             }
             let got = w.as_tensor().to_vec1::<f64>()?;
             assert!((got[0] - x[0]).abs() < 1e-12 && (got[1] - x[1]).abs() < 1e-12, "{got:?} vs {x:?}");
+        }
+        Ok(())
+    }
+
+    /// The in-place update against the composed one, bit for bit, over
+    /// three steps of every configuration, f32 and f64.
+    #[test]
+    fn in_place_sgd_matches_the_composed_update_exactly() -> Result<()> {
+        for (momentum, nesterov, weight_decay) in
+            [(0.0, false, 0.0), (0.0, false, 0.01), (0.9, false, 0.0), (0.9, false, 5e-4), (0.8, true, 0.1)]
+        {
+            let config = SgdConfig { momentum, nesterov, weight_decay };
+            for dtype in [DType::F32, DType::F64] {
+                let w0 = Tensor::randn(0f64, 1.0, (37, 5), &Device::Cpu)?.to_dtype(dtype)?;
+                let (a, b) = (Var::from_tensor(&w0.copy()?)?, Var::from_tensor(&w0.copy()?)?);
+                let mut sgd = Sgd::new(vec![a.clone()], 0.1, config);
+                let mut velocity = None;
+                let mut buffer = None;
+                for _ in 0..3 {
+                    let g = Tensor::randn(0f64, 1.0, (37, 5), &Device::Cpu)?.to_dtype(dtype)?;
+                    let mut grads = a.as_tensor().sum_all()?.backward()?;
+                    grads.insert(a.as_tensor(), g.clone());
+                    sgd.step(&grads)?;
+                    Sgd::step_composed(config, 0.1, &b, &g, &mut velocity)?;
+                    let (x, y) = (a.as_tensor().to_dtype(DType::F64)?, b.as_tensor().to_dtype(DType::F64)?);
+                    assert_eq!(x.flatten_all()?.to_vec1::<f64>()?, y.flatten_all()?.to_vec1::<f64>()?, "{config:?} {dtype:?}");
+                    // After the first step the buffer is the same tensor,
+                    // updated in place (the composed update makes a new one).
+                    let id = sgd.velocity[0].as_ref().map(|b| b.id());
+                    assert!(buffer.is_none() || buffer == id, "{config:?}: the buffer was replaced");
+                    buffer = id;
+                }
+            }
         }
         Ok(())
     }
