@@ -86,6 +86,11 @@ impl TorchStep {
                 "--threads",
                 &threads.to_string(),
             ])
+            // OpenMP's worker threads otherwise spin after each parallel
+            // region and take the cores from idkm's next step (and rayon's
+            // from PyTorch's): alternating steps would time each other's
+            // spinning. Passive waiting makes the two independent.
+            .env("OMP_WAIT_POLICY", "PASSIVE")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()?;

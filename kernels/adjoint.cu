@@ -5,7 +5,7 @@
 //
 // Compile: nvcc --ptx -arch=sm_90 -O3 kernels/adjoint.cu   (scripts/ptx-check.sh)
 //
-// Notation (shared/DESIGN.md): e_ij = w_i - c_j, coef_ij with
+// Notation (docs/design.md): e_ij = w_i - c_j, coef_ij with
 // dz_ij/dw_i = coef_ij e_ij, centred weights xc_ij = a_ij (x_ij - sum_l a_il x_il),
 // q_ij = g_i . (c_j - w_i) (g_i . c_j shifted by a per-row constant that
 // centring removes: the same qc_ij, far less cancellation in q_ij - qbar_i),

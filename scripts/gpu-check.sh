@@ -5,8 +5,8 @@
 # m = 2,359,296, k = 16 and 256: time and peak device memory); prints one
 # short table at the end.
 #
-# Two halves, because the GPU machine this project borrows (an H200) has no
-# Rust toolchain and no network:
+# Two halves, so that a GPU machine without a Rust toolchain (or without
+# network) can run the check:
 #
 #   build   (a machine with cargo; no GPU needed) compiles tests/gpu.rs with
 #           --features cuda in release mode and stages the binary in
@@ -25,9 +25,10 @@
 #
 # With no argument: build if cargo is here, then run if a GPU is here.
 #
-# From the session machine, with the device tool:
+# Build here, copy the repository (with .gpu-stage/) to the GPU machine,
+# run there:
 #   bash scripts/gpu-check.sh build
-#   run(command="bash scripts/gpu-check.sh run", carry=[".gpu-stage"], timeout_s=540)
+#   rsync -a ./ gpu-host:idkm/ && ssh gpu-host 'cd idkm && bash scripts/gpu-check.sh run'
 #
 # Env: CUDA_HOME (a CUDA toolkit; default: the PyPI install of ptx-check.sh),
 #      CUDA_COMPUTE_CAP (default 90), CARGO_TARGET_DIR (default
@@ -35,8 +36,7 @@
 #      IDKM_GPU_BENCH_BITS (default 4,8), IDKM_GPU_BENCH_REPS (default 3),
 #      IDKM_GPU_BENCH_BUDGET_GIB (default 100); time limits in seconds of the
 #      three phases: GPU_CHECK_TESTS_S (180), GPU_CHECK_RESNET_S (120),
-#      GPU_CHECK_BENCH_S (150): at most 7.5 minutes in all, inside the device
-#      tool's 10 minutes a command.
+#      GPU_CHECK_BENCH_S (150): at most 7.5 minutes in all.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

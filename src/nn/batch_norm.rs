@@ -10,10 +10,10 @@
 //! second. The graph keeps only `x`, the output and the per-channel
 //! statistics, against six feature maps for candle-nn's composition.
 
-use super::Float;
+use super::{cpu_data, Float};
 use candle_core::backend::BackendStorage;
 use candle_core::{
-    bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor,
+    bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
 };
 use rayon::prelude::*;
 use std::sync::{Arc, Mutex};
@@ -270,21 +270,6 @@ fn input_grad<T: Float>(
     (dx, dr)
 }
 
-/// The contiguous data of a CPU tensor.
-fn cpu_data<T: Float, R>(t: &Tensor, f: impl FnOnce(&[T]) -> Result<R>) -> Result<R> {
-    let (storage, layout) = t.storage_and_layout();
-    let Storage::Cpu(cpu) = &*storage else {
-        bail!(
-            "batch norm backward: expected a CPU tensor, got {:?}",
-            t.device()
-        )
-    };
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        bail!("batch norm backward: expected a contiguous tensor")
-    };
-    f(&T::cpu_storage_as_slice(cpu)?[start..end])
-}
-
 /// The contiguous slice of a storage of dtype `T`.
 fn slice<'a, T: Float>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [T]> {
     let Some((start, end)) = l.contiguous_offsets() else {
@@ -408,10 +393,10 @@ impl BatchNormTrain {
         let Some(Saved { mean, inv_std, .. }) = saved else {
             bail!("batch norm backward before its forward")
         };
-        let (dx, dr, d_affine) = cpu_data::<T, _>(x, |xs| {
-            cpu_data::<T, _>(affine, |gamma| {
-                cpu_data::<T, _>(y, |ys| {
-                    cpu_data::<T, _>(grad, |dy| {
+        let (dx, dr, d_affine) = cpu_data::<T, _>("batch norm backward", x, |xs| {
+            cpu_data::<T, _>("batch norm backward", affine, |gamma| {
+                cpu_data::<T, _>("batch norm backward", y, |ys| {
+                    cpu_data::<T, _>("batch norm backward", grad, |dy| {
                         let sums = grad_sums(d, xs, ys, dy, &mean, self.act);
                         let m = d.count() as f64;
                         let mut d_affine = vec![T::zero(); 2 * d.c];

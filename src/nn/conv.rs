@@ -14,9 +14,9 @@
 
 use super::gemm::{matmul, Mat, MatMut};
 use super::im2col::{col2im, im2col, ConvGeometry};
-use super::Float;
+use super::{cpu_data, Float};
 use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// Most elements of one chunk's column matrix (4 MiB in f32); a single
@@ -306,21 +306,6 @@ fn backward<T: Float>(
     (dx, dw)
 }
 
-/// The contiguous data of a CPU tensor.
-fn cpu_data<T: Float, R>(t: &Tensor, f: impl FnOnce(&[T]) -> Result<R>) -> Result<R> {
-    let (storage, layout) = t.storage_and_layout();
-    let Storage::Cpu(cpu) = &*storage else {
-        bail!(
-            "conv2d backward: expected a CPU tensor, got {:?}",
-            t.device()
-        )
-    };
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        bail!("conv2d backward: expected a contiguous tensor")
-    };
-    f(&T::cpu_storage_as_slice(cpu)?[start..end])
-}
-
 /// `(x, w) -> conv2d(x, w)` as im2col + GEMM, CPU only (f32, f64), with the
 /// backward of the module docs. Its `bwd` skips the gradient of an argument
 /// that does not need one (the input batch of the first layer).
@@ -336,9 +321,9 @@ impl Conv2d {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (need_dx, need_dw) = (x.track_op(), w.track_op());
-        let (dx, dw) = cpu_data::<T, _>(x, |xs| {
-            cpu_data::<T, _>(w, |ws| {
-                cpu_data::<T, _>(grad, |dy| Ok(backward(geo, xs, ws, dy, need_dx, need_dw)))
+        let (dx, dw) = cpu_data::<T, _>("conv2d backward", x, |xs| {
+            cpu_data::<T, _>("conv2d backward", w, |ws| {
+                cpu_data::<T, _>("conv2d backward", grad, |dy| Ok(backward(geo, xs, ws, dy, need_dx, need_dw)))
             })
         })?;
         let dx = dx

@@ -39,3 +39,20 @@ impl Float for f64 {
         v
     }
 }
+
+/// Runs `f` on the contiguous data of the CPU tensor `t`; `op` names the
+/// caller in the error for a tensor on another device or not contiguous.
+fn cpu_data<T: Float, R>(
+    op: &str,
+    t: &candle_core::Tensor,
+    f: impl FnOnce(&[T]) -> candle_core::Result<R>,
+) -> candle_core::Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        candle_core::bail!("{op}: expected a CPU tensor, got {:?}", t.device())
+    };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("{op}: expected a contiguous tensor")
+    };
+    f(&T::cpu_storage_as_slice(cpu)?[start..end])
+}
