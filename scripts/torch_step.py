@@ -1,6 +1,6 @@
 """PyTorch's ResNet18-CIFAR training step, driven one step at a time.
 
-The same network, loss and optimiser as idkm's fp32 step (`benches/torch.rs`
+The same network, loss and optimiser as idkm's fp32 step (`benches/cpu_step.rs`
 runs both in one process pair): torchvision's ResNet18 layout with the CIFAR
 stem (3x3 stride-1 conv, no max-pool), 10 classes, a synthetic batch,
 cross-entropy, SGD with momentum 0.9, weight decay 5e-4, learning rate 0.01.
