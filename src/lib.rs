@@ -12,6 +12,7 @@ pub mod loader;
 pub mod memory;
 pub mod model;
 pub mod nn;
+pub mod profile;
 pub mod quantize;
 pub mod train;
 

@@ -1,12 +1,13 @@
 //! The memory model against measurements on the small CNN, `idkm profile`'s
 //! outputs, and the `--memory-budget` refusal.
 
-use idkm::memory::{self, AllocKind, ModelShape, Outcome, StepConfig, Workload};
+use idkm::memory::{self, ModelShape, Workload};
+use idkm::profile::{self, Outcome, StepConfig};
 use idkm::model::Arch;
 use std::process::Command;
 
 #[global_allocator]
-static GLOBAL: memory::ProfileAlloc = memory::ProfileAlloc;
+static GLOBAL: idkm::alloc::Counting = idkm::alloc::Counting;
 
 /// Tests that measure memory (in this process, or in the children of
 /// `idkm profile`) run one at a time: another test's children running at
@@ -63,10 +64,9 @@ fn memory_model_predicts_the_counted_peak_of_the_small_cnn_within_15_percent() {
         small_cnn("idkm", 2, 3, 32),
         small_cnn("idkm-jfb", 2, 3, 16),
     ] {
-        let m = memory::run_steps(&config).unwrap();
+        let m = profile::run_steps(&config).unwrap();
         assert!(m.loss.is_finite(), "{}: loss {}", config.label(), m.loss);
-        assert_eq!(m.allocator, Some(AllocKind::System));
-        let counted = m.peak_counted_bytes.expect("ProfileAlloc is installed") as f64;
+        let counted = m.peak_counted_bytes.expect("the counting allocator is installed") as f64;
         let predicted = config.predict(&shape).unwrap().heap() as f64;
         let err = (predicted - counted) / counted;
         eprintln!(
@@ -132,11 +132,11 @@ fn profile_runs_each_configuration_in_a_child_and_writes_json_table_and_plots() 
 
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("p.json")).unwrap()).unwrap();
-    let records: Vec<memory::Record> = serde_json::from_value(json["records"].clone()).unwrap();
+    let records: Vec<profile::Record> = serde_json::from_value(json["records"].clone()).unwrap();
     assert_eq!(records.len(), 7);
     // Raw fields, as other tools read them.
     let first = &json["records"][0];
-    for key in ["config", "allocator", "predicted", "status"] {
+    for key in ["config", "predicted", "status"] {
         assert!(
             first.get(key).is_some() || first["outcome"].get(key).is_some(),
             "no `{key}` in {first}"
@@ -333,7 +333,7 @@ fn steady_state_steps_start_at_the_fixed_point() {
     let cold = StepConfig { tol: 1e-4, warmup: 0, ..small_cnn("idkm", 2, 30, 8) };
     let steady = StepConfig { converge_iters: Some(3000), ..cold.clone() };
     let iters = |c: &StepConfig| -> Vec<usize> {
-        memory::run_steps(c).unwrap().layers.iter().map(|l| l.forward_iters.unwrap()).collect()
+        profile::run_steps(c).unwrap().layers.iter().map(|l| l.forward_iters.unwrap()).collect()
     };
     let (cold_iters, steady_iters) = (iters(&cold), iters(&steady));
     assert_eq!(steady_iters.len(), 2, "conv2 and fc1 are clustered");
@@ -361,7 +361,7 @@ fn profile_steady_starts_the_steps_at_the_fixed_point() {
     assert!(stdout.contains("idkm 2-bit t=30 steady"), "{stdout}");
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("s.json")).unwrap()).unwrap();
-    let records: Vec<memory::Record> = serde_json::from_value(json["records"].clone()).unwrap();
+    let records: Vec<profile::Record> = serde_json::from_value(json["records"].clone()).unwrap();
     let Outcome::Measured(m) = &records[0].outcome else { panic!("{:?}", records[0].outcome) };
     assert!(m.layers.iter().all(|l| l.forward_iters.unwrap() < 30), "{:?}", m.layers);
 }
@@ -382,7 +382,7 @@ fn profile_takes_one_temperature_per_bit_width() {
     assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("p.json")).unwrap()).unwrap();
-    let records: Vec<memory::Record> = serde_json::from_value(json["records"].clone()).unwrap();
+    let records: Vec<profile::Record> = serde_json::from_value(json["records"].clone()).unwrap();
     let taus: Vec<(u32, Option<f64>)> = records.iter().map(|r| (r.config.bits, r.config.tau)).collect();
     assert_eq!(taus, vec![(2, Some(0.01)), (3, Some(0.0025))]);
 }

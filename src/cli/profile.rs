@@ -4,7 +4,8 @@
 
 use anyhow::{bail, Context, Result};
 use idkm::cluster::{Forward, KmeansConfig, Method, Solver};
-use idkm::memory::{self, AllocKind, Outcome, Record, StepConfig};
+use idkm::memory;
+use idkm::profile::{self, Outcome, Record, StepConfig};
 use idkm::model::Arch;
 use idkm::quantize::QuantizePlan;
 use std::io::Write;
@@ -78,10 +79,6 @@ pub struct ProfileArgs {
     /// more is reported, not run.
     #[arg(long, default_value_t = 600.0)]
     timeout: f64,
-    /// Allocator of the children: system | mimalloc (takes effect when the
-    /// binary installs `idkm::memory::ProfileAlloc`).
-    #[arg(long, default_value = "system")]
-    allocator: String,
     /// Leave out the fp32 reference step.
     #[arg(long)]
     no_fp32: bool,
@@ -107,10 +104,9 @@ pub fn run(a: ProfileArgs) -> Result<()> {
     if let Some(json) = &a.child {
         let config: StepConfig =
             serde_json::from_str(json).context("reading the child's configuration")?;
-        std::process::exit(memory::child_main(&config, a.child_limit));
+        std::process::exit(profile::child_main(&config, a.child_limit));
     }
     let arch: Arch = a.model.parse()?;
-    let allocator: AllocKind = a.allocator.parse().map_err(anyhow::Error::msg)?;
     if a.batch == 0 || a.steps == 0 {
         bail!("--batch and --steps must be at least 1");
     }
@@ -153,7 +149,7 @@ pub fn run(a: ProfileArgs) -> Result<()> {
     };
     let mut configs = Vec::new();
     if !a.no_fp32 {
-        configs.push((base.clone(), allocator));
+        configs.push(base.clone());
     }
     for (n, &bits) in a.bits.iter().enumerate() {
         for method in &a.methods {
@@ -166,7 +162,7 @@ pub fn run(a: ProfileArgs) -> Result<()> {
                     ..base.clone()
                 };
                 c.kmeans()?; // validate before anything runs
-                configs.push((c, allocator));
+                configs.push(c);
             }
         }
     }
@@ -174,7 +170,7 @@ pub fn run(a: ProfileArgs) -> Result<()> {
     if a.predict_only {
         writeln!(out, "| config | predicted peak | weights | grads | optimizer | activations | clustering | working set |")?;
         writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|")?;
-        for (c, _) in &configs {
+        for c in &configs {
             let e = c.predict(&shape)?;
             writeln!(
                 out,
@@ -197,35 +193,27 @@ pub fn run(a: ProfileArgs) -> Result<()> {
         return Ok(());
     }
     let exe = std::env::current_exe().context("finding this executable")?;
-    let command =
-        |config: &StepConfig, alloc: AllocKind, limit: u64| -> Result<std::process::Command> {
-            eprintln!("running {} ...", config.label());
-            let mut cmd = std::process::Command::new(&exe);
-            cmd.arg("profile")
-                .arg("--child")
-                .arg(serde_json::to_string(config)?)
-                .arg("--child-limit")
-                .arg(limit.to_string())
-                .env(memory::ALLOC_ENV, alloc.to_string())
-                .env("RUST_LOG", "warn");
-            Ok(cmd)
-        };
-    let report = |r: &Record| eprintln!("{}", memory::table_row(r));
-    let mut records = memory::profile(&shape, &configs, budget, a.timeout, command, report)?;
-    // A binary without the counting allocator runs the system allocator and counts nothing.
-    let mut uncounted = false;
-    for r in &mut records {
-        if let Outcome::Measured(m) = &r.outcome {
-            if m.allocator.is_none() {
-                uncounted = true;
-                r.allocator = AllocKind::System;
-            }
-        }
-    }
-    writeln!(out, "{}", memory::table(&records))?;
-    writeln!(out, "{}", memory::layer_table(&records))?;
+    let command = |config: &StepConfig, limit: u64| -> Result<std::process::Command> {
+        eprintln!("running {} ...", config.label());
+        let mut cmd = std::process::Command::new(&exe);
+        cmd.arg("profile")
+            .arg("--child")
+            .arg(serde_json::to_string(config)?)
+            .arg("--child-limit")
+            .arg(limit.to_string())
+            .env("RUST_LOG", "warn");
+        Ok(cmd)
+    };
+    let report = |r: &Record| eprintln!("{}", profile::table_row(r));
+    let records = profile::profile(&shape, &configs, budget, a.timeout, command, report)?;
+    // A binary without the counting allocator counts nothing.
+    let uncounted = records
+        .iter()
+        .any(|r| matches!(&r.outcome, Outcome::Measured(m) if m.peak_counted_bytes.is_none()));
+    writeln!(out, "{}", profile::table(&records))?;
+    writeln!(out, "{}", profile::layer_table(&records))?;
     if uncounted {
-        writeln!(out, "(this binary does not install idkm::memory::ProfileAlloc: no counted bytes; the system allocator ran)")?;
+        writeln!(out, "(this binary does not install idkm::alloc::Counting: no counted bytes)")?;
     }
     let dir = match a.output.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
@@ -239,7 +227,7 @@ pub fn run(a: ProfileArgs) -> Result<()> {
         .to_string();
     let title = format!("{arch}, batch {}, {} steps", a.batch, a.device);
     let command_line: Vec<String> = std::env::args().collect();
-    for path in memory::write_outputs(&records, &dir, &name, &title, &command_line.join(" "))? {
+    for path in profile::write_outputs(&records, &dir, &name, &title, &command_line.join(" "))? {
         writeln!(out, "wrote {}", path.display())?;
     }
     Ok(())
