@@ -6,6 +6,14 @@ pub enum Error {
     /// A configuration value is out of its valid range.
     #[error("invalid clustering config: {0}")]
     Config(String),
+    /// Training diverged.
+    #[error("the loss became {value} at step {step}: lower the learning rate (or raise tau)")]
+    NonFiniteLoss {
+        /// The loss.
+        value: f64,
+        /// Steps taken before it.
+        step: usize,
+    },
 
     /// The tensor cannot be split into vectors of the cluster dimension.
     #[error("tensor `{tensor}` has {numel} elements, which is not divisible by the cluster dimension {dim}")]

@@ -58,8 +58,7 @@ pub fn fit(
     device: &Device,
 ) -> Result<Vec<EpochReport>> {
     let augment = if split.train.channels() == 3 { Augment::cifar() } else { Augment::none() };
-    let batches_per_epoch = split.train.len().div_ceil(args.batch_size.max(1));
-    let mut trainer = Trainer::new(model, args.kind()?, args.lr, batches_per_epoch * args.epochs)?;
+    let mut trainer = Trainer::for_epochs(model, args.kind()?, args.lr, split.train.len(), args.batch_size, args.epochs)?;
     let weights = match clustering {
         Some(c) => Weights::Clustered(c),
         None => Weights::Float,

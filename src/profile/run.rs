@@ -11,9 +11,9 @@ use crate::memory::{
 };
 use crate::model::{Model, Weights};
 use crate::quantize::Clustering;
-use crate::train::{Optimizer, OptimizerKind, SgdConfig};
+use crate::train::{Optimizer, OptimizerKind, SgdConfig, TrainStep};
 use anyhow::{bail, Context};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -135,16 +135,12 @@ pub fn run_steps(config: &StepConfig) -> anyhow::Result<Measured> {
         nesterov: false,
         weight_decay: 5e-4,
     };
-    let mut optimizer = Optimizer::new(OptimizerKind::Sgd(sgd), vars, 0.01)?;
+    let mut train = TrainStep::new(Optimizer::new(OptimizerKind::Sgd(sgd), vars, 0.01)?);
     let mut step = || -> anyhow::Result<(f64, f64)> {
         let t0 = Instant::now();
-        let logits = model.forward(&x, true, &weights)?;
-        let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
-        let grads = loss.backward()?;
-        optimizer.step(&grads)?;
-        let value = loss.to_dtype(DType::F32)?.to_scalar::<f32>()? as f64;
+        let out = train.run(&model, &weights, &x, &y)?;
         device.synchronize()?;
-        Ok((t0.elapsed().as_secs_f64(), value))
+        Ok((t0.elapsed().as_secs_f64(), out.loss))
     };
     let mut warmup_seconds = Vec::new();
     let mut loss = f64::NAN;

@@ -1,11 +1,13 @@
 //! Training and evaluation loops.
 
 mod optim;
+mod step;
 
 pub use optim::{cosine_lr, Optimizer, OptimizerKind, Sgd, SgdConfig};
+pub use step::{StepOutput, TrainStep};
 
 use crate::data::Batcher;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::model::{Model, Weights};
 use candle_core::{DType, Tensor, D};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -65,17 +67,23 @@ fn progress(label: &str, batches: usize) -> ProgressBar {
 
 /// Runs an optimiser over epochs with a cosine learning-rate schedule.
 pub struct Trainer {
-    optimizer: Optimizer,
+    step: TrainStep,
     lr: f64,
     total_steps: usize,
-    step: usize,
 }
 
 impl Trainer {
     /// A trainer of `model`'s trainable variables for `total_steps` steps.
     pub fn new(model: &Model, kind: OptimizerKind, lr: f64, total_steps: usize) -> Result<Self> {
         let vars = model.trainable().into_iter().map(|(_, v)| v).collect();
-        Ok(Self { optimizer: Optimizer::new(kind, vars, lr)?, lr, total_steps, step: 0 })
+        Ok(Self { step: TrainStep::new(Optimizer::new(kind, vars, lr)?), lr, total_steps })
+    }
+
+    /// A trainer for `epochs` passes over `samples` training samples in
+    /// batches of `batch_size`: the schedule spans all of their steps.
+    pub fn for_epochs(model: &Model, kind: OptimizerKind, lr: f64, samples: usize, batch_size: usize, epochs: usize) -> Result<Self> {
+        let batches_per_epoch = samples.div_ceil(batch_size.max(1));
+        Self::new(model, kind, lr, batches_per_epoch * epochs)
     }
 
     /// One pass over `batches`, with the weights that `weights` provides.
@@ -84,19 +92,9 @@ impl Trainer {
         let mut tally = Tally::default();
         for batch in batches {
             let (x, y) = batch?;
-            let logits = model.forward(&x, true, weights)?;
-            let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
-            let value = loss.to_scalar::<f32>()? as f64;
-            if !value.is_finite() {
-                return Err(Error::Config(format!(
-                    "the loss became {value} at step {}: lower the learning rate (or raise tau)",
-                    self.step
-                )));
-            }
-            self.optimizer.set_lr(cosine_lr(self.lr, self.step, self.total_steps));
-            self.optimizer.step(&loss.backward()?)?;
-            self.step += 1;
-            tally.add(&logits.detach(), &y, value)?;
+            self.step.set_lr(cosine_lr(self.lr, self.step.count(), self.total_steps));
+            let out = self.step.run(model, weights, &x, &y)?;
+            tally.add(&out.logits, &y, out.loss)?;
             bar.inc(1);
             bar.set_message(format!("loss {:.4} acc {:.2}%", tally.loss / tally.samples as f64, 100.0 * tally.correct as f64 / tally.samples as f64));
         }
