@@ -2,16 +2,17 @@
 //! ImageNet stems, torchvision parameter names) and a small CNN for 28x28
 //! grey images.
 
+mod arch;
 mod cnn;
 mod layers;
 mod resnet;
 
+pub use arch::Arch;
 pub use cnn::SmallCnn;
 pub use layers::{BatchNorm, Conv, Linear};
 pub use resnet::{ResNet18, Stem};
 
 use crate::error::{Error, Result};
-use crate::quantize::Clustering;
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use rand::{Rng, SeedableRng};
@@ -19,37 +20,11 @@ use rand_distr::{Distribution, Normal};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
-/// A network architecture.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Arch {
-    /// ResNet18 with the CIFAR stem (3x3 stride-1 conv, no max-pool).
-    ResNet18Cifar,
-    /// ResNet18 in the torchvision/timm ImageNet layout.
-    ResNet18,
-    /// The small CNN for 28x28 grey images.
-    SmallCnn,
-}
-
-impl Arch {
-    const NAMES: [(Arch, &'static str); 3] =
-        [(Arch::ResNet18Cifar, "resnet18-cifar"), (Arch::ResNet18, "resnet18"), (Arch::SmallCnn, "small-cnn")];
-}
-
-impl std::fmt::Display for Arch {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let name = Self::NAMES.iter().find(|(a, _)| a == self).map(|(_, n)| *n).unwrap_or("?");
-        f.write_str(name)
-    }
-}
-
-impl std::str::FromStr for Arch {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        Self::NAMES.iter().find(|(_, n)| *n == s).map(|(a, _)| *a).ok_or_else(|| {
-            let names: Vec<_> = Self::NAMES.iter().map(|(_, n)| *n).collect();
-            Error::Config(format!("unknown model architecture `{s}` (expected one of {})", names.join(", ")))
-        })
-    }
+/// Replaces a model's float weights on a forward pass, differentiably (a
+/// clustering of the model, for training).
+pub trait WeightSource {
+    /// The weight to use for the parameter `name`, whose float value is `param`.
+    fn weight(&self, name: &str, param: &Tensor) -> Result<Tensor>;
 }
 
 /// Where conv and linear layers take their weights from on a forward pass.
@@ -57,7 +32,7 @@ pub enum Weights<'a> {
     /// The float parameters.
     Float,
     /// Soft-clustered on every pass, differentiably (training with clustering).
-    Clustered(&'a Clustering),
+    Clustered(&'a dyn WeightSource),
     /// Precomputed weights replace the named parameters (hard or frozen soft
     /// weights, for evaluation); other parameters are used as they are.
     Fixed(&'a HashMap<String, Tensor>),

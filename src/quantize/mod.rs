@@ -12,7 +12,7 @@ pub use torch::{save_torch, torch_state_dict, TORCH_FORMAT};
 
 use crate::cluster::ClusteredWeight;
 use crate::error::Result;
-use crate::model::Model;
+use crate::model::{Model, WeightSource};
 use candle_core::Tensor;
 use std::collections::{BTreeMap, HashMap};
 
@@ -120,5 +120,11 @@ impl Clustering {
             }
         }
         Ok(out)
+    }
+}
+
+impl WeightSource for Clustering {
+    fn weight(&self, name: &str, param: &Tensor) -> Result<Tensor> {
+        Clustering::weight(self, name, param)
     }
 }
