@@ -87,6 +87,21 @@ fn launch_cfg(grid: usize, block: u32) -> LaunchConfig {
     LaunchConfig { grid_dim: (grid as u32, 1, 1), block_dim: (block, 1, 1), shared_mem_bytes: 0 }
 }
 
+/// Launches the kernel `f` on `dev.cuda_stream()`, the stream of candle's
+/// own work, with `grid` blocks of `block` threads and the arguments in the
+/// kernel's parameter order.
+macro_rules! launch {
+    ($dev:expr, $f:expr, ($grid:expr, $block:expr), $($arg:expr),+ $(,)?) => {{
+        let stream = $dev.cuda_stream();
+        let mut builder = stream.launch_builder($f);
+        $(builder.arg($arg);)+
+        // SAFETY: the arguments are the kernel's parameters in number, type
+        // and order (kernels/*.cu), and every launcher checks its buffers'
+        // lengths against what the kernel reads and writes.
+        unsafe { builder.launch(launch_cfg($grid, $block)) }.w()?;
+    }};
+}
+
 /// Allocates `len` elements without initialising them (every launcher
 /// writes all of its output).
 fn alloc<T: candle_core::cuda_backend::cudarc::driver::DeviceRepr>(dev: &CudaDevice, len: usize) -> Result<CudaSlice<T>> {
@@ -224,16 +239,9 @@ pub fn check_finite(dev: &CudaDevice, w: &CudaView<f32>, tensor: &str) -> Result
     }
     let mut first = dev.clone_htod(&[u64::MAX])?;
     let f = func(dev, Module::SoftAssign, "first_non_finite_f32")?;
-    let stream = dev.cuda_stream();
     let n64 = n as u64;
     let grid = n.div_ceil(BLOCK as usize).clamp(1, MAX_REDUCE_BLOCKS);
-    {
-        let mut b = stream.launch_builder(&f);
-        b.arg(w);
-        b.arg(&n64);
-        b.arg(&mut first);
-        unsafe { b.launch(launch_cfg(grid, BLOCK)) }.w()?;
-    }
+    launch!(dev, &f, (grid, BLOCK), w, &n64, &mut first);
     let index = dev.clone_dtoh(&first)?[0];
     if index == u64::MAX {
         return Ok(());
@@ -249,14 +257,8 @@ pub fn check_finite(dev: &CudaDevice, w: &CudaView<f32>, tensor: &str) -> Result
 /// `reduce_partials`: `out[x] = sum_b partials[b * len + x]`, blocks in order.
 fn reduce_partials(dev: &CudaDevice, partials: &CudaSlice<f64>, blocks: usize, len: usize, out: &mut CudaSlice<f64>) -> Result<()> {
     let f = func(dev, Module::SoftAssign, "reduce_partials")?;
-    let stream = dev.cuda_stream();
     let (nb, n) = (blocks as i32, len as i32);
-    let mut b = stream.launch_builder(&f);
-    b.arg(partials);
-    b.arg(&nb);
-    b.arg(&n);
-    b.arg(out);
-    unsafe { b.launch(launch_cfg(len.div_ceil(BLOCK as usize), BLOCK)) }.w()?;
+    launch!(dev, &f, (len.div_ceil(BLOCK as usize), BLOCK), partials, &nb, &n, out);
     Ok(())
 }
 
@@ -290,19 +292,8 @@ pub fn soft_assign_reduce(
     p.check("the sums", sums.len(), len)?;
     p.check("the partial sums", scratch.buf.len(), scratch.blocks * len)?;
     let f = func(dev, Module::SoftAssign, &p.kernel("soft_assign_reduce"))?;
-    let stream = dev.cuda_stream();
     let (m, k) = (p.m_i32(), p.k_i32());
-    {
-        let mut b = stream.launch_builder(&f);
-        b.arg(w);
-        b.arg(c);
-        b.arg(&m);
-        b.arg(&k);
-        b.arg(&p.inv_tau);
-        b.arg(&p.euclidean);
-        b.arg(&mut scratch.buf);
-        unsafe { b.launch(launch_cfg(scratch.blocks, BLOCK)) }.w()?;
-    }
+    launch!(dev, &f, (scratch.blocks, BLOCK), w, c, &m, &k, &p.inv_tau, &p.euclidean, &mut scratch.buf);
     reduce_partials(dev, &scratch.buf, scratch.blocks, len, sums)
 }
 
@@ -324,18 +315,8 @@ pub fn kmeans_update(
     p.check("the centroids", c.len(), p.n())?;
     p.check("the updated centroids", next.len(), p.n())?;
     let f = func(dev, Module::SoftAssign, "kmeans_update")?;
-    let stream = dev.cuda_stream();
     let (k, d) = (p.k_i32(), p.d as i32);
-    let mut b = stream.launch_builder(&f);
-    b.arg(sums);
-    b.arg(c);
-    b.arg(&k);
-    b.arg(&d);
-    b.arg(&tol);
-    b.arg(next);
-    b.arg(shift);
-    b.arg(converged);
-    unsafe { b.launch(launch_cfg(1, BLOCK)) }.w()?;
+    launch!(dev, &f, (1, BLOCK), sums, c, &k, &d, &tol, next, shift, converged);
     Ok(())
 }
 
@@ -344,13 +325,8 @@ pub fn kmeans_update(
 pub fn inverse_mass(dev: &CudaDevice, p: &Problem, sums: &CudaSlice<f64>, inv_mass: &mut CudaSlice<f64>) -> Result<()> {
     p.check("the inverse masses", inv_mass.len(), p.k)?;
     let f = func(dev, Module::SoftAssign, "inverse_mass")?;
-    let stream = dev.cuda_stream();
     let k = p.k_i32();
-    let mut b = stream.launch_builder(&f);
-    b.arg(sums);
-    b.arg(&k);
-    b.arg(inv_mass);
-    unsafe { b.launch(launch_cfg(p.k.div_ceil(BLOCK as usize), BLOCK)) }.w()?;
+    launch!(dev, &f, (p.k.div_ceil(BLOCK as usize), BLOCK), sums, &k, inv_mass);
     Ok(())
 }
 
@@ -366,17 +342,8 @@ pub fn soft_assign_output(
     p.check("the centroids", c.len(), p.n())?;
     p.check("the output", out.len(), p.m * p.d)?;
     let f = func(dev, Module::SoftAssign, &p.kernel("soft_assign_output"))?;
-    let stream = dev.cuda_stream();
     let (m, k) = (p.m_i32(), p.k_i32());
-    let mut b = stream.launch_builder(&f);
-    b.arg(w);
-    b.arg(c);
-    b.arg(&m);
-    b.arg(&k);
-    b.arg(&p.inv_tau);
-    b.arg(&p.euclidean);
-    b.arg(out);
-    unsafe { b.launch(launch_cfg(p.row_blocks(), BLOCK)) }.w()?;
+    launch!(dev, &f, (p.row_blocks(), BLOCK), w, c, &m, &k, &p.inv_tau, &p.euclidean, out);
     Ok(())
 }
 
@@ -395,15 +362,8 @@ pub fn hard_assign(
         return Ok(());
     }
     let f = func(dev, Module::SoftAssign, &p.kernel("hard_assign"))?;
-    let stream = dev.cuda_stream();
     let (m, k) = (p.m_i32(), p.k_i32());
-    let mut b = stream.launch_builder(&f);
-    b.arg(w);
-    b.arg(c);
-    b.arg(&m);
-    b.arg(&k);
-    b.arg(out);
-    unsafe { b.launch(launch_cfg(p.m.div_ceil(BLOCK as usize).clamp(1, MAX_ROW_BLOCKS), BLOCK)) }.w()?;
+    launch!(dev, &f, (p.m.div_ceil(BLOCK as usize).clamp(1, MAX_ROW_BLOCKS), BLOCK), w, c, &m, &k, out);
     Ok(())
 }
 
@@ -559,20 +519,8 @@ pub fn centroid_cotangent(
     p.check("the cotangent", h.len(), p.n())?;
     p.check("the partial sums", scratch.buf.len(), scratch.blocks * p.n())?;
     let f = func(dev, Module::Adjoint, &p.kernel("centroid_cotangent"))?;
-    let stream = dev.cuda_stream();
     let (m, k) = (p.m_i32(), p.k_i32());
-    {
-        let mut b = stream.launch_builder(&f);
-        b.arg(w);
-        b.arg(c);
-        b.arg(g);
-        b.arg(&m);
-        b.arg(&k);
-        b.arg(&p.inv_tau);
-        b.arg(&p.euclidean);
-        b.arg(&mut scratch.buf);
-        unsafe { b.launch(launch_cfg(scratch.blocks, BLOCK)) }.w()?;
-    }
+    launch!(dev, &f, (scratch.blocks, BLOCK), w, c, g, &m, &k, &p.inv_tau, &p.euclidean, &mut scratch.buf);
     reduce_partials(dev, &scratch.buf, scratch.blocks, p.n(), h)
 }
 
@@ -597,22 +545,8 @@ pub fn adjoint_matvec(
     p.check("the product", out.len(), p.n())?;
     p.check("the partial sums", scratch.buf.len(), scratch.blocks * p.n())?;
     let kernel = func(dev, Module::Adjoint, &p.kernel("adjoint_matvec"))?;
-    let stream = dev.cuda_stream();
     let (m, k) = (p.m_i32(), p.k_i32());
-    {
-        let mut b = stream.launch_builder(&kernel);
-        b.arg(w);
-        b.arg(c);
-        b.arg(f);
-        b.arg(inv_mass);
-        b.arg(u);
-        b.arg(&m);
-        b.arg(&k);
-        b.arg(&p.inv_tau);
-        b.arg(&p.euclidean);
-        b.arg(&mut scratch.buf);
-        unsafe { b.launch(launch_cfg(scratch.blocks, BLOCK)) }.w()?;
-    }
+    launch!(dev, &kernel, (scratch.blocks, BLOCK), w, c, f, inv_mass, u, &m, &k, &p.inv_tau, &p.euclidean, &mut scratch.buf);
     reduce_partials(dev, &scratch.buf, scratch.blocks, p.n(), out)
 }
 
@@ -638,21 +572,8 @@ pub fn weight_grad(
     p.check("the adjoint vector", u.len(), p.n())?;
     p.check("the gradient", out.len(), p.m * p.d)?;
     let kernel = func(dev, Module::Adjoint, &p.kernel("weight_grad"))?;
-    let stream = dev.cuda_stream();
     let (m, k) = (p.m_i32(), p.k_i32());
-    let mut b = stream.launch_builder(&kernel);
-    b.arg(w);
-    b.arg(c);
-    b.arg(f);
-    b.arg(g);
-    b.arg(inv_mass);
-    b.arg(u);
-    b.arg(&m);
-    b.arg(&k);
-    b.arg(&p.inv_tau);
-    b.arg(&p.euclidean);
-    b.arg(out);
-    unsafe { b.launch(launch_cfg(p.row_blocks(), BLOCK)) }.w()?;
+    launch!(dev, &kernel, (p.row_blocks(), BLOCK), w, c, f, g, inv_mass, u, &m, &k, &p.inv_tau, &p.euclidean, out);
     Ok(())
 }
 
@@ -719,73 +640,21 @@ pub fn conjugate_gradient(
         func(dev, Module::Adjoint, "cg_update")?,
         func(dev, Module::Adjoint, "cg_finish")?,
     );
-    let stream = dev.cuda_stream();
-    {
-        let mut b = stream.launch_builder(&init);
-        b.arg(h);
-        b.arg(&n_i32);
-        b.arg(&max_steps_i32);
-        b.arg(&mut x);
-        b.arg(&mut r);
-        b.arg(&mut dir);
-        b.arg(&mut x_best);
-        b.arg(&mut state);
-        unsafe { b.launch(launch_cfg(1, CG_BLOCK)) }.w()?;
-    }
+    launch!(dev, &init, (1, CG_BLOCK), h, &n_i32, &max_steps_i32, &mut x, &mut r, &mut dir, &mut x_best, &mut state);
     let one = 1i32;
     let mut launched = 0;
     let mut host_state = dev.clone_dtoh(&state)?;
     while host_state[CG_STATUS] == 0.0 && launched < max_steps {
         for _ in 0..CG_CHECK_EVERY.min(max_steps - launched) {
-            {
-                let mut b = stream.launch_builder(&matvec);
-                b.arg(w);
-                b.arg(c);
-                b.arg(&at.f);
-                b.arg(&at.sums);
-                b.arg(&at.inv_mass);
-                b.arg(&dir);
-                b.arg(&state);
-                b.arg(&m);
-                b.arg(&k);
-                b.arg(&p.inv_tau);
-                b.arg(&p.euclidean);
-                b.arg(&mut scratch.buf);
-                unsafe { b.launch(launch_cfg(scratch.blocks, BLOCK)) }.w()?;
-            }
+            launch!(dev, &matvec, (scratch.blocks, BLOCK), w, c, &at.f, &at.sums, &at.inv_mass, &dir, &state, &m, &k, &p.inv_tau, &p.euclidean, &mut scratch.buf);
             reduce_partials(dev, &scratch.buf, scratch.blocks, n, &mut jt)?;
-            {
-                let mut b = stream.launch_builder(&update);
-                b.arg(&jt);
-                b.arg(&one);
-                b.arg(&at.sums);
-                b.arg(&at.inv_mass);
-                b.arg(&k);
-                b.arg(&d);
-                b.arg(&tol);
-                b.arg(&max_steps_i32);
-                b.arg(&mut x);
-                b.arg(&mut r);
-                b.arg(&mut dir);
-                b.arg(&mut x_best);
-                b.arg(&mut state);
-                unsafe { b.launch(launch_cfg(1, CG_BLOCK)) }.w()?;
-            }
+            launch!(dev, &update, (1, CG_BLOCK), &jt, &one, &at.sums, &at.inv_mass, &k, &d, &tol, &max_steps_i32, &mut x, &mut r, &mut dir, &mut x_best, &mut state);
             launched += 1;
         }
         host_state = dev.clone_dtoh(&state)?;
     }
     let mut u = alloc::<f64>(dev, n)?;
-    {
-        let mut b = stream.launch_builder(&finish);
-        b.arg(&at.sums);
-        b.arg(&at.inv_mass);
-        b.arg(&x_best);
-        b.arg(&k);
-        b.arg(&d);
-        b.arg(&mut u);
-        unsafe { b.launch(launch_cfg(1, CG_BLOCK)) }.w()?;
-    }
+    launch!(dev, &finish, (1, CG_BLOCK), &at.sums, &at.inv_mass, &x_best, &k, &d, &mut u);
     let rel = host_state[CG_BEST_REL];
     let report = SolveReport { steps: host_state[CG_STEPS] as usize, rel_residual: rel, converged: rel <= tol };
     Ok((u, report))
