@@ -252,7 +252,7 @@ pub fn check_finite(dev: &CudaDevice, w: &CudaView<f32>, tensor: &str) -> Result
 }
 
 // ----------------------------------------------------------------------------
-// Forward passes (streaming.rs: soft_assign_reduce, Moments, soft_assign_output, hard_assign)
+// Forward passes (streaming/forward.rs: soft_assign_reduce, Moments, soft_assign_output, hard_assign)
 
 /// `reduce_partials`: `out[x] = sum_b partials[b * len + x]`, blocks in order.
 fn reduce_partials(dev: &CudaDevice, partials: &CudaSlice<f64>, blocks: usize, len: usize, out: &mut CudaSlice<f64>) -> Result<()> {
@@ -501,7 +501,7 @@ pub fn newton_fixed_point(
 }
 
 // ----------------------------------------------------------------------------
-// Backward passes (streaming.rs: centroid_cotangent, adjoint_matvec, weight_grad)
+// Backward passes (streaming/backward.rs: centroid_cotangent, adjoint_matvec, weight_grad)
 
 /// `h = G_C^T g` (k x d doubles): `streaming::centroid_cotangent`.
 pub fn centroid_cotangent(
