@@ -155,12 +155,26 @@ fn main() -> anyhow::Result<()> {
             if m == "dkm" {
                 // DKM runs exactly t plain steps: its memory grows with them.
                 for &t in &dkm_iters {
-                    configs.push(StepConfig { method: m.clone(), bits: b, iters: t, ..base.clone() });
+                    configs.push(StepConfig {
+                        method: m.clone(),
+                        bits: b,
+                        iters: t,
+                        ..base.clone()
+                    });
                 }
                 continue;
             }
             for f in &forwards {
-                configs.push(solve_config(&base, m, b, f, None, &newton, tau(b), plain_tol));
+                configs.push(solve_config(
+                    &base,
+                    m,
+                    b,
+                    f,
+                    None,
+                    &newton,
+                    tau(b),
+                    plain_tol,
+                ));
             }
         }
     }
@@ -169,7 +183,16 @@ fn main() -> anyhow::Result<()> {
     for &b in &steady_bits {
         for m in methods.iter().filter(|m| *m != "dkm") {
             for f in &forwards {
-                configs.push(solve_config(&base, m, b, f, Some(converge), &newton, tau(b), plain_tol));
+                configs.push(solve_config(
+                    &base,
+                    m,
+                    b,
+                    f,
+                    Some(converge),
+                    &newton,
+                    tau(b),
+                    plain_tol,
+                ));
             }
         }
     }
@@ -201,10 +224,25 @@ fn solve_config(
     tau: f64,
     plain_tol: f64,
 ) -> StepConfig {
-    let common = StepConfig { method: method.into(), bits, forward: forward.into(), converge_iters: converge, ..base.clone() };
+    let common = StepConfig {
+        method: method.into(),
+        bits,
+        forward: forward.into(),
+        converge_iters: converge,
+        ..base.clone()
+    };
     match forward {
-        "newton" => StepConfig { tau: None, tol: newton.tol, iters: newton.max_iter, ..common },
-        _ => StepConfig { tau: Some(tau), tol: plain_tol, ..common },
+        "newton" => StepConfig {
+            tau: None,
+            tol: newton.tol,
+            iters: newton.max_iter,
+            ..common
+        },
+        _ => StepConfig {
+            tau: Some(tau),
+            tol: plain_tol,
+            ..common
+        },
     }
 }
 

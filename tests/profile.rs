@@ -2,8 +2,8 @@
 //! outputs, and the `--memory-budget` refusal.
 
 use idkm::memory::{self, ModelShape, Workload};
-use idkm::profile::{self, Outcome, StepConfig};
 use idkm::model::Arch;
+use idkm::profile::{self, Outcome, StepConfig};
 use std::process::Command;
 
 #[global_allocator]
@@ -15,7 +15,9 @@ static GLOBAL: idkm::alloc::Counting = idkm::alloc::Counting;
 static MEASURING: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn measuring() -> std::sync::MutexGuard<'static, ()> {
-    MEASURING.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    MEASURING
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn idkm(args: &[&str]) -> std::process::Output {
@@ -66,7 +68,9 @@ fn memory_model_predicts_the_counted_peak_of_the_small_cnn_within_15_percent() {
     ] {
         let m = profile::run_steps(&config).unwrap();
         assert!(m.loss.is_finite(), "{}: loss {}", config.label(), m.loss);
-        let counted = m.peak_counted_bytes.expect("the counting allocator is installed") as f64;
+        let counted = m
+            .peak_counted_bytes
+            .expect("the counting allocator is installed") as f64;
         let predicted = config.predict(&shape).unwrap().heap() as f64;
         let err = (predicted - counted) / counted;
         eprintln!(
@@ -330,10 +334,22 @@ fn steady_state_steps_start_at_the_fixed_point() {
     // No warm-up step: the measured step is the first, so the cold one
     // starts at the initialisation (a warm-up would leave it at a fixed
     // point too).
-    let cold = StepConfig { tol: 1e-4, warmup: 0, ..small_cnn("idkm", 2, 30, 8) };
-    let steady = StepConfig { converge_iters: Some(3000), ..cold.clone() };
+    let cold = StepConfig {
+        tol: 1e-4,
+        warmup: 0,
+        ..small_cnn("idkm", 2, 30, 8)
+    };
+    let steady = StepConfig {
+        converge_iters: Some(3000),
+        ..cold.clone()
+    };
     let iters = |c: &StepConfig| -> Vec<usize> {
-        profile::run_steps(c).unwrap().layers.iter().map(|l| l.forward_iters.unwrap()).collect()
+        profile::run_steps(c)
+            .unwrap()
+            .layers
+            .iter()
+            .map(|l| l.forward_iters.unwrap())
+            .collect()
     };
     let (cold_iters, steady_iters) = (iters(&cold), iters(&steady));
     assert_eq!(steady_iters.len(), 2, "conv2 and fc1 are clustered");
@@ -353,36 +369,95 @@ fn profile_steady_starts_the_steps_at_the_fixed_point() {
     let dir = tempfile::tempdir().unwrap();
     let prefix = dir.path().join("s");
     let run = idkm(&[
-        "profile", "--model", "small-cnn", "--batch", "8", "--bits", "2", "--methods", "idkm", "--iters", "30",
-        "--tol", "1e-4", "--forward", "plain", "--steady", "3000", "--no-fp32", "--output", prefix.to_str().unwrap(),
+        "profile",
+        "--model",
+        "small-cnn",
+        "--batch",
+        "8",
+        "--bits",
+        "2",
+        "--methods",
+        "idkm",
+        "--iters",
+        "30",
+        "--tol",
+        "1e-4",
+        "--forward",
+        "plain",
+        "--steady",
+        "3000",
+        "--no-fp32",
+        "--output",
+        prefix.to_str().unwrap(),
     ]);
     let stdout = String::from_utf8_lossy(&run.stdout);
-    assert!(run.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&run.stderr));
+    assert!(
+        run.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
     assert!(stdout.contains("idkm 2-bit t=30 steady"), "{stdout}");
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("s.json")).unwrap()).unwrap();
     let records: Vec<profile::Record> = serde_json::from_value(json["records"].clone()).unwrap();
-    let Outcome::Measured(m) = &records[0].outcome else { panic!("{:?}", records[0].outcome) };
-    assert!(m.layers.iter().all(|l| l.forward_iters.unwrap() < 30), "{:?}", m.layers);
+    let Outcome::Measured(m) = &records[0].outcome else {
+        panic!("{:?}", records[0].outcome)
+    };
+    assert!(
+        m.layers.iter().all(|l| l.forward_iters.unwrap() < 30),
+        "{:?}",
+        m.layers
+    );
 }
 
 #[test]
 fn profile_takes_one_temperature_per_bit_width() {
     let _measuring = measuring();
-    let wrong = idkm(&["profile", "--bits", "4,8", "--tau", "1e-4,4e-7,1e-9", "--predict-only"]);
+    let wrong = idkm(&[
+        "profile",
+        "--bits",
+        "4,8",
+        "--tau",
+        "1e-4,4e-7,1e-9",
+        "--predict-only",
+    ]);
     let stderr = String::from_utf8_lossy(&wrong.stderr);
-    assert!(!wrong.status.success() && stderr.contains("one per --bits: got 3 for 2"), "{stderr}");
+    assert!(
+        !wrong.status.success() && stderr.contains("one per --bits: got 3 for 2"),
+        "{stderr}"
+    );
 
     let dir = tempfile::tempdir().unwrap();
     let prefix = dir.path().join("p");
     let run = idkm(&[
-        "profile", "--model", "small-cnn", "--batch", "4", "--bits", "2,3", "--tau", "0.01,0.0025",
-        "--methods", "idkm-jfb", "--iters", "1", "--no-fp32", "--output", prefix.to_str().unwrap(),
+        "profile",
+        "--model",
+        "small-cnn",
+        "--batch",
+        "4",
+        "--bits",
+        "2,3",
+        "--tau",
+        "0.01,0.0025",
+        "--methods",
+        "idkm-jfb",
+        "--iters",
+        "1",
+        "--no-fp32",
+        "--output",
+        prefix.to_str().unwrap(),
     ]);
-    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("p.json")).unwrap()).unwrap();
     let records: Vec<profile::Record> = serde_json::from_value(json["records"].clone()).unwrap();
-    let taus: Vec<(u32, Option<f64>)> = records.iter().map(|r| (r.config.bits, r.config.tau)).collect();
+    let taus: Vec<(u32, Option<f64>)> = records
+        .iter()
+        .map(|r| (r.config.bits, r.config.tau))
+        .collect();
     assert_eq!(taus, vec![(2, Some(0.01)), (3, Some(0.0025))]);
 }

@@ -42,14 +42,26 @@ pub fn run(a: EvalArgs) -> Result<()> {
         classes: Some(split.classes),
         ..Request::default()
     };
-    let loaded = loader::load(&path, &request, &device).with_context(|| format!("loading {}", path.display()))?;
-    check_fits(&loaded.model, &loaded.kind, split.test.channels(), split.classes, &path)?;
+    let loaded = loader::load(&path, &request, &device)
+        .with_context(|| format!("loading {}", path.display()))?;
+    check_fits(
+        &loaded.model,
+        &loaded.kind,
+        split.test.channels(),
+        split.classes,
+        &path,
+    )?;
     let kind = match &loaded.kind {
         Kind::Palettized { .. } => loaded.kind.to_string(),
         other => format!("float weights, {other}"),
     };
     let model = loaded.model;
-    let stats = evaluate(&model, &Weights::Float, eval_batches(&split.test, &split, a.batch_size, &device), "eval")?;
+    let stats = evaluate(
+        &model,
+        &Weights::Float,
+        eval_batches(&split.test, &split, a.batch_size, &device),
+        "eval",
+    )?;
     println!(
         "{} ({}, {kind}) on {} test ({} samples): accuracy {:.2}%, loss {:.4}",
         path.display(),

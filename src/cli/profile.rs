@@ -5,8 +5,8 @@
 use anyhow::{bail, Context, Result};
 use idkm::cluster::{Forward, KmeansConfig, Method, Solver};
 use idkm::memory;
-use idkm::profile::{self, Outcome, Record, StepConfig};
 use idkm::model::Arch;
+use idkm::profile::{self, Outcome, Record, StepConfig};
 use idkm::quantize::QuantizePlan;
 use std::io::Write;
 use std::path::PathBuf;
@@ -213,7 +213,10 @@ pub fn run(a: ProfileArgs) -> Result<()> {
     writeln!(out, "{}", profile::table(&records))?;
     writeln!(out, "{}", profile::layer_table(&records))?;
     if uncounted {
-        writeln!(out, "(this binary does not install idkm::alloc::Counting: no counted bytes)")?;
+        writeln!(
+            out,
+            "(this binary does not install idkm::alloc::Counting: no counted bytes)"
+        )?;
     }
     let dir = match a.output.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),

@@ -56,15 +56,39 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
             Clustering::new(&model, &plan).context("planning the clustering")?
         }
     };
-    a.budget.check(&model, Some(&clustering), &split, &a.optim)?;
-    println!("{} on {} ({} train / {} test)", model.arch(), split.name, split.train.len(), split.test.len());
-    clustering.prepare(&model).context("initialising the clustering")?;
+    a.budget
+        .check(&model, Some(&clustering), &split, &a.optim)?;
+    println!(
+        "{} on {} ({} train / {} test)",
+        model.arch(),
+        split.name,
+        split.train.len(),
+        split.test.len()
+    );
+    clustering
+        .prepare(&model)
+        .context("initialising the clustering")?;
     for (name, layer) in clustering.layers() {
         let c = layer.config();
-        let rule = if c.tau.is_some() { "given".to_string() } else { format!("{} x its hard-quantization error", c.tau_scale) };
+        let rule = if c.tau.is_some() {
+            "given".to_string()
+        } else {
+            format!("{} x its hard-quantization error", c.tau_scale)
+        };
         let tau = layer.tau().map_or("-".into(), |t| format!("{t:.3e}"));
-        println!("  {name}: {} bits, d = {}, {}, {} forward, tau {tau} ({rule})", c.bits, c.cluster_dim, c.method, c.forward);
+        println!(
+            "  {name}: {} bits, d = {}, {}, {} forward, tau {tau} ({rule})",
+            c.bits, c.cluster_dim, c.method, c.forward
+        );
     }
-    fit(&model, Some(&clustering), &split, &a.optim, a.lut, &a.output, &device)?;
+    fit(
+        &model,
+        Some(&clustering),
+        &split,
+        &a.optim,
+        a.lut,
+        &a.output,
+        &device,
+    )?;
     Ok(())
 }

@@ -41,6 +41,14 @@ pub fn run(a: TrainArgs) -> Result<()> {
         split.test.len(),
         model.parameter_count()
     );
-    fit(&model, None, &split, &a.optim, LutDType::F32, &a.output, &device)?;
+    fit(
+        &model,
+        None,
+        &split,
+        &a.optim,
+        LutDType::F32,
+        &a.output,
+        &device,
+    )?;
     Ok(())
 }

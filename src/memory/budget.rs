@@ -196,7 +196,6 @@ pub fn check_budget(
     Err(msg)
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

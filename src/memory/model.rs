@@ -2,9 +2,9 @@
 //! shapes, the clustering config and the workload.
 
 use crate::cluster::{KmeansConfig, Method, Solver};
-use crate::train::OptimizerKind;
 use crate::model::{Arch, Model};
 use crate::quantize::{Clustering, QuantizePlan};
+use crate::train::OptimizerKind;
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
@@ -24,13 +24,21 @@ struct KeptMaps {
 
 /// Training on the CPU: the conv output and the output of the fused batch
 /// norm (`crate::nn`), which also does the ReLU and the residual add.
-const TRAIN_MAPS: KeptMaps = KeptMaps { conv_bn: 2, relu: 0, add_relu: 0 };
+const TRAIN_MAPS: KeptMaps = KeptMaps {
+    conv_bn: 2,
+    relu: 0,
+    add_relu: 0,
+};
 
 /// Evaluation: the conv output, and candle-nn's batch norm's centred,
 /// scaled, multiplied and shifted tensors, then the ReLU and the add
 /// separately. The graph is recorded in evaluation too (the parameters are
 /// variables) and lives until the batch's logits are dropped.
-const EVAL_MAPS: KeptMaps = KeptMaps { conv_bn: 5, relu: 1, add_relu: 2 };
+const EVAL_MAPS: KeptMaps = KeptMaps {
+    conv_bn: 5,
+    relu: 1,
+    add_relu: 2,
+};
 
 /// Feature maps of the largest layer in flight on top of the graph and the
 /// retained gradients near the end of the backward: the output gradient,
@@ -431,7 +439,9 @@ pub fn layer_bytes(numel: usize, config: &KmeansConfig) -> (u64, u64) {
             // and up to 1 MiB of them in flight, plus the matrix and its LU.
             let kept = numel as f64;
             let n = k * d;
-            let dense = if config.method == Method::Idkm && config.solver.resolve(n as usize) == Solver::Dense {
+            let dense = if config.method == Method::Idkm
+                && config.solver.resolve(n as usize) == Solver::Dense
+            {
                 let partial = n * n * 8.0;
                 let in_flight = ((1u64 << 20) as f64 / partial).floor().clamp(2.0, 16.0);
                 partial * (in_flight + 2.0) / F32 as f64

@@ -3,7 +3,7 @@
 //! (`/proc/meminfo`) and an address-space limit.
 
 /// Limits the address space of this process (`RLIMIT_AS`) to `bytes`: a
-/// backstop for processes without [`ProfileAlloc`]. Allocations beyond it
+/// backstop for processes without [`crate::alloc::Counting`]. Allocations beyond it
 /// fail instead of pushing the machine into swap or the OOM killer.
 pub fn limit_address_space(bytes: u64) -> std::io::Result<()> {
     let lim = libc::rlimit {

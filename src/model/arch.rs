@@ -14,13 +14,20 @@ pub enum Arch {
 }
 
 impl Arch {
-    const NAMES: [(Arch, &'static str); 3] =
-        [(Arch::ResNet18Cifar, "resnet18-cifar"), (Arch::ResNet18, "resnet18"), (Arch::SmallCnn, "small-cnn")];
+    const NAMES: [(Arch, &'static str); 3] = [
+        (Arch::ResNet18Cifar, "resnet18-cifar"),
+        (Arch::ResNet18, "resnet18"),
+        (Arch::SmallCnn, "small-cnn"),
+    ];
 }
 
 impl std::fmt::Display for Arch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let name = Self::NAMES.iter().find(|(a, _)| a == self).map(|(_, n)| *n).unwrap_or("?");
+        let name = Self::NAMES
+            .iter()
+            .find(|(a, _)| a == self)
+            .map(|(_, n)| *n)
+            .unwrap_or("?");
         f.write_str(name)
     }
 }
@@ -28,9 +35,16 @@ impl std::fmt::Display for Arch {
 impl std::str::FromStr for Arch {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
-        Self::NAMES.iter().find(|(_, n)| *n == s).map(|(a, _)| *a).ok_or_else(|| {
-            let names: Vec<_> = Self::NAMES.iter().map(|(_, n)| *n).collect();
-            Error::Config(format!("unknown model architecture `{s}` (expected one of {})", names.join(", ")))
-        })
+        Self::NAMES
+            .iter()
+            .find(|(_, n)| *n == s)
+            .map(|(a, _)| *a)
+            .ok_or_else(|| {
+                let names: Vec<_> = Self::NAMES.iter().map(|(_, n)| *n).collect();
+                Error::Config(format!(
+                    "unknown model architecture `{s}` (expected one of {})",
+                    names.join(", ")
+                ))
+            })
     }
 }

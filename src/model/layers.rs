@@ -18,9 +18,25 @@ pub struct Conv {
 
 impl Conv {
     /// A `kernel x kernel` convolution from `vb`'s `weight`, Kaiming-initialised.
-    pub fn new(cin: usize, cout: usize, kernel: usize, stride: usize, padding: usize, vb: VarBuilder) -> Result<Self> {
-        let weight = vb.get_with_hints((cout, cin, kernel, kernel), "weight", candle_nn::init::DEFAULT_KAIMING_NORMAL)?;
-        Ok(Self { name: format!("{}.weight", vb.prefix()), weight, stride, padding })
+    pub fn new(
+        cin: usize,
+        cout: usize,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let weight = vb.get_with_hints(
+            (cout, cin, kernel, kernel),
+            "weight",
+            candle_nn::init::DEFAULT_KAIMING_NORMAL,
+        )?;
+        Ok(Self {
+            name: format!("{}.weight", vb.prefix()),
+            weight,
+            stride,
+            padding,
+        })
     }
 
     /// The weight's full name (for example `layer1.0.conv1.weight`).
@@ -37,7 +53,15 @@ impl Conv {
     /// [`nn::conv2d`]: im2col + GEMM on the CPU, candle's conv elsewhere).
     pub fn forward(&self, x: &Tensor, weights: &Weights) -> Result<Tensor> {
         let w = weights.resolve(&self.name, &self.weight)?;
-        nn::conv2d(x, &w, Conv2dParams { padding: self.padding, stride: self.stride, dilation: 1 })
+        nn::conv2d(
+            x,
+            &w,
+            Conv2dParams {
+                padding: self.padding,
+                stride: self.stride,
+                dilation: 1,
+            },
+        )
     }
 }
 
@@ -53,9 +77,27 @@ impl Linear {
     /// A linear layer from `vb`'s `weight` and `bias`, initialised as in PyTorch.
     pub fn new(inputs: usize, outputs: usize, vb: VarBuilder) -> Result<Self> {
         let bound = 1.0 / (inputs as f64).sqrt();
-        let weight = vb.get_with_hints((outputs, inputs), "weight", Init::Uniform { lo: -bound, up: bound })?;
-        let bias = vb.get_with_hints(outputs, "bias", Init::Uniform { lo: -bound, up: bound })?;
-        Ok(Self { name: format!("{}.weight", vb.prefix()), weight, bias })
+        let weight = vb.get_with_hints(
+            (outputs, inputs),
+            "weight",
+            Init::Uniform {
+                lo: -bound,
+                up: bound,
+            },
+        )?;
+        let bias = vb.get_with_hints(
+            outputs,
+            "bias",
+            Init::Uniform {
+                lo: -bound,
+                up: bound,
+            },
+        )?;
+        Ok(Self {
+            name: format!("{}.weight", vb.prefix()),
+            weight,
+            bias,
+        })
     }
 
     /// The weight's full name (for example `fc.weight`).
@@ -95,8 +137,10 @@ impl BatchNorm {
     /// A batch norm of `channels` from `vb`'s `weight`, `bias`,
     /// `running_mean` and `running_var` (initialised to 1, 0, 0, 1).
     pub fn new(channels: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
-        let running_mean = Var::from_tensor(&vb.get_with_hints(channels, "running_mean", Init::Const(0.))?)?;
-        let running_var = Var::from_tensor(&vb.get_with_hints(channels, "running_var", Init::Const(1.))?)?;
+        let running_mean =
+            Var::from_tensor(&vb.get_with_hints(channels, "running_mean", Init::Const(0.))?)?;
+        let running_var =
+            Var::from_tensor(&vb.get_with_hints(channels, "running_var", Init::Const(1.))?)?;
         let weight = vb.get_with_hints(channels, "weight", Init::Const(1.))?;
         let bias = vb.get_with_hints(channels, "bias", Init::Const(0.))?;
         let inner = candle_nn::BatchNorm::new(
@@ -107,7 +151,13 @@ impl BatchNorm {
             bias.clone(),
             eps,
         )?;
-        Ok(Self { inner, running_mean, running_var, weight, bias })
+        Ok(Self {
+            inner,
+            running_mean,
+            running_var,
+            weight,
+            bias,
+        })
     }
 
     /// `bn(x)`; `train` normalises with the batch statistics and updates
@@ -126,8 +176,17 @@ impl BatchNorm {
         self.forward_fused(x, Some(residual), Activation::Relu, train)
     }
 
-    fn forward_fused(&self, x: &Tensor, residual: Option<&Tensor>, act: Activation, train: bool) -> Result<Tensor> {
-        if train && x.device().is_cpu() && matches!(x.dtype(), candle_core::DType::F32 | candle_core::DType::F64) {
+    fn forward_fused(
+        &self,
+        x: &Tensor,
+        residual: Option<&Tensor>,
+        act: Activation,
+        train: bool,
+    ) -> Result<Tensor> {
+        if train
+            && x.device().is_cpu()
+            && matches!(x.dtype(), candle_core::DType::F32 | candle_core::DType::F64)
+        {
             let eps = self.inner.eps();
             let (y, stats) = nn::batch_norm_train(x, &self.weight, &self.bias, residual, act, eps)?;
             self.update_running(&stats)?;
@@ -148,9 +207,11 @@ impl BatchNorm {
     fn update_running(&self, stats: &nn::BatchStats) -> Result<()> {
         let momentum = self.inner.momentum();
         let mean = self.running_mean.as_detached_tensor();
-        self.running_mean.set(&((mean * (1.0 - momentum))? + (&stats.mean * momentum)?)?)?;
+        self.running_mean
+            .set(&((mean * (1.0 - momentum))? + (&stats.mean * momentum)?)?)?;
         let n = stats.count as f64;
         let var = self.running_var.as_detached_tensor();
-        self.running_var.set(&((var * (1.0 - momentum))? + (&stats.var * (momentum * n / (n - 1.0)))?)?)
+        self.running_var
+            .set(&((var * (1.0 - momentum))? + (&stats.var * (momentum * n / (n - 1.0)))?)?)
     }
 }

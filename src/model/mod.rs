@@ -73,7 +73,13 @@ impl Model {
     /// A freshly initialised model, reproducible from `seed`: conv weights
     /// Kaiming-normal, linear layers uniform in ±1/sqrt(fan_in), batch norm
     /// at identity.
-    pub fn new(arch: Arch, channels: usize, classes: usize, seed: u64, device: &Device) -> Result<Self> {
+    pub fn new(
+        arch: Arch,
+        channels: usize,
+        classes: usize,
+        seed: u64,
+        device: &Device,
+    ) -> Result<Self> {
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
         let net: Box<dyn Network> = match arch {
@@ -82,18 +88,36 @@ impl Model {
             Arch::SmallCnn => Box::new(SmallCnn::new(channels, classes, vb)?),
         };
         if arch != Arch::SmallCnn && channels != 3 {
-            return Err(Error::Config(format!("{arch} takes 3 input channels, the data has {channels}")));
+            return Err(Error::Config(format!(
+                "{arch} takes 3 input channels, the data has {channels}"
+            )));
         }
-        let model = Self { arch, channels, classes, device: device.clone(), varmap, net };
+        let model = Self {
+            arch,
+            channels,
+            classes,
+            device: device.clone(),
+            varmap,
+            net,
+        };
         model.initialise(seed)?;
         Ok(model)
     }
 
     fn initialise(&self, seed: u64) -> Result<()> {
-        let mut vars: Vec<(String, Var)> = self.varmap.data().lock().expect("varmap lock").clone().into_iter().collect();
+        let mut vars: Vec<(String, Var)> = self
+            .varmap
+            .data()
+            .lock()
+            .expect("varmap lock")
+            .clone()
+            .into_iter()
+            .collect();
         vars.sort_by(|a, b| a.0.cmp(&b.0));
         let rank2_inputs = |weight: &str| -> Option<usize> {
-            vars.iter().find(|(n, v)| n == weight && v.rank() == 2).map(|(_, v)| v.dims()[1])
+            vars.iter()
+                .find(|(n, v)| n == weight && v.rank() == 2)
+                .map(|(_, v)| v.dims()[1])
         };
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         for (name, var) in &vars {
@@ -110,7 +134,10 @@ impl Model {
                     (0..n).map(|_| normal.sample(&mut rng)).collect()
                 }
                 [_, inputs] => uniform(&mut rng, *inputs),
-                [_] => match name.strip_suffix(".bias").and_then(|p| rank2_inputs(&format!("{p}.weight"))) {
+                [_] => match name
+                    .strip_suffix(".bias")
+                    .and_then(|p| rank2_inputs(&format!("{p}.weight")))
+                {
                     Some(inputs) => uniform(&mut rng, inputs),
                     None => continue,
                 },
@@ -162,7 +189,11 @@ impl Model {
 
     /// The conv and linear weights by name, in forward order.
     pub fn weights(&self) -> Vec<(String, Tensor)> {
-        self.net.weights().into_iter().map(|(n, t)| (n.to_string(), t.clone())).collect()
+        self.net
+            .weights()
+            .into_iter()
+            .map(|(n, t)| (n.to_string(), t.clone()))
+            .collect()
     }
 
     /// Logits for `x`; see [`Network::forward`].
@@ -173,13 +204,19 @@ impl Model {
     /// Every parameter and buffer by name, detached.
     pub fn tensors(&self) -> BTreeMap<String, Tensor> {
         let data = self.varmap.data().lock().expect("varmap lock");
-        data.iter().map(|(n, v)| (n.clone(), v.as_detached_tensor())).collect()
+        data.iter()
+            .map(|(n, v)| (n.clone(), v.as_detached_tensor()))
+            .collect()
     }
 
     /// Sets every parameter and buffer from `tensors` (exact names and
     /// shapes, as idkm writes them); `source` names the file in errors.
     /// Missing, unexpected and mis-shaped tensors are listed together.
-    pub fn assign(&self, tensors: impl IntoIterator<Item = (String, Tensor)>, source: &Path) -> Result<()> {
+    pub fn assign(
+        &self,
+        tensors: impl IntoIterator<Item = (String, Tensor)>,
+        source: &Path,
+    ) -> Result<()> {
         let data = self.varmap.data().lock().expect("varmap lock");
         let mut problems = Vec::new();
         let mut seen = std::collections::BTreeSet::new();
@@ -189,19 +226,33 @@ impl Model {
                     var.set(&t.to_dtype(var.dtype())?.to_device(var.device())?)?;
                     seen.insert(name);
                 }
-                Some(var) => problems.push(format!("  {name}: expected shape {:?}, found {:?}", var.dims(), t.dims())),
-                None => problems.push(format!("  {name}: not a tensor of {} (shape {:?})", self.arch, t.dims())),
+                Some(var) => problems.push(format!(
+                    "  {name}: expected shape {:?}, found {:?}",
+                    var.dims(),
+                    t.dims()
+                )),
+                None => problems.push(format!(
+                    "  {name}: not a tensor of {} (shape {:?})",
+                    self.arch,
+                    t.dims()
+                )),
             }
         }
         let mut missing: Vec<_> = data.iter().filter(|(n, _)| !seen.contains(*n)).collect();
         missing.sort_by(|a, b| a.0.cmp(b.0));
         for (name, var) in missing {
-            problems.push(format!("  {name}: missing (expected shape {:?})", var.dims()));
+            problems.push(format!(
+                "  {name}: missing (expected shape {:?})",
+                var.dims()
+            ));
         }
         if problems.is_empty() {
             Ok(())
         } else {
-            Err(Error::Checkpoint { path: source.into(), details: problems.join("\n") })
+            Err(Error::Checkpoint {
+                path: source.into(),
+                details: problems.join("\n"),
+            })
         }
     }
 

@@ -29,7 +29,10 @@ impl BasicBlock {
     fn new(cin: usize, cout: usize, stride: usize, vb: VarBuilder) -> Result<Self> {
         let downsample = if stride != 1 || cin != cout {
             let vb = vb.pp("downsample");
-            Some((Conv::new(cin, cout, 1, stride, 0, vb.pp("0"))?, BatchNorm::new(cout, 1e-5, vb.pp("1"))?))
+            Some((
+                Conv::new(cin, cout, 1, stride, 0, vb.pp("0"))?,
+                BatchNorm::new(cout, 1e-5, vb.pp("1"))?,
+            ))
         } else {
             None
         };
@@ -43,16 +46,21 @@ impl BasicBlock {
     }
 
     fn forward(&self, x: &Tensor, train: bool, weights: &Weights) -> Result<Tensor> {
-        let y = self.bn1.forward_relu(&self.conv1.forward(x, weights)?, train)?;
+        let y = self
+            .bn1
+            .forward_relu(&self.conv1.forward(x, weights)?, train)?;
         let shortcut = match &self.downsample {
             Some((conv, bn)) => bn.forward_t(&conv.forward(x, weights)?, train)?,
             None => x.clone(),
         };
-        self.bn2.forward_add_relu(&self.conv2.forward(&y, weights)?, &shortcut, train)
+        self.bn2
+            .forward_add_relu(&self.conv2.forward(&y, weights)?, &shortcut, train)
     }
 
     fn convs(&self) -> impl Iterator<Item = &Conv> {
-        [&self.conv1, &self.conv2].into_iter().chain(self.downsample.as_ref().map(|(c, _)| c))
+        [&self.conv1, &self.conv2]
+            .into_iter()
+            .chain(self.downsample.as_ref().map(|(c, _)| c))
     }
 }
 
@@ -95,11 +103,16 @@ impl ResNet18 {
 
 impl Network for ResNet18 {
     fn forward(&self, x: &Tensor, train: bool, weights: &Weights) -> Result<Tensor> {
-        let mut x = self.bn1.forward_relu(&self.conv1.forward(x, weights)?, train)?;
+        let mut x = self
+            .bn1
+            .forward_relu(&self.conv1.forward(x, weights)?, train)?;
         if self.stem == Stem::ImageNet {
             // After a ReLU every value is >= 0, so zero padding acts as the
             // -inf padding of PyTorch's max-pool.
-            x = x.pad_with_zeros(2, 1, 1)?.pad_with_zeros(3, 1, 1)?.max_pool2d_with_stride(3, 2)?;
+            x = x
+                .pad_with_zeros(2, 1, 1)?
+                .pad_with_zeros(3, 1, 1)?
+                .max_pool2d_with_stride(3, 2)?;
         }
         for block in &self.blocks {
             x = block.forward(&x, train, weights)?;
@@ -109,6 +122,9 @@ impl Network for ResNet18 {
 
     fn weights(&self) -> Vec<(&str, &Tensor)> {
         let convs = std::iter::once(&self.conv1).chain(self.blocks.iter().flat_map(|b| b.convs()));
-        convs.map(|c| (c.name(), c.weight())).chain([(self.fc.name(), self.fc.weight())]).collect()
+        convs
+            .map(|c| (c.name(), c.weight()))
+            .chain([(self.fc.name(), self.fc.weight())])
+            .collect()
     }
 }

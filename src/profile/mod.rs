@@ -12,7 +12,9 @@ pub use run::{child_main, profile, run_child, run_steps, RESULT_PREFIX};
 pub use table::{layer_table, table, table_row};
 
 use crate::cluster::{Forward, KmeansConfig, Method, Solver};
-use crate::memory::{estimate, float_specs, plan_specs, ClusterSpec, Estimate, ModelShape, Workload};
+use crate::memory::{
+    estimate, float_specs, plan_specs, ClusterSpec, Estimate, ModelShape, Workload,
+};
 use crate::model::Arch;
 use crate::quantize::QuantizePlan;
 use serde::{Deserialize, Serialize};
@@ -76,7 +78,11 @@ impl StepConfig {
         if self.method == "fp32" {
             "fp32".into()
         } else {
-            let steady = if self.converge_iters.is_some() { " steady" } else { "" };
+            let steady = if self.converge_iters.is_some() {
+                " steady"
+            } else {
+                ""
+            };
             let solve = match self.forward.as_str() {
                 "newton" if self.method != "dkm" => "newton".to_string(),
                 _ => format!("t={}", self.iters),

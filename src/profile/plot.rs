@@ -190,7 +190,10 @@ where
     }
     let mut keys: Vec<(String, u32)> = Vec::new();
     // Steady-state rows share t with the cold ones: the table has them.
-    for r in records.iter().filter(|r| r.config.method != "fp32" && r.config.converge_iters.is_none()) {
+    for r in records
+        .iter()
+        .filter(|r| r.config.method != "fp32" && r.config.converge_iters.is_none())
+    {
         let key = (r.config.method.clone(), r.config.bits);
         if !keys.contains(&key) {
             keys.push(key);
@@ -203,7 +206,11 @@ where
         let k = nudge(&method, bits);
         let mut pts: Vec<(f64, f64, bool)> = records
             .iter()
-            .filter(|r| r.config.method == method && r.config.bits == bits && r.config.converge_iters.is_none())
+            .filter(|r| {
+                r.config.method == method
+                    && r.config.bits == bits
+                    && r.config.converge_iters.is_none()
+            })
             .filter_map(|r| value(r).map(|(v, ran)| (r.config.iters as f64 * k, v, ran)))
             .collect();
         pts.sort_by(|a, b| a.0.total_cmp(&b.0));

@@ -79,13 +79,21 @@ fn adjoint_report(a: Option<Adjoint>) -> (Option<String>, Option<usize>, Option<
 /// `iters` iterations, without a graph, and makes the result its warm start.
 fn converge(model: &Model, clustering: &Clustering, iters: usize) -> anyhow::Result<()> {
     for (name, w) in model.weights() {
-        let Some(layer) = clustering.layers().get(&name) else { continue };
+        let Some(layer) = clustering.layers().get(&name) else {
+            continue;
+        };
         // The fixed point does not depend on the gradient method; DKM's would
         // record every iteration.
-        let config = KmeansConfig { max_iter: iters, method: Method::IdkmJfb, ..layer.config().clone() };
+        let config = KmeansConfig {
+            max_iter: iters,
+            method: Method::IdkmJfb,
+            ..layer.config().clone()
+        };
         let long = ClusteredWeight::new(name.clone(), config)?;
         long.forward(&w.detach())?;
-        let c = long.centroids().with_context(|| format!("no centroids for {name}"))?;
+        let c = long
+            .centroids()
+            .with_context(|| format!("no centroids for {name}"))?;
         layer.set_centroids(c)?;
         if let Some(tau) = long.tau() {
             layer.set_tau(tau)?;
@@ -364,7 +372,7 @@ pub fn profile(
             .iter()
             .filter(|r| r.config.method == "fp32" && r.config.batch == config.batch)
             .filter_map(|r| r.measured().map(|m| m.seconds_per_step))
-            .last();
+            .next_back();
         let seconds = fp32_seconds.map(|s| predict_seconds(&specs, s));
         let outcome = if predicted.total() > budget {
             Outcome::DoesNotFit {
@@ -381,10 +389,7 @@ pub fn profile(
             tracing::info!(config = %config.label(), predicted = %gib(predicted.total()), "running");
             let mut config = config.clone();
             config.max_seconds = timeout * 0.8;
-            run_child(
-                command(&config, budget)?,
-                Duration::from_secs_f64(timeout),
-            )
+            run_child(command(&config, budget)?, Duration::from_secs_f64(timeout))
         };
         let record = Record {
             config: config.clone(),

@@ -11,7 +11,11 @@ fn mib(bytes: u64) -> String {
 /// The row of [`table`] for one record, as printed when its configuration
 /// has finished.
 pub fn table_row(record: &Record) -> String {
-    table(std::slice::from_ref(record)).lines().last().unwrap_or("").to_string()
+    table(std::slice::from_ref(record))
+        .lines()
+        .last()
+        .unwrap_or("")
+        .to_string()
 }
 
 /// The records as a Markdown table (also readable on a terminal): method,

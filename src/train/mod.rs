@@ -38,7 +38,11 @@ impl Tally {
     fn add(&mut self, logits: &Tensor, labels: &Tensor, loss: f64) -> Result<()> {
         let n = labels.dim(0)?;
         let predicted = logits.argmax(D::Minus1)?;
-        self.correct += predicted.eq(labels)?.to_dtype(DType::U32)?.sum_all()?.to_scalar::<u32>()? as usize;
+        self.correct += predicted
+            .eq(labels)?
+            .to_dtype(DType::U32)?
+            .sum_all()?
+            .to_scalar::<u32>()? as usize;
         self.loss += loss * n as f64;
         self.samples += n;
         Ok(())
@@ -57,9 +61,11 @@ impl Tally {
 
 fn progress(label: &str, batches: usize) -> ProgressBar {
     let bar = ProgressBar::new(batches as u64);
-    let style = ProgressStyle::with_template("{prefix:>12} [{bar:30}] {pos}/{len} {msg} ({elapsed}, eta {eta})")
-        .expect("valid template")
-        .progress_chars("=> ");
+    let style = ProgressStyle::with_template(
+        "{prefix:>12} [{bar:30}] {pos}/{len} {msg} ({elapsed}, eta {eta})",
+    )
+    .expect("valid template")
+    .progress_chars("=> ");
     bar.set_style(style);
     bar.set_prefix(label.to_string());
     bar
@@ -76,27 +82,49 @@ impl Trainer {
     /// A trainer of `model`'s trainable variables for `total_steps` steps.
     pub fn new(model: &Model, kind: OptimizerKind, lr: f64, total_steps: usize) -> Result<Self> {
         let vars = model.trainable().into_iter().map(|(_, v)| v).collect();
-        Ok(Self { step: TrainStep::new(Optimizer::new(kind, vars, lr)?), lr, total_steps })
+        Ok(Self {
+            step: TrainStep::new(Optimizer::new(kind, vars, lr)?),
+            lr,
+            total_steps,
+        })
     }
 
     /// A trainer for `epochs` passes over `samples` training samples in
     /// batches of `batch_size`: the schedule spans all of their steps.
-    pub fn for_epochs(model: &Model, kind: OptimizerKind, lr: f64, samples: usize, batch_size: usize, epochs: usize) -> Result<Self> {
+    pub fn for_epochs(
+        model: &Model,
+        kind: OptimizerKind,
+        lr: f64,
+        samples: usize,
+        batch_size: usize,
+        epochs: usize,
+    ) -> Result<Self> {
         let batches_per_epoch = samples.div_ceil(batch_size.max(1));
         Self::new(model, kind, lr, batches_per_epoch * epochs)
     }
 
     /// One pass over `batches`, with the weights that `weights` provides.
-    pub fn epoch(&mut self, model: &Model, weights: &Weights, batches: Batcher, label: &str) -> Result<EpochStats> {
+    pub fn epoch(
+        &mut self,
+        model: &Model,
+        weights: &Weights,
+        batches: Batcher,
+        label: &str,
+    ) -> Result<EpochStats> {
         let (start, bar) = (Instant::now(), progress(label, batches.num_batches()));
         let mut tally = Tally::default();
         for batch in batches {
             let (x, y) = batch?;
-            self.step.set_lr(cosine_lr(self.lr, self.step.count(), self.total_steps));
+            self.step
+                .set_lr(cosine_lr(self.lr, self.step.count(), self.total_steps));
             let out = self.step.run(model, weights, &x, &y)?;
             tally.add(&out.logits, &y, out.loss)?;
             bar.inc(1);
-            bar.set_message(format!("loss {:.4} acc {:.2}%", tally.loss / tally.samples as f64, 100.0 * tally.correct as f64 / tally.samples as f64));
+            bar.set_message(format!(
+                "loss {:.4} acc {:.2}%",
+                tally.loss / tally.samples as f64,
+                100.0 * tally.correct as f64 / tally.samples as f64
+            ));
         }
         bar.finish_and_clear();
         Ok(tally.stats(start))
@@ -104,7 +132,12 @@ impl Trainer {
 }
 
 /// Loss and accuracy of `model` in evaluation mode over `batches`.
-pub fn evaluate(model: &Model, weights: &Weights, batches: Batcher, label: &str) -> Result<EpochStats> {
+pub fn evaluate(
+    model: &Model,
+    weights: &Weights,
+    batches: Batcher,
+    label: &str,
+) -> Result<EpochStats> {
     let (start, bar) = (Instant::now(), progress(label, batches.num_batches()));
     let mut tally = Tally::default();
     for batch in batches {

@@ -26,7 +26,10 @@ pub struct TrainStep {
 impl TrainStep {
     /// Steps that update with `optimizer`.
     pub fn new(optimizer: Optimizer) -> Self {
-        Self { optimizer, count: 0 }
+        Self {
+            optimizer,
+            count: 0,
+        }
     }
 
     /// Steps taken so far.
@@ -42,15 +45,27 @@ impl TrainStep {
     /// One step on the batch `x` with labels `y`, with the weights that
     /// `weights` provides. A non-finite loss fails the step before anything
     /// is updated.
-    pub fn run(&mut self, model: &Model, weights: &Weights, x: &Tensor, y: &Tensor) -> Result<StepOutput> {
+    pub fn run(
+        &mut self,
+        model: &Model,
+        weights: &Weights,
+        x: &Tensor,
+        y: &Tensor,
+    ) -> Result<StepOutput> {
         let logits = model.forward(x, true, weights)?;
         let loss = candle_nn::loss::cross_entropy(&logits, y)?;
         let value = loss.to_dtype(DType::F32)?.to_scalar::<f32>()? as f64;
         if !value.is_finite() {
-            return Err(Error::NonFiniteLoss { value, step: self.count });
+            return Err(Error::NonFiniteLoss {
+                value,
+                step: self.count,
+            });
         }
         self.optimizer.step(&loss.backward()?)?;
         self.count += 1;
-        Ok(StepOutput { logits: logits.detach(), loss: value })
+        Ok(StepOutput {
+            logits: logits.detach(),
+            loss: value,
+        })
     }
 }

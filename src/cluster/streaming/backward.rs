@@ -17,7 +17,13 @@ pub fn cotangent_reduce<T: Real>(w: &[T], c: &[T], g: &[T], geo: &Geometry) -> (
     });
     let (mass, rest) = sums.split_at(k);
     let (weighted, h) = rest.split_at(k * d);
-    (Moments { mass: mass.to_vec(), weighted: weighted.to_vec() }, h.to_vec())
+    (
+        Moments {
+            mass: mass.to_vec(),
+            weighted: weighted.to_vec(),
+        },
+        h.to_vec(),
+    )
 }
 
 /// The centroid cotangent `h` alone (k x d): [`cotangent_reduce`] without
@@ -59,8 +65,14 @@ impl<T: Real, const D: usize> Pass for Cotangent<'_, T, D> {
             sums.touch(k * (D + 1) + win.start * D..k * (D + 1) + win.end * D);
             for (j, cj) in c.iter().enumerate() {
                 for (e, &ce) in cj.iter().enumerate() {
-                    let h = sums.get(k * (D + 1) + (win.start + j) * D + e, n).iter_mut();
-                    let terms = h.zip(tile.a(j)).zip(lanes(&g, e, n)).zip(tile.centred(j, &q, &qbar)).zip(tile.w(e));
+                    let h = sums
+                        .get(k * (D + 1) + (win.start + j) * D + e, n)
+                        .iter_mut();
+                    let terms = h
+                        .zip(tile.a(j))
+                        .zip(lanes(&g, e, n))
+                        .zip(tile.centred(j, &q, &qbar))
+                        .zip(tile.w(e));
                     for ((((h, &a), &g), t), &w) in terms {
                         *h += a * g - t * (w - ce);
                     }
@@ -130,7 +142,10 @@ impl<T: Real, const D: usize> Pass for Matvec<'_, T, D> {
             for (j, cj) in c.iter().enumerate() {
                 for (e, &ce) in cj.iter().enumerate() {
                     let out = sums.get((win.start + j) * D + e, n);
-                    let terms = out.iter_mut().zip(tile.centred(j, &x, &xbar)).zip(tile.w(e));
+                    let terms = out
+                        .iter_mut()
+                        .zip(tile.centred(j, &x, &xbar))
+                        .zip(tile.w(e));
                     for ((o, t), &w) in terms {
                         *o -= t * (w - ce);
                     }
@@ -150,21 +165,37 @@ impl<T: Real, const D: usize> Pass for Matvec<'_, T, D> {
 /// its partial sums n^2 f64 per chunk: meant for small n (see
 /// `Solver::Dense`). No kernel: on CUDA the matrix is assembled from n
 /// device matvecs.
-pub fn adjoint_matrix<T: Real>(w: &[T], c: &[T], f: &[T], inv_mass: &[f64], geo: &Geometry) -> Vec<f64> {
+pub fn adjoint_matrix<T: Real>(
+    w: &[T],
+    c: &[T],
+    f: &[T],
+    inv_mass: &[f64],
+    geo: &Geometry,
+) -> Vec<f64> {
     counted_adjoint_matrix(w, &[], c, f, inv_mass, geo)
 }
 
 /// [`adjoint_matrix`] where row i stands for `count[i]` equal weight
 /// vectors (an empty `count` counts every row once), as
 /// [`counted_reduce`].
-pub fn counted_adjoint_matrix<T: Real>(w: &[T], count: &[T], c: &[T], f: &[T], inv_mass: &[f64], geo: &Geometry) -> Vec<f64> {
+pub fn counted_adjoint_matrix<T: Real>(
+    w: &[T],
+    count: &[T],
+    c: &[T],
+    f: &[T],
+    inv_mass: &[f64],
+    geo: &Geometry,
+) -> Vec<f64> {
     let n = geo.k * geo.d;
     let mut jt = with_dim!(geo.d, D => {
         let pass = Assemble::<T, D> { w: vectors(w), count: vectors(count), c: vectors(c), f: vectors(f), geo };
         sum_rows(pass.w.len(), n * n, &pass)
     });
     for row in jt.chunks_exact_mut(n) {
-        for (x, &s) in row.iter_mut().zip(inv_mass.iter().flat_map(|s| std::iter::repeat_n(s, geo.d))) {
+        for (x, &s) in row
+            .iter_mut()
+            .zip(inv_mass.iter().flat_map(|s| std::iter::repeat_n(s, geo.d)))
+        {
             *x *= s;
         }
     }
@@ -195,7 +226,11 @@ impl<T: Real, const D: usize> Pass for Assemble<'_, T, D> {
         let (mut x, mut y) = (vec![T::zero(); n * TILE], vec![T::zero(); n * TILE]);
         let (mut ay, mut acc) = (vec![T::zero(); TILE * n], vec![T::zero(); n]);
         let visit = Visit::new(self.w, rows.clone(), self.c, self.geo);
-        let count = if self.count.is_empty() { &[][..] } else { &self.count[rows.clone()] };
+        let count = if self.count.is_empty() {
+            &[][..]
+        } else {
+            &self.count[rows.clone()]
+        };
         let (w, mut wbuf) = (&self.w[rows], [[T::zero(); D]; TILE]);
         // The rows' counts (ones when uncounted) weigh x alone: each term
         // is linear in x.
@@ -203,7 +238,11 @@ impl<T: Real, const D: usize> Pass for Assemble<'_, T, D> {
         for at in visit.tiles() {
             let win = visit.attend(&mut tile, w, at, &mut wbuf, self.c);
             let (c, f) = (&self.c[win.clone()], &self.f[win.clone()]);
-            let times = if count.is_empty() { &ones[..] } else { visit.rows(count, at, &mut nbuf) };
+            let times = if count.is_empty() {
+                &ones[..]
+            } else {
+                visit.rows(count, at, &mut nbuf)
+            };
             tile.weigh();
             let (len, nw, first) = (tile.n, c.len() * D, win.start * D);
             for (j, (cj, fj)) in c.iter().zip(f).enumerate() {
@@ -250,7 +289,10 @@ impl<T: Real, const D: usize> Pass for Assemble<'_, T, D> {
 /// `sum_j (qc_ij + rc_ij) coef_ij e_ij + sum_j (a_ij / S_j) u_j`, with
 /// `q_ij = g_i . c_j` and `r_ij` as in [`adjoint_matvec`] (`f = F(C)`).
 /// With `u = h` this is the JFB gradient. Kernel: `weight_grad`.
-#[allow(clippy::too_many_arguments, reason = "the arguments of its kernel, in the same order")]
+#[allow(
+    clippy::too_many_arguments,
+    reason = "the arguments of its kernel, in the same order"
+)]
 pub fn weight_grad<T: Real>(
     w: &[T],
     c: &[T],
@@ -305,8 +347,15 @@ impl<T: Real, const D: usize> Pass for Grad<'_, T, D> {
             o.fill(T::zero());
             for (j, (cj, vj)) in c.iter().zip(v).enumerate() {
                 for e in 0..D {
-                    let t = tile.centred(j, &q, &qbar).zip(tile.centred(j, &r, &rbar)).map(|(tq, tr)| tq + tr);
-                    let terms = lanes_mut(&mut o, e, n).iter_mut().zip(t).zip(tile.w(e)).zip(tile.a(j));
+                    let t = tile
+                        .centred(j, &q, &qbar)
+                        .zip(tile.centred(j, &r, &rbar))
+                        .map(|(tq, tr)| tq + tr);
+                    let terms = lanes_mut(&mut o, e, n)
+                        .iter_mut()
+                        .zip(t)
+                        .zip(tile.w(e))
+                        .zip(tile.a(j));
                     for (((o, t), &w), &a) in terms {
                         *o += t * (w - cj[e]) + a * vj[e];
                     }

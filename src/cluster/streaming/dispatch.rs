@@ -11,7 +11,9 @@ pub(super) const MIN_CHUNK_ROWS: usize = 1024;
 /// Rows per chunk for m rows, a multiple of [`TILE`]; a function of m only
 /// (determinism).
 pub(super) fn chunk_rows(m: usize) -> usize {
-    MIN_CHUNK_ROWS.max(m.div_ceil(MAX_CHUNKS)).next_multiple_of(TILE)
+    MIN_CHUNK_ROWS
+        .max(m.div_ceil(MAX_CHUNKS))
+        .next_multiple_of(TILE)
 }
 
 /// The work of one pass on one chunk of rows: the unit a thread runs.

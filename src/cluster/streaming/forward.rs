@@ -23,12 +23,23 @@ pub fn counted_reduce<T: Real>(w: &[T], count: &[T], c: &[T], geo: &Geometry) ->
 /// k-means map for the squared distance (`dE/dc_j = 2 S_j (c_j - F_j)`),
 /// and which a k-means step never increases. No kernel: the forward Newton
 /// solve's line search on the CPU uses it.
-pub fn counted_reduce_energy<T: Real>(w: &[T], count: &[T], c: &[T], geo: &Geometry) -> (Moments, f64) {
+pub fn counted_reduce_energy<T: Real>(
+    w: &[T],
+    count: &[T],
+    c: &[T],
+    geo: &Geometry,
+) -> (Moments, f64) {
     let (moments, energy) = reduce(w, count, c, geo, true);
     (moments, energy.unwrap_or(f64::NAN))
 }
 
-pub(super) fn reduce<T: Real>(w: &[T], count: &[T], c: &[T], geo: &Geometry, energy: bool) -> (Moments, Option<f64>) {
+pub(super) fn reduce<T: Real>(
+    w: &[T],
+    count: &[T],
+    c: &[T],
+    geo: &Geometry,
+    energy: bool,
+) -> (Moments, Option<f64>) {
     let k = geo.k;
     let sums = with_dim!(geo.d, D => {
         let pass = Reduce::<T, D> { w: vectors(w), count: vectors(count), c: vectors(c), geo, energy };
@@ -36,7 +47,13 @@ pub(super) fn reduce<T: Real>(w: &[T], count: &[T], c: &[T], geo: &Geometry, ene
     });
     let (mass, rest) = sums.split_at(k);
     let (weighted, energy) = rest.split_at(k * geo.d);
-    (Moments { mass: mass.to_vec(), weighted: weighted.to_vec() }, energy.first().copied())
+    (
+        Moments {
+            mass: mass.to_vec(),
+            weighted: weighted.to_vec(),
+        },
+        energy.first().copied(),
+    )
 }
 
 /// [`counted_reduce`] on one chunk: partial sums `[S (k), sum a w (k x d)]`,
@@ -59,8 +76,16 @@ impl<T: Real, const D: usize> Pass for Reduce<'_, T, D> {
         let mut tile = Tile::<T, D>::new(self.geo);
         let mut sums = LaneSums::<T>::new(out.len());
         let visit = Visit::new(self.w, rows.clone(), self.c, self.geo);
-        let count = if self.count.is_empty() { &[][..] } else { &self.count[rows.clone()] };
-        let (w, mut wbuf, mut nbuf) = (&self.w[rows], [[T::zero(); D]; TILE], [[T::zero(); 1]; TILE]);
+        let count = if self.count.is_empty() {
+            &[][..]
+        } else {
+            &self.count[rows.clone()]
+        };
+        let (w, mut wbuf, mut nbuf) = (
+            &self.w[rows],
+            [[T::zero(); D]; TILE],
+            [[T::zero(); 1]; TILE],
+        );
         let tau = T::of(self.geo.tau);
         for at in visit.tiles() {
             let win = visit.attend(&mut tile, w, at, &mut wbuf, self.c);
@@ -167,7 +192,10 @@ impl<T: Real> Pass for HardAssign<'_, T> {
             let wi = &self.w[i * d..(i + 1) * d];
             let mut best = (T::infinity(), 0u32);
             for (j, cj) in self.c.chunks_exact(d).enumerate() {
-                let e2 = wi.iter().zip(cj).fold(T::zero(), |s, (&a, &b)| s + (a - b) * (a - b));
+                let e2 = wi
+                    .iter()
+                    .zip(cj)
+                    .fold(T::zero(), |s, (&a, &b)| s + (a - b) * (a - b));
                 if e2 < best.0 {
                     best = (e2, j as u32);
                 }

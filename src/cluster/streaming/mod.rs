@@ -39,7 +39,6 @@
 //! Euclidean one), and for a per-(i,j) scalar `x_ij` the centred weight is
 //! `xc_ij = a_ij (x_ij - sum_l a_il x_il)`.
 
-
 mod backward;
 mod dispatch;
 mod forward;
@@ -47,10 +46,12 @@ mod tile;
 mod visit;
 
 pub use backward::{
-    adjoint_matrix, adjoint_matvec, centroid_cotangent, cotangent_reduce, counted_adjoint_matrix, weight_grad,
+    adjoint_matrix, adjoint_matvec, centroid_cotangent, cotangent_reduce, counted_adjoint_matrix,
+    weight_grad,
 };
 pub use forward::{
-    counted_reduce, counted_reduce_energy, fixed_point, hard_assign, soft_assign_output, soft_assign_reduce,
+    counted_reduce, counted_reduce_energy, fixed_point, hard_assign, soft_assign_output,
+    soft_assign_reduce,
 };
 pub use visit::cutoff;
 
@@ -105,7 +106,8 @@ impl Real for f32 {
         let t = x * std::f32::consts::LOG2_E + SHIFTER;
         let n = t - SHIFTER;
         let r = (x - n * LN2_HI) - n * LN2_LO;
-        let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
+        let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2)
+            * r
             + 1.666_666_5e-1)
             * r
             + 0.5;
@@ -167,7 +169,10 @@ pub struct Moments {
 impl Moments {
     /// `1/S_j`, or 0 for a dead centroid (see [`DEAD_MASS`]).
     pub fn inverse_mass(&self) -> Vec<f64> {
-        self.mass.iter().map(|&s| if s > DEAD_MASS { 1.0 / s } else { 0.0 }).collect()
+        self.mass
+            .iter()
+            .map(|&s| if s > DEAD_MASS { 1.0 / s } else { 0.0 })
+            .collect()
     }
 
     /// Number of dead centroids.
@@ -186,7 +191,11 @@ impl Moments {
             let s = self.mass[j];
             let mut moved = 0f64;
             for e in 0..d {
-                nj[e] = if s > DEAD_MASS { T::of(self.weighted[j * d + e] / s) } else { cj[e] };
+                nj[e] = if s > DEAD_MASS {
+                    T::of(self.weighted[j * d + e] / s)
+                } else {
+                    cj[e]
+                };
                 moved += (nj[e].wide() - cj[e].wide()).powi(2);
             }
             shift = shift.max(moved.sqrt());
@@ -203,10 +212,14 @@ mod tests {
 
     /// `n` values uniform in [-1, 1), from a fixed linear congruential sequence.
     fn uniform(n: usize, seed: u64) -> Vec<f32> {
-        let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let mut state = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         (0..n)
             .map(|_| {
-                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
             })
             .collect()
@@ -255,24 +268,91 @@ mod tests {
 
     fn assert_same<O: PartialEq + std::fmt::Debug>(what: &str, versions: Vec<Vec<O>>) {
         for (n, v) in versions.iter().enumerate().skip(1) {
-            assert!(v == &versions[0], "{what}: version {n} differs from the baseline");
+            assert!(
+                v == &versions[0],
+                "{what}: version {n} differs from the baseline"
+            );
         }
     }
 
     fn versions_agree<const D: usize>(distance: Distance) {
         // 777 rows: full tiles, a partial one, and several folds.
         let (m, k) = (777, 5);
-        let geo = Geometry { k, d: D, tau: 0.3, distance };
+        let geo = Geometry {
+            k,
+            d: D,
+            tau: 0.3,
+            distance,
+        };
         let (w, g) = (uniform(m * D, 1), uniform(m * D, 2));
         let (c, v) = (uniform(k * D, 3), uniform(k * D, 4));
-        let f: Vec<f32> = c.iter().zip(uniform(k * D, 5)).map(|(c, x)| c + 0.01 * x).collect();
-        let (w, g, c, f, v) = (vectors::<_, D>(&w), vectors(&g), vectors(&c), vectors(&f), vectors(&v));
+        let f: Vec<f32> = c
+            .iter()
+            .zip(uniform(k * D, 5))
+            .map(|(c, x)| c + 0.01 * x)
+            .collect();
+        let (w, g, c, f, v) = (
+            vectors::<_, D>(&w),
+            vectors(&g),
+            vectors(&c),
+            vectors(&f),
+            vectors(&v),
+        );
         let label = |pass| format!("{pass} d={D} {distance:?}");
-        assert_same(&label("reduce"), every_version(&Reduce { w, count: &[], c, geo: &geo, energy: true }, m, k * (D + 1) + 1, 0.0));
-        assert_same(&label("output"), every_version(&Output { w, c, geo: &geo }, m, m, [0.0; D]));
-        assert_same(&label("cotangent"), every_version(&Cotangent { w, c, g, geo: &geo }, m, k * (2 * D + 1), 0.0));
-        assert_same(&label("matvec"), every_version(&Matvec { w, c, f, v, geo: &geo }, m, k * D, 0.0));
-        assert_same(&label("grad"), every_version(&Grad { w, c, f, g, v, geo: &geo }, m, m, [0.0; D]));
+        assert_same(
+            &label("reduce"),
+            every_version(
+                &Reduce {
+                    w,
+                    count: &[],
+                    c,
+                    geo: &geo,
+                    energy: true,
+                },
+                m,
+                k * (D + 1) + 1,
+                0.0,
+            ),
+        );
+        assert_same(
+            &label("output"),
+            every_version(&Output { w, c, geo: &geo }, m, m, [0.0; D]),
+        );
+        assert_same(
+            &label("cotangent"),
+            every_version(&Cotangent { w, c, g, geo: &geo }, m, k * (2 * D + 1), 0.0),
+        );
+        assert_same(
+            &label("matvec"),
+            every_version(
+                &Matvec {
+                    w,
+                    c,
+                    f,
+                    v,
+                    geo: &geo,
+                },
+                m,
+                k * D,
+                0.0,
+            ),
+        );
+        assert_same(
+            &label("grad"),
+            every_version(
+                &Grad {
+                    w,
+                    c,
+                    f,
+                    g,
+                    v,
+                    geo: &geo,
+                },
+                m,
+                m,
+                [0.0; D],
+            ),
+        );
     }
 
     /// Every pass at ascending centroids (windowed tiles) against the same
@@ -282,19 +362,37 @@ mod tests {
     fn windowed_vs_full<T: Real>(w: &[T], g: &[T], c: &[T], geo: &Geometry) -> f64 {
         let k = geo.k;
         let rev = |x: &[T]| x.iter().rev().copied().collect::<Vec<T>>();
-        let f: Vec<T> = c.iter().zip(uniform(k, 7)).map(|(&c, x)| c + T::of(1e-4 * x as f64)).collect();
+        let f: Vec<T> = c
+            .iter()
+            .zip(uniform(k, 7))
+            .map(|(&c, x)| c + T::of(1e-4 * x as f64))
+            .collect();
         let u: Vec<f64> = uniform(k, 8).iter().map(|&x| x as f64).collect();
-        let (cr, fr, ur) = (rev(c), rev(&f), u.iter().rev().copied().collect::<Vec<f64>>());
-        let back = |x: Vec<f64>| x.chunks_exact(k).flat_map(|b| b.iter().rev().copied().collect::<Vec<_>>()).collect::<Vec<_>>();
+        let (cr, fr, ur) = (
+            rev(c),
+            rev(&f),
+            u.iter().rev().copied().collect::<Vec<f64>>(),
+        );
+        let back = |x: Vec<f64>| {
+            x.chunks_exact(k)
+                .flat_map(|b| b.iter().rev().copied().collect::<Vec<_>>())
+                .collect::<Vec<_>>()
+        };
         let mut worst = 0f64;
         let mut compare = |what: &str, a: &[f64], b: &[f64]| {
             assert_eq!(a.len(), b.len(), "{what}");
-            let scale = b.iter().fold(0f64, |s, x| s.max(x.abs())).max(f64::MIN_POSITIVE);
+            let scale = b
+                .iter()
+                .fold(0f64, |s, x| s.max(x.abs()))
+                .max(f64::MIN_POSITIVE);
             let diff = a.iter().zip(b).fold(0f64, |s, (x, y)| s.max((x - y).abs())) / scale;
             worst = worst.max(diff);
             eprintln!("{what}: {diff:e}");
         };
-        let (mw, mf) = (soft_assign_reduce(w, c, geo), soft_assign_reduce(w, &cr, geo));
+        let (mw, mf) = (
+            soft_assign_reduce(w, c, geo),
+            soft_assign_reduce(w, &cr, geo),
+        );
         compare("mass", &mw.mass, &back(mf.mass.clone()));
         compare("weighted", &mw.weighted, &back(mf.weighted.clone()));
         let inv = mw.inverse_mass();
@@ -304,12 +402,25 @@ mod tests {
         soft_assign_output(w, c, geo, &mut ow);
         soft_assign_output(w, &cr, geo, &mut of);
         compare("output", &widen(ow), &widen(of));
-        let (hw, hf) = (centroid_cotangent(w, c, g, geo), centroid_cotangent(w, &cr, g, geo));
+        let (hw, hf) = (
+            centroid_cotangent(w, c, g, geo),
+            centroid_cotangent(w, &cr, g, geo),
+        );
         compare("cotangent", &hw, &back(hf));
-        let (vw, vf) = (adjoint_matvec(w, c, &f, &inv, &u, geo), adjoint_matvec(w, &cr, &fr, &inv_r, &ur, geo));
+        let (vw, vf) = (
+            adjoint_matvec(w, c, &f, &inv, &u, geo),
+            adjoint_matvec(w, &cr, &fr, &inv_r, &ur, geo),
+        );
         compare("matvec", &vw, &back(vf));
-        let (jw, jf) = (adjoint_matrix(w, c, &f, &inv, geo), adjoint_matrix(w, &cr, &fr, &inv_r, geo));
-        let jf: Vec<f64> = jf.chunks_exact(k).rev().flat_map(|row| row.iter().rev().copied().collect::<Vec<_>>()).collect();
+        let (jw, jf) = (
+            adjoint_matrix(w, c, &f, &inv, geo),
+            adjoint_matrix(w, &cr, &fr, &inv_r, geo),
+        );
+        let jf: Vec<f64> = jf
+            .chunks_exact(k)
+            .rev()
+            .flat_map(|row| row.iter().rev().copied().collect::<Vec<_>>())
+            .collect();
         compare("matrix", &jw, &jf);
         let (mut gw, mut gf) = (vec![T::zero(); w.len()], vec![T::zero(); w.len()]);
         weight_grad(w, c, &f, g, &inv, &u, geo, &mut gw);
@@ -323,7 +434,10 @@ mod tests {
         let (w, c) = (vectors::<T, 1>(w), vectors::<T, 1>(c));
         let visit = Visit::new(w, 0..w.len(), c, geo);
         let mut buf = [[T::zero(); 1]; TILE];
-        let total: usize = visit.tiles().map(|at| visit.window(visit.rows(w, at, &mut buf)).len() * at.1).sum();
+        let total: usize = visit
+            .tiles()
+            .map(|at| visit.window(visit.rows(w, at, &mut buf)).len() * at.1)
+            .sum();
         total as f64 / w.len() as f64
     }
 
@@ -331,7 +445,9 @@ mod tests {
     fn quantiles<T: Real>(w: &[T], k: usize) -> Vec<T> {
         let mut sorted = w.to_vec();
         sorted.sort_by(|a, b| a.wide().total_cmp(&b.wide()));
-        (0..k).map(|j| sorted[(2 * j + 1) * w.len() / (2 * k)]).collect()
+        (0..k)
+            .map(|j| sorted[(2 * j + 1) * w.len() / (2 * k)])
+            .collect()
     }
 
     #[test]
@@ -339,7 +455,9 @@ mod tests {
         // Gaussian-like weights (sum of three uniforms), 2 chunks and a
         // partial tile; taus from local (a few centroids per tile) to global.
         let m = 3001;
-        let w: Vec<f32> = (0..m).map(|i| 0.01 * (uniform(3 * m, 11)[3 * i..3 * i + 3].iter().sum::<f32>())).collect();
+        let w: Vec<f32> = (0..m)
+            .map(|i| 0.01 * (uniform(3 * m, 11)[3 * i..3 * i + 3].iter().sum::<f32>()))
+            .collect();
         let g = uniform(m, 12);
         for (k, tau, distance, local) in [
             (64, 1e-7, Distance::Squared, true),
@@ -347,7 +465,12 @@ mod tests {
             (256, 1e-4, Distance::Squared, false),
             (64, 2e-5, Distance::Euclidean, true),
         ] {
-            let geo = Geometry { k, d: 1, tau, distance };
+            let geo = Geometry {
+                k,
+                d: 1,
+                tau,
+                distance,
+            };
             let c = quantiles(&w, k);
             let window = mean_window(&w, &c, &geo);
             eprintln!("k={k} tau={tau:e} {distance:?}: mean window {window:.1}");
@@ -372,8 +495,13 @@ mod tests {
         assert!(seen.iter().enumerate().all(|(i, &p)| p as usize == i));
         // Buckets of width 2 / (1000 / BUCKET_ROWS): out of order by less.
         let width = 2.0 / (1000 / BUCKET_ROWS) as f32;
-        assert!(order.windows(2).all(|p| x[p[1] as usize] > x[p[0] as usize] - width));
-        assert_eq!(value_order(&[3.0f32; 5], |&v| v as f64), vec![0, 1, 2, 3, 4]);
+        assert!(order
+            .windows(2)
+            .all(|p| x[p[1] as usize] > x[p[0] as usize] - width));
+        assert_eq!(
+            value_order(&[3.0f32; 5], |&v| v as f64),
+            vec![0, 1, 2, 3, 4]
+        );
     }
 
     #[test]
@@ -386,4 +514,3 @@ mod tests {
         }
     }
 }
-

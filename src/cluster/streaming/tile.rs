@@ -11,7 +11,8 @@ pub(super) const TILE: usize = 32;
 /// The tiles of `rows`: `(first row, number of rows)`.
 pub(super) fn tiles(rows: Range<usize>) -> impl Iterator<Item = (usize, usize)> {
     let end = rows.end;
-    rows.step_by(TILE).map(move |start| (start, TILE.min(end - start)))
+    rows.step_by(TILE)
+        .map(move |start| (start, TILE.min(end - start)))
 }
 
 /// The `n` lanes of quantity `x` in a lane buffer (`TILE` lanes a quantity).
@@ -88,7 +89,11 @@ impl<T: Real> LaneSums<T> {
     /// quantity outside the ranges it records): only those are folded.
     #[inline(always)]
     pub(super) fn touch(&mut self, xs: Range<usize>) {
-        match self.touched.iter_mut().find(|r| r.start <= xs.end && xs.start <= r.end) {
+        match self
+            .touched
+            .iter_mut()
+            .find(|r| r.start <= xs.end && xs.start <= r.end)
+        {
             Some(r) => *r = r.start.min(xs.start)..r.end.max(xs.end),
             None => self.touched.push(xs),
         }
@@ -109,7 +114,10 @@ impl<T: Real> LaneSums<T> {
     pub(super) fn fold(&mut self) {
         for xs in self.touched.drain(..) {
             let lanes = xs.start * TILE..xs.end * TILE;
-            for (w, v) in self.wide[lanes.clone()].iter_mut().zip(&mut self.narrow[lanes]) {
+            for (w, v) in self.wide[lanes.clone()]
+                .iter_mut()
+                .zip(&mut self.narrow[lanes])
+            {
                 *w += v.wide();
                 *v = T::zero();
             }
@@ -126,8 +134,6 @@ impl<T: Real> LaneSums<T> {
         }
     }
 }
-
-
 
 /// The attention of one tile of rows.
 pub(super) struct Tile<T, const D: usize> {
@@ -216,7 +222,11 @@ impl<T: Real, const D: usize> Tile<T, D> {
                     for ((z, m), coef) in z.iter_mut().zip(zmax.iter_mut()).zip(coef) {
                         let dist = z.sqrt();
                         *z = -dist * inv_tau;
-                        *coef = if dist > T::zero() { -inv_tau / dist } else { T::zero() };
+                        *coef = if dist > T::zero() {
+                            -inv_tau / dist
+                        } else {
+                            T::zero()
+                        };
                         *m = num_traits::Float::max(*m, *z);
                     }
                 }
@@ -225,7 +235,11 @@ impl<T: Real, const D: usize> Tile<T, D> {
         let sum = &mut self.sum[..n];
         sum.fill(T::zero());
         for j in 0..c.len() {
-            for ((a, &m), s) in lanes_mut(&mut self.a, j, n).iter_mut().zip(zmax.iter()).zip(sum.iter_mut()) {
+            for ((a, &m), s) in lanes_mut(&mut self.a, j, n)
+                .iter_mut()
+                .zip(zmax.iter())
+                .zip(sum.iter_mut())
+            {
                 *a = (*a - m).softmax_exp();
                 *s += *a;
             }
@@ -244,11 +258,21 @@ impl<T: Real, const D: usize> Tile<T, D> {
     /// Adds each row's free energy `-tau ln sum_j exp(z_ij)` (times its
     /// count, `count[r][0]`, when given) into quantity `x` of `sums`.
     #[inline(always)]
-    pub(super) fn add_energy(&self, sums: &mut LaneSums<T>, x: usize, tau: T, count: Option<&[[T; 1]]>) {
+    pub(super) fn add_energy(
+        &self,
+        sums: &mut LaneSums<T>,
+        x: usize,
+        tau: T,
+        count: Option<&[[T; 1]]>,
+    ) {
         let n = self.n;
         sums.touch(x..x + 1);
         let lanes = sums.get(x, n);
-        for (r, (e, (&m, &s))) in lanes.iter_mut().zip(self.row.iter().zip(&self.sum)).enumerate() {
+        for (r, (e, (&m, &s))) in lanes
+            .iter_mut()
+            .zip(self.row.iter().zip(&self.sum))
+            .enumerate()
+        {
             let energy = -tau * (m + s.ln());
             *e += count.map_or(energy, |count| energy * count[r][0]);
         }
@@ -298,9 +322,18 @@ impl<T: Real, const D: usize> Tile<T, D> {
     /// per-(i,j) values `x` (lanes, k quantities) and `xbar` from
     /// [`Self::mean`]; needs [`Self::weigh`].
     #[inline(always)]
-    pub(super) fn centred<'s>(&'s self, j: usize, x: &'s [T], xbar: &'s [T]) -> impl Iterator<Item = T> + 's {
+    pub(super) fn centred<'s>(
+        &'s self,
+        j: usize,
+        x: &'s [T],
+        xbar: &'s [T],
+    ) -> impl Iterator<Item = T> + 's {
         let n = self.n;
-        lanes(&self.b, j, n).iter().zip(lanes(x, j, n)).zip(xbar).map(|((&b, &x), &xbar)| b * (x - xbar))
+        lanes(&self.b, j, n)
+            .iter()
+            .zip(lanes(x, j, n))
+            .zip(xbar)
+            .map(|((&b, &x), &xbar)| b * (x - xbar))
     }
 
     /// Adds the tile's `a_ij` into quantity `lo + j` of `sums` and `a_ij w_ie`

@@ -47,9 +47,22 @@ pub(super) struct Visit {
 impl Visit {
     /// The visit of chunk `rows` of `w` for the centroids `c`.
     #[inline(always)]
-    pub(super) fn new<T: Real, const D: usize>(w: &[[T; D]], rows: Range<usize>, c: &[[T; D]], geo: &Geometry) -> Self {
-        let mut visit = Self { len: rows.len(), k: c.len(), order: Vec::new(), sorted: Vec::new(), reach: 0.0, distance: geo.distance };
-        let ascending = c.windows(2).all(|p| p[0][0] <= p[1][0]) && c.iter().all(|x| x[0].is_finite());
+    pub(super) fn new<T: Real, const D: usize>(
+        w: &[[T; D]],
+        rows: Range<usize>,
+        c: &[[T; D]],
+        geo: &Geometry,
+    ) -> Self {
+        let mut visit = Self {
+            len: rows.len(),
+            k: c.len(),
+            order: Vec::new(),
+            sorted: Vec::new(),
+            reach: 0.0,
+            distance: geo.distance,
+        };
+        let ascending =
+            c.windows(2).all(|p| p[0][0] <= p[1][0]) && c.iter().all(|x| x[0].is_finite());
         if D != 1 || c.len() < WINDOW_MIN_K || !ascending {
             return visit;
         }
@@ -71,7 +84,12 @@ impl Visit {
     /// The rows of `x` (the chunk's slice of a per-row input) at positions
     /// `p..p + n` of the visit: a slice of `x`, or gathered into `buf`.
     #[inline(always)]
-    pub(super) fn rows<'x, T: Copy, const D: usize>(&self, x: &'x [[T; D]], (p, n): (usize, usize), buf: &'x mut [[T; D]]) -> &'x [[T; D]] {
+    pub(super) fn rows<'x, T: Copy, const D: usize>(
+        &self,
+        x: &'x [[T; D]],
+        (p, n): (usize, usize),
+        buf: &'x mut [[T; D]],
+    ) -> &'x [[T; D]] {
         if self.order.is_empty() {
             return &x[p..p + n];
         }
@@ -84,7 +102,12 @@ impl Visit {
     /// Writes the lanes `buf` (`D` quantities) into the rows of `out` (the
     /// chunk's slice of the output) at positions `p..p + n` of the visit.
     #[inline(always)]
-    pub(super) fn store<T: Real, const D: usize>(&self, buf: &[T], (p, n): (usize, usize), out: &mut [[T; D]]) {
+    pub(super) fn store<T: Real, const D: usize>(
+        &self,
+        buf: &[T],
+        (p, n): (usize, usize),
+        out: &mut [[T; D]],
+    ) {
         if self.order.is_empty() {
             return store_lanes(buf, &mut out[p..p + n]);
         }
@@ -110,12 +133,22 @@ impl Visit {
         if c.is_empty() {
             return 0..self.k;
         }
-        let (lo, hi) = rows.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), x| {
-            (lo.min(x[0].wide()), hi.max(x[0].wide()))
-        });
+        let (lo, hi) = rows
+            .iter()
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), x| {
+                (lo.min(x[0].wide()), hi.max(x[0].wide()))
+            });
         let next = c.partition_point(|&x| x < lo);
-        let below = if next > 0 { lo - c[next - 1] } else { f64::INFINITY };
-        let above = if next < c.len() { c[next] - lo } else { f64::INFINITY };
+        let below = if next > 0 {
+            lo - c[next - 1]
+        } else {
+            f64::INFINITY
+        };
+        let above = if next < c.len() {
+            c[next] - lo
+        } else {
+            f64::INFINITY
+        };
         let far = below.min(above) + (hi - lo);
         let radius = match self.distance {
             Distance::Squared => (far * far + self.reach).sqrt(),
@@ -148,7 +181,11 @@ impl Visit {
 /// The logit gap `ln k + (p + 8) ln 2` (p: the mantissa bits of `T`) beyond
 /// which a centroid's attention is dropped (see [`Visit`]).
 pub fn cutoff<T: Real>(k: usize) -> f64 {
-    let bits = if std::mem::size_of::<T>() == 4 { f32::MANTISSA_DIGITS } else { f64::MANTISSA_DIGITS };
+    let bits = if std::mem::size_of::<T>() == 4 {
+        f32::MANTISSA_DIGITS
+    } else {
+        f64::MANTISSA_DIGITS
+    };
     (k as f64).ln() + f64::from(bits + 8) * std::f64::consts::LN_2
 }
 
@@ -156,9 +193,17 @@ pub fn cutoff<T: Real>(k: usize) -> f64 {
 /// counting sort into `x.len() / BUCKET_ROWS` buckets of equal width over
 /// the range of the keys (all finite).
 pub(super) fn value_order<X>(x: &[X], key: impl Fn(&X) -> f64) -> Vec<u32> {
-    let (lo, hi) = x.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| (lo.min(key(v)), hi.max(key(v))));
+    let (lo, hi) = x
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
+            (lo.min(key(v)), hi.max(key(v)))
+        });
     let buckets = (x.len() / BUCKET_ROWS).max(1);
-    let scale = if hi > lo { buckets as f64 / (hi - lo) } else { 0.0 };
+    let scale = if hi > lo {
+        buckets as f64 / (hi - lo)
+    } else {
+        0.0
+    };
     let bucket = |v: &X| (((key(v) - lo) * scale) as usize).min(buckets - 1);
     let mut start = vec![0u32; buckets + 1];
     for v in x {
