@@ -18,7 +18,14 @@ use std::process::Command;
 /// The kernel sources; each becomes `OUT_DIR/<name>.ptx`.
 const KERNELS: [&str; 2] = ["soft_assign", "adjoint"];
 const HEADERS: [&str; 1] = ["common.cuh"];
-const ENV: [&str; 6] = ["CUDA_COMPUTE_CAP", "NVCC", "CUDA_HOME", "CUDA_PATH", "CUDA_ROOT", "IDKM_NVCC_FLAGS"];
+const ENV: [&str; 6] = [
+    "CUDA_COMPUTE_CAP",
+    "NVCC",
+    "CUDA_HOME",
+    "CUDA_PATH",
+    "CUDA_ROOT",
+    "IDKM_NVCC_FLAGS",
+];
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
@@ -88,8 +95,13 @@ fn build() -> Result<(), String> {
 /// `CUDA_COMPUTE_CAP` as the digits of an `sm_XX` target (default 90).
 fn compute_cap() -> Result<String, String> {
     let raw = env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "90".into());
-    let digits: String = raw.trim().trim_start_matches("sm_").trim_start_matches("compute_").replace('.', "");
-    let ok = (2..=3).contains(&digits.len()) && digits.chars().all(|c| c.is_ascii_alphanumeric())
+    let digits: String = raw
+        .trim()
+        .trim_start_matches("sm_")
+        .trim_start_matches("compute_")
+        .replace('.', "");
+    let ok = (2..=3).contains(&digits.len())
+        && digits.chars().all(|c| c.is_ascii_alphanumeric())
         && digits.chars().next().is_some_and(|c| c.is_ascii_digit());
     if ok {
         Ok(digits)

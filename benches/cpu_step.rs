@@ -29,7 +29,7 @@ use candle_core::CustomOp2;
 use candle_core::{DType, Device, ModuleT, Tensor, Var};
 use idkm::model::{Arch, BatchNorm, Model, Weights};
 use idkm::nn::{conv2d, Conv2d, Conv2dParams};
-use idkm::train::{Optimizer, OptimizerKind, Sgd, SgdConfig};
+use idkm::train::{Optimizer, OptimizerKind, Sgd, SgdConfig, TrainStep};
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::Instant;
@@ -154,13 +154,10 @@ fn step_table(batch: usize, steps: usize, threads: usize) -> anyhow::Result<()> 
         nesterov: false,
         weight_decay: 5e-4,
     };
-    let mut optimizer = Optimizer::new(OptimizerKind::Sgd(sgd), vars, 0.01)?;
+    let mut train = TrainStep::new(Optimizer::new(OptimizerKind::Sgd(sgd), vars, 0.01)?);
     let mut idkm_step = || {
         seconds(|| {
-            let logits = model.forward(&x, true, &Weights::Float)?;
-            let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
-            optimizer.step(&loss.backward()?)?;
-            loss.to_scalar::<f32>()?;
+            train.run(&model, &Weights::Float, &x, &y)?;
             Ok(())
         })
     };

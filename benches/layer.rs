@@ -54,8 +54,21 @@ fn step(layer: &ClusteredWeight, w: &Tensor, g: &Tensor) -> candle_core::Result<
 /// default Newton solve (to its tolerance) for the others.
 fn config(bits: u32, tau: Option<f64>, method: Method, forward: Forward, t: usize) -> KmeansConfig {
     match forward {
-        Forward::Plain => KmeansConfig { bits, method, forward, max_iter: t, tol: 0.0, tau, ..Default::default() },
-        Forward::Newton => KmeansConfig { bits, method, tau, ..Default::default() },
+        Forward::Plain => KmeansConfig {
+            bits,
+            method,
+            forward,
+            max_iter: t,
+            tol: 0.0,
+            tau,
+            ..Default::default()
+        },
+        Forward::Newton => KmeansConfig {
+            bits,
+            method,
+            tau,
+            ..Default::default()
+        },
     }
 }
 
@@ -74,7 +87,10 @@ fn main() -> candle_core::Result<()> {
     let taus: Vec<Option<f64>> = std::env::var("IDKM_BENCH_TAUS")
         .map(|s| s.split(',').map(|x| x.trim().parse().ok()).collect())
         .unwrap_or_else(|_| vec![None]);
-    let budget: f64 = std::env::var("IDKM_BENCH_BUDGET_GIB").ok().and_then(|s| s.parse().ok()).unwrap_or(16.0);
+    let budget: f64 = std::env::var("IDKM_BENCH_BUDGET_GIB")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(16.0);
     println!("| m | k | tau | method | forward | fwd+bwd s | peak extra MiB | x weight bytes | k-means iterations | passes (weights + bins) | distance | solver steps | ns per weight and pass |");
     println!("|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     for &m in &sizes {
@@ -87,7 +103,10 @@ fn main() -> candle_core::Result<()> {
             // Calibrate DKM's bytes per attention element per iteration on a small slice.
             let probe = 16_384.min(m);
             let dkm_per_elem = {
-                let layer = ClusteredWeight::new("probe", config(bits, tau, Method::Dkm, Forward::Plain, 2))?;
+                let layer = ClusteredWeight::new(
+                    "probe",
+                    config(bits, tau, Method::Dkm, Forward::Plain, 2),
+                )?;
                 let wp = w.narrow(0, 0, probe)?;
                 let gp = g.narrow(0, 0, probe)?;
                 step(&layer, &wp, &gp)?;
@@ -120,19 +139,30 @@ fn main() -> candle_core::Result<()> {
                 }
                 let layer = ClusteredWeight::new("bench", config(bits, tau, method, forward, t))?;
                 step(&layer, &w, &g)?; // initialise and warm start, as in training
-                // The median of three steps (IDKM's take a fraction of a
-                // second, where this machine's noise shows), the largest peak.
+                                       // The median of three steps (IDKM's take a fraction of a
+                                       // second, where this machine's noise shows), the largest peak.
                 let reps = if method == Method::Dkm { 1 } else { 3 };
-                let mut runs = (0..reps).map(|_| measure(|| step(&layer, &w, &g))).collect::<candle_core::Result<Vec<_>>>()?;
+                let mut runs = (0..reps)
+                    .map(|_| measure(|| step(&layer, &w, &g)))
+                    .collect::<candle_core::Result<Vec<_>>>()?;
                 runs.sort_by(|a, b| a.0.total_cmp(&b.0));
-                let (secs, peak) = (runs[reps / 2].0, runs.iter().map(|r| r.1).max().unwrap_or(0));
+                let (secs, peak) = (
+                    runs[reps / 2].0,
+                    runs.iter().map(|r| r.1).max().unwrap_or(0),
+                );
                 let report = layer.last_forward().unwrap_or_default();
                 let passes = report.weight_passes + report.bin_passes;
                 let (solver, solved) = match layer.last_adjoint() {
                     Some(Adjoint::Reused { .. }) => (Some(0), " (forward's factor)".to_string()),
                     Some(Adjoint::Solved(r)) => (Some(r.steps), String::new()),
-                    Some(Adjoint::BestIterate(r)) => (Some(r.steps), format!(" (missed: best iterate, residual {:.0e})", r.rel_residual)),
-                    Some(Adjoint::FellBackToJfb(r)) => (Some(r.steps), format!(" (diverged: JFB, residual {:.0e})", r.rel_residual)),
+                    Some(Adjoint::BestIterate(r)) => (
+                        Some(r.steps),
+                        format!(" (missed: best iterate, residual {:.0e})", r.rel_residual),
+                    ),
+                    Some(Adjoint::FellBackToJfb(r)) => (
+                        Some(r.steps),
+                        format!(" (diverged: JFB, residual {:.0e})", r.rel_residual),
+                    ),
                     _ => (None, String::new()),
                 };
                 // Passes: the forward solve's, the soft output, the moments with
@@ -140,9 +170,16 @@ fn main() -> candle_core::Result<()> {
                 // average: passes over bins and matrix passes cost otherwise).
                 let per_weight = match method {
                     Method::Dkm => "-".to_string(),
-                    _ => format!("{:.1}", secs * 1e9 / ((passes + 3 + solver.unwrap_or(0)) as f64 * m as f64)),
+                    _ => format!(
+                        "{:.1}",
+                        secs * 1e9 / ((passes + 3 + solver.unwrap_or(0)) as f64 * m as f64)
+                    ),
                 };
-                let distance = if report.distance.is_finite() { format!("{:.1e}", report.distance) } else { "-".into() };
+                let distance = if report.distance.is_finite() {
+                    format!("{:.1e}", report.distance)
+                } else {
+                    "-".into()
+                };
                 println!(
                     "| {m} | {k} | {} | {name} | {solve} | {secs:.2} | {:.1} | {:.2} | {} | {} + {} | {distance} | {}{solved} | {per_weight} |",
                     layer.tau().map_or(tau_text.clone(), |t| format!("{t:.2e}")),

@@ -24,10 +24,7 @@
 //! runs with `tau 4^(4-b)`, which keeps the attention as local relative to
 //! the centroid spacing, proportional to `2^-b`, as at 4 bits),
 //! `IDKM_STEP_METHODS` (dkm,idkm,idkm-jfb), `IDKM_STEP_BUDGET_GIB` (16, and
-//! never more than the memory available less 1 GiB), `IDKM_STEP_ALLOCS`
-//! (system; system,mimalloc with `--features mimalloc`: the first for every
-//! configuration, the others for the fp32 step; `IDKM_STEP_ALLOC_ALL=1` for
-//! all), `IDKM_STEP_WARMUP`
+//! never more than the memory available less 1 GiB), `IDKM_STEP_WARMUP`
 //! (1), `IDKM_STEP_STEPS` (3: measured steps, averaged), `IDKM_STEP_TIMEOUT_S` (600 per
 //! configuration; one predicted to need more, from the fp32 step's time and
 //! the layer benchmark's cost per pass, is reported, not run),
@@ -39,10 +36,14 @@
 //! `IDKM_STEP_BREAKDOWN=1` prints instead where one step's memory goes, phase
 //! by phase (the calibration of the memory model, docs/memory-model.md).
 
-use idkm::memory::{self, AllocKind, Record, StepConfig};
+use idkm::cluster::{Forward, KmeansConfig, Method};
+use idkm::device::DeviceSpec;
+use idkm::memory;
+use idkm::model::Arch;
+use idkm::profile::{self, Record, StepConfig};
 
 #[global_allocator]
-static GLOBAL: memory::ProfileAlloc = memory::ProfileAlloc;
+static GLOBAL: idkm::alloc::Counting = idkm::alloc::Counting;
 
 const CHILD_ENV: &str = "IDKM_STEP_CHILD";
 const LIMIT_ENV: &str = "IDKM_STEP_LIMIT";
@@ -51,10 +52,17 @@ fn env_or(name: &str, default: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| default.to_string())
 }
 
-fn list<T: std::str::FromStr>(name: &str, default: &str) -> Vec<T> {
+/// The comma-separated values of the variable `name`; a value that does
+/// not parse is an error that names the variable.
+fn list<T: std::str::FromStr>(name: &str, default: &str) -> anyhow::Result<Vec<T>>
+where
+    T::Err: std::fmt::Display,
+{
     env_or(name, default)
         .split(',')
-        .filter_map(|s| s.trim().parse().ok())
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse().map_err(|e| anyhow::anyhow!("{name}: `{s}`: {e}")))
         .collect()
 }
 
@@ -63,7 +71,7 @@ fn main() -> anyhow::Result<()> {
     if let Ok(json) = std::env::var(CHILD_ENV) {
         let config: StepConfig = serde_json::from_str(&json)?;
         let limit = std::env::var(LIMIT_ENV).ok().and_then(|s| s.parse().ok());
-        std::process::exit(memory::child_main(&config, limit));
+        std::process::exit(profile::child_main(&config, limit));
     }
     if let Ok(path) = std::env::var("IDKM_STEP_REPLOT") {
         let doc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path)?)?;
@@ -75,7 +83,7 @@ fn main() -> anyhow::Result<()> {
                 .unwrap_or(std::path::Path::new(".")),
             "step",
         );
-        for p in memory::write_outputs(&records, dir, name, &title(&records), &command)? {
+        for p in profile::write_outputs(&records, dir, name, &title(&records), &command)? {
             eprintln!("wrote {}", p.display());
         }
         return Ok(());
@@ -87,19 +95,19 @@ fn main() -> anyhow::Result<()> {
     if let Ok(json) = std::env::var("IDKM_STEP_PREDICT") {
         let config: StepConfig = serde_json::from_str(&json)?;
         let shape = memory::ModelShape::of_arch(
-            config.arch()?,
-            if config.arch == "small-cnn" { 1 } else { 3 },
+            config.arch,
+            if config.arch == Arch::SmallCnn { 1 } else { 3 },
             config.classes,
         )?;
         println!("{}", serde_json::to_string(&config.predict(&shape)?)?);
         return Ok(());
     }
-    let arch = env_or("IDKM_STEP_ARCH", "resnet18-cifar");
+    let arch: Arch = env_or("IDKM_STEP_ARCH", "resnet18-cifar").parse()?;
     let batch: usize = env_or("IDKM_STEP_BATCH", "32").parse()?;
-    let bits: Vec<u32> = list("IDKM_STEP_BITS", "4,8");
-    let dkm_iters: Vec<usize> = list("IDKM_STEP_DKM_ITERS", "1,3,10,30");
+    let bits: Vec<u32> = list("IDKM_STEP_BITS", "4,8")?;
+    let dkm_iters: Vec<usize> = list("IDKM_STEP_DKM_ITERS", "1,3,10,30")?;
     let iters: usize = env_or("IDKM_STEP_ITERS", "30").parse()?;
-    let steady_bits: Vec<u32> = list("IDKM_STEP_STEADY_BITS", "4,8");
+    let steady_bits: Vec<u32> = list("IDKM_STEP_STEADY_BITS", "4,8")?;
     let converge: usize = env_or("IDKM_STEP_CONVERGE_ITERS", "1000").parse()?;
     // The plain rows run the earlier setting: an absolute tau (1e-4 at 4
     // bits, 4x smaller per extra bit), at most `iters` plain steps stopped
@@ -108,18 +116,9 @@ fn main() -> anyhow::Result<()> {
     let tau4: f64 = env_or("IDKM_STEP_TAU", "1e-4").parse()?;
     let tau = |bits: u32| tau4 * 4f64.powi(4 - bits as i32);
     let plain_tol: f64 = env_or("IDKM_STEP_PLAIN_TOL", "1e-4").parse()?;
-    let forwards: Vec<String> = list("IDKM_STEP_FORWARDS", "newton,plain");
-    let newton = idkm::cluster::KmeansConfig::default();
-    let methods: Vec<String> = list("IDKM_STEP_METHODS", "dkm,idkm,idkm-jfb");
-    let allocs: Vec<AllocKind> = list(
-        "IDKM_STEP_ALLOCS",
-        if cfg!(feature = "mimalloc") {
-            "system,mimalloc"
-        } else {
-            "system"
-        },
-    );
-    let alloc_all = std::env::var("IDKM_STEP_ALLOC_ALL").is_ok_and(|v| v == "1");
+    let forwards: Vec<Forward> = list("IDKM_STEP_FORWARDS", "newton,plain")?;
+    let newton = KmeansConfig::default();
+    let methods: Vec<Method> = list("IDKM_STEP_METHODS", "dkm,idkm,idkm-jfb")?;
     let warmup: usize = env_or("IDKM_STEP_WARMUP", "1").parse()?;
     let steps: usize = env_or("IDKM_STEP_STEPS", "3").parse()?;
     let timeout: f64 = env_or("IDKM_STEP_TIMEOUT_S", "600").parse()?;
@@ -140,74 +139,85 @@ fn main() -> anyhow::Result<()> {
     }
 
     let base = StepConfig {
-        arch: arch.clone(),
+        arch,
         batch,
-        method: "fp32".into(),
+        method: None,
         bits: 4,
         cluster_dim: 1,
         iters,
         tol: 0.0,
         tau: None,
-        forward: "plain".into(),
-        solver: idkm::cluster::KmeansConfig::default().solver.to_string(),
+        forward: Forward::Plain,
+        solver: KmeansConfig::default().solver,
         min_weights: idkm::quantize::QuantizePlan::MIN_WEIGHTS,
         classes: 10,
         warmup,
         steps,
         max_seconds: timeout * 0.8,
-        device: "cpu".into(),
+        device: DeviceSpec::Cpu,
         data: None,
         seed: 0,
         converge_iters: None,
     };
-    let mut configs = vec![(base.clone(), true)];
+    let mut configs = vec![base.clone()];
     for &b in &bits {
-        for m in &methods {
-            if m == "dkm" {
+        for &m in &methods {
+            if m == Method::Dkm {
                 // DKM runs exactly t plain steps: its memory grows with them.
                 for &t in &dkm_iters {
-                    configs.push((StepConfig { method: m.clone(), bits: b, iters: t, ..base.clone() }, false));
+                    configs.push(StepConfig {
+                        method: Some(m),
+                        bits: b,
+                        iters: t,
+                        ..base.clone()
+                    });
                 }
                 continue;
             }
-            for f in &forwards {
-                configs.push((solve_config(&base, m, b, f, None, &newton, tau(b), plain_tol), false));
+            for &f in &forwards {
+                configs.push(solve_config(
+                    &base,
+                    m,
+                    b,
+                    f,
+                    None,
+                    &newton,
+                    tau(b),
+                    plain_tol,
+                ));
             }
         }
     }
     // The steady state of a long fine-tune: k-means starts each step at its
     // fixed point (reached here by up to `converge` iterations first).
     for &b in &steady_bits {
-        for m in methods.iter().filter(|m| *m != "dkm") {
-            for f in &forwards {
-                configs.push((solve_config(&base, m, b, f, Some(converge), &newton, tau(b), plain_tol), false));
+        for &m in methods.iter().filter(|m| **m != Method::Dkm) {
+            for &f in &forwards {
+                configs.push(solve_config(
+                    &base,
+                    m,
+                    b,
+                    f,
+                    Some(converge),
+                    &newton,
+                    tau(b),
+                    plain_tol,
+                ));
             }
         }
     }
-    let channels = if arch == "small-cnn" { 1 } else { 3 };
-    let shape = memory::ModelShape::of_arch(base.arch()?, channels, base.classes)?;
+    let channels = if arch == Arch::SmallCnn { 1 } else { 3 };
+    let shape = memory::ModelShape::of_arch(arch, channels, base.classes)?;
     let exe = std::env::current_exe()?;
-    let mut plan = Vec::new();
-    for (i, &alloc) in allocs.iter().enumerate() {
-        for (config, in_alloc_experiment) in &configs {
-            if i == 0 || alloc_all || *in_alloc_experiment {
-                plan.push((config.clone(), alloc));
-            }
-        }
-    }
-    let command = |config: &StepConfig,
-                   alloc: AllocKind,
-                   limit: u64|
-     -> anyhow::Result<std::process::Command> {
-        eprintln!("running {} ({alloc}) ...", config.label());
+    let command = |config: &StepConfig, limit: u64| -> anyhow::Result<std::process::Command> {
+        eprintln!("running {} ...", config.label());
         let mut cmd = std::process::Command::new(&exe);
         cmd.env(CHILD_ENV, serde_json::to_string(config)?)
-            .env(LIMIT_ENV, limit.to_string())
-            .env(memory::ALLOC_ENV, alloc.to_string());
+            .env(LIMIT_ENV, limit.to_string());
         Ok(cmd)
     };
-    let report = |r: &Record| eprintln!("{}", memory::table_row(r));
-    let records = memory::profile(&shape, &plan, budget, timeout, command, report)?;
+    let report = |r: &Record| eprintln!("{}", profile::table_row(r));
+    let records = profile::profile(&shape, &configs, budget, timeout, command, report)?;
     finish(&records, batch, steps, &bits, budget, &out_dir)
 }
 
@@ -216,18 +226,33 @@ fn main() -> anyhow::Result<()> {
 #[allow(clippy::too_many_arguments)]
 fn solve_config(
     base: &StepConfig,
-    method: &str,
+    method: Method,
     bits: u32,
-    forward: &str,
+    forward: Forward,
     converge: Option<usize>,
-    newton: &idkm::cluster::KmeansConfig,
+    newton: &KmeansConfig,
     tau: f64,
     plain_tol: f64,
 ) -> StepConfig {
-    let common = StepConfig { method: method.into(), bits, forward: forward.into(), converge_iters: converge, ..base.clone() };
+    let common = StepConfig {
+        method: Some(method),
+        bits,
+        forward,
+        converge_iters: converge,
+        ..base.clone()
+    };
     match forward {
-        "newton" => StepConfig { tau: None, tol: newton.tol, iters: newton.max_iter, ..common },
-        _ => StepConfig { tau: Some(tau), tol: plain_tol, ..common },
+        Forward::Newton => StepConfig {
+            tau: None,
+            tol: newton.tol,
+            iters: newton.max_iter,
+            ..common
+        },
+        Forward::Plain => StepConfig {
+            tau: Some(tau),
+            tol: plain_tol,
+            ..common
+        },
     }
 }
 
@@ -240,14 +265,13 @@ fn finish(
     out_dir: &std::path::Path,
 ) -> anyhow::Result<()> {
     let command = format!(
-        "IDKM_STEP_BATCH={batch} IDKM_STEP_BITS={} IDKM_STEP_STEPS={steps} IDKM_STEP_BUDGET_GIB={:.0} cargo bench --profile dev --bench step{}",
+        "IDKM_STEP_BATCH={batch} IDKM_STEP_BITS={} IDKM_STEP_STEPS={steps} IDKM_STEP_BUDGET_GIB={:.0} cargo bench --profile dev --bench step",
         bits.iter().map(|b| b.to_string()).collect::<Vec<_>>().join(","),
         budget as f64 / (1u64 << 30) as f64,
-        if cfg!(feature = "mimalloc") { " --features mimalloc" } else { "" },
     );
-    println!("{}", memory::table(records));
-    println!("{}", memory::layer_table(records));
-    let written = memory::write_outputs(records, out_dir, "step", &title(records), &command)?;
+    println!("{}", profile::table(records));
+    println!("{}", profile::layer_table(records));
+    let written = profile::write_outputs(records, out_dir, "step", &title(records), &command)?;
     for p in written {
         eprintln!("wrote {}", p.display());
     }
@@ -274,7 +298,7 @@ fn title(records: &[Record]) -> String {
 /// `fp32` as the method for the float step).
 fn breakdown() -> anyhow::Result<()> {
     use candle_core::{Device, Tensor};
-    use idkm::model::{Arch, Model, Weights};
+    use idkm::model::{Model, Weights};
     let dev = Device::Cpu;
     let arch: Arch = env_or("IDKM_STEP_ARCH", "small-cnn").parse()?;
     let n: usize = env_or("IDKM_STEP_BATCH", "8").parse()?;
@@ -294,9 +318,9 @@ fn breakdown() -> anyhow::Result<()> {
         None
     } else {
         let cfg = idkm::cluster::KmeansConfig {
-            bits: list::<u32>("IDKM_STEP_BITS", "4")[0],
+            bits: list::<u32>("IDKM_STEP_BITS", "4")?[0],
             method: method.parse()?,
-            max_iter: list::<usize>("IDKM_STEP_ITERS", "3")[0],
+            max_iter: list::<usize>("IDKM_STEP_ITERS", "3")?[0],
             tol: 0.0,
             ..Default::default()
         };
@@ -319,17 +343,17 @@ fn breakdown() -> anyhow::Result<()> {
     let x = Tensor::randn(0f32, 1.0, (n, c, hw, hw), &dev)?;
     let y = Tensor::from_vec((0..n as u32).map(|i| i % 10).collect::<Vec<_>>(), n, &dev)?;
     for step in 0..2 {
-        let l0 = memory::counted_live();
-        memory::reset_counted_peak();
+        let l0 = idkm::alloc::live_bytes();
+        idkm::alloc::reset_peak();
         let logits = model.forward(&x, true, &weights)?;
         let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
-        let (l1, p1) = (memory::counted_live(), memory::counted_peak());
-        memory::reset_counted_peak();
+        let (l1, p1) = (idkm::alloc::live_bytes(), idkm::alloc::peak_bytes());
+        idkm::alloc::reset_peak();
         let grads = loss.backward()?;
-        let (l2, p2) = (memory::counted_live(), memory::counted_peak());
-        memory::reset_counted_peak();
+        let (l2, p2) = (idkm::alloc::live_bytes(), idkm::alloc::peak_bytes());
+        idkm::alloc::reset_peak();
         opt.step(&grads)?;
-        let p3 = memory::counted_peak();
+        let p3 = idkm::alloc::peak_bytes();
         drop((grads, loss, logits));
         eprintln!(
             "step {step}: live at start {:.1} MiB; forward keeps {:.1} (transient +{:.1}); backward leaves {:.1} \

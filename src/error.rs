@@ -3,37 +3,90 @@
 /// Everything that can go wrong while configuring or running the clustering.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// A configuration value is out of its valid range.
+    /// A clustering configuration value is out of its valid range.
     #[error("invalid clustering config: {0}")]
     Config(String),
+    /// A name (architecture, method, solver, ...) that is not one of the
+    /// known ones.
+    #[error("unknown {what} `{got}` (expected one of: {expected})")]
+    UnknownName {
+        /// What kind of name it is.
+        what: &'static str,
+        /// The name given.
+        got: String,
+        /// The known names, comma-separated.
+        expected: String,
+    },
+    /// A model that cannot be built as asked.
+    #[error("model: {0}")]
+    Model(String),
+    /// A computation produced no usable result (a non-finite or singular
+    /// system, a missing gradient).
+    #[error("numerical failure: {0}")]
+    Numerical(String),
+    /// Training diverged.
+    #[error("the loss became {value} at step {step}: lower the learning rate (or raise tau)")]
+    NonFiniteLoss {
+        /// The loss.
+        value: f64,
+        /// Steps taken before it.
+        step: usize,
+    },
 
     /// The tensor cannot be split into vectors of the cluster dimension.
     #[error("tensor `{tensor}` has {numel} elements, which is not divisible by the cluster dimension {dim}")]
-    NotDivisible { tensor: String, numel: usize, dim: usize },
+    NotDivisible {
+        tensor: String,
+        numel: usize,
+        dim: usize,
+    },
 
     /// Fewer weight vectors than centroids.
     #[error("tensor `{tensor}` has {vectors} weight vectors of dimension {dim}, fewer than the k = {k} centroids asked for (lower --bits or --cluster-dim)")]
-    TooFewVectors { tensor: String, vectors: usize, dim: usize, k: usize },
+    TooFewVectors {
+        tensor: String,
+        vectors: usize,
+        dim: usize,
+        k: usize,
+    },
 
     /// NaN or infinity in an input.
     #[error("tensor `{tensor}` holds a non-finite value ({value}) at flat index {index}")]
-    NonFinite { tensor: String, index: usize, value: f64 },
+    NonFinite {
+        tensor: String,
+        index: usize,
+        value: f64,
+    },
 
     /// Shapes that do not fit together.
     #[error("shape mismatch for `{tensor}`: expected {expected}, got {got}")]
-    Shape { tensor: String, expected: String, got: String },
+    Shape {
+        tensor: String,
+        expected: String,
+        got: String,
+    },
 
     /// A file could not be read or written.
     #[error("{}: {source}", path.display())]
-    Io { path: std::path::PathBuf, #[source] source: std::io::Error },
+    Io {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 
     /// A file's contents are not what its format requires.
     #[error("{}: {msg}", path.display())]
-    Format { path: std::path::PathBuf, msg: String },
+    Format {
+        path: std::path::PathBuf,
+        msg: String,
+    },
 
     /// A checkpoint does not fit the model (the message lists the tensors).
     #[error("checkpoint {} does not fit the model:\n{details}", path.display())]
-    Checkpoint { path: std::path::PathBuf, details: String },
+    Checkpoint {
+        path: std::path::PathBuf,
+        details: String,
+    },
 
     /// A model or data set could not be resolved through the Hugging Face hub.
     #[error("hub: {0}")]

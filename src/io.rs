@@ -5,17 +5,17 @@ use std::path::{Path, PathBuf};
 /// A sibling temporary path of `path` in the same directory (so that the
 /// final rename stays on one file system).
 fn temporary(path: &Path) -> PathBuf {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
 }
 
 /// Writes a file atomically: `write` fills a temporary file next to `path`,
 /// which is then renamed over `path`. On error the temporary file is removed
 /// and `path` is left as it was.
-pub fn write_atomic<E>(
-    path: &Path,
-    write: impl FnOnce(&Path) -> Result<(), E>,
-) -> Result<(), E>
+pub fn write_atomic<E>(path: &Path, write: impl FnOnce(&Path) -> Result<(), E>) -> Result<(), E>
 where
     E: From<std::io::Error>,
 {

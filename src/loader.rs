@@ -78,12 +78,12 @@ pub fn load(path: &Path, request: &Request, device: &Device) -> Result<Loaded> {
         Format::Safetensors => checkpoint::metadata(path)?,
         Format::TorchZip | Format::TorchLegacy => HashMap::new(),
     };
-    let mismatch = |found: Arch| {
-        Error::Config(format!(
-            "{} holds a {found} model, not {}",
-            path.display(),
+    let mismatch = |found: Arch| Error::Checkpoint {
+        path: path.to_path_buf(),
+        details: format!(
+            "it holds a {found} model, not {} (--arch)",
             request.arch.unwrap_or(found)
-        ))
+        ),
     };
     match metadata.get("idkm.format").map(String::as_str) {
         Some(crate::quantize::PALETTIZED_FORMAT) => {

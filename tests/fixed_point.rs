@@ -26,7 +26,11 @@ mod oracle {
         let max = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
         let e: Vec<f64> = z.iter().map(|z| (z - max).exp()).collect();
         let sum: f64 = e.iter().sum();
-        e.iter().enumerate().map(|(j, &e)| (j, e / sum)).filter(|&(_, a)| a > NEGLIGIBLE).collect()
+        e.iter()
+            .enumerate()
+            .map(|(j, &e)| (j, e / sum))
+            .filter(|&(_, a)| a > NEGLIGIBLE)
+            .collect()
     }
 
     /// The k-means step `F(C)`, the masses `S` and the Jacobian
@@ -63,7 +67,9 @@ mod oracle {
     pub fn solve(mut a: Vec<f64>, mut b: Vec<f64>) -> Vec<f64> {
         let n = b.len();
         for col in 0..n {
-            let piv = (col..n).max_by(|&x, &y| a[x * n + col].abs().total_cmp(&a[y * n + col].abs())).unwrap();
+            let piv = (col..n)
+                .max_by(|&x, &y| a[x * n + col].abs().total_cmp(&a[y * n + col].abs()))
+                .unwrap();
             for j in 0..n {
                 a.swap(col * n + j, piv * n + j);
             }
@@ -90,7 +96,9 @@ mod oracle {
         let mut c = c.to_vec();
         for _ in 0..50 {
             let (f, _, jac) = step_and_jacobian(w, &c, tau);
-            let a: Vec<f64> = (0..k * k).map(|i| if i / k == i % k { 1.0 } else { 0.0 } - jac[i]).collect();
+            let a: Vec<f64> = (0..k * k)
+                .map(|i| if i / k == i % k { 1.0 } else { 0.0 } - jac[i])
+                .collect();
             let delta = solve(a, f.iter().zip(&c).map(|(f, c)| f - c).collect());
             c.iter_mut().zip(&delta).for_each(|(c, d)| *c += d);
             if delta.iter().all(|d| d.abs() < 1e-13 * scale) {
@@ -109,7 +117,11 @@ mod oracle {
             .map(|i| {
                 let (j, l) = (i / k, i % k);
                 let sym = 0.5 * (s[j] * jac[j * k + l] + s[l] * jac[l * k + j]);
-                if j == l { s[j] - sym } else { -sym }
+                if j == l {
+                    s[j] - sym
+                } else {
+                    -sym
+                }
             })
             .collect();
         let mut lower = vec![0.0; k * k];
@@ -139,7 +151,10 @@ mod oracle {
         let k = c.len();
         let (_, s, jac) = step_and_jacobian(w, c, tau);
         let rows: Vec<Vec<(usize, f64)>> = w.iter().map(|&x| attention(x, c, tau)).collect();
-        let cbar: Vec<f64> = rows.iter().map(|row| row.iter().map(|&(j, a)| a * c[j]).sum()).collect();
+        let cbar: Vec<f64> = rows
+            .iter()
+            .map(|row| row.iter().map(|&(j, a)| a * c[j]).sum())
+            .collect();
         let mut h = vec![0.0; k];
         for i in 0..w.len() {
             for &(l, a) in &rows[i] {
@@ -147,17 +162,24 @@ mod oracle {
             }
         }
         let u = if exact {
-            let a: Vec<f64> = (0..k * k).map(|i| if i / k == i % k { 1.0 } else { 0.0 } - jac[(i % k) * k + i / k]).collect();
+            let a: Vec<f64> = (0..k * k)
+                .map(|i| if i / k == i % k { 1.0 } else { 0.0 } - jac[(i % k) * k + i / k])
+                .collect();
             solve(a, h)
         } else {
             h
         };
         (0..w.len())
             .map(|i| {
-                let var: f64 = rows[i].iter().map(|&(j, a)| a * (c[j] - cbar[i]) * (c[j] - cbar[i])).sum();
+                let var: f64 = rows[i]
+                    .iter()
+                    .map(|&(j, a)| a * (c[j] - cbar[i]) * (c[j] - cbar[i]))
+                    .sum();
                 let implicit: f64 = rows[i]
                     .iter()
-                    .map(|&(j, a)| u[j] * a / s[j] * (1.0 + 2.0 / tau * (w[i] - c[j]) * (c[j] - cbar[i])))
+                    .map(|&(j, a)| {
+                        u[j] * a / s[j] * (1.0 + 2.0 / tau * (w[i] - c[j]) * (c[j] - cbar[i]))
+                    })
                     .sum();
                 g[i] * 2.0 / tau * var + implicit
             })
@@ -170,7 +192,9 @@ fn heavy_tailed(m: usize, spread: f64, seed: u64) -> Vec<f32> {
     let t = StudentT::new(5.0).unwrap();
     let mut rng = StdRng::seed_from_u64(seed);
     let scale = spread / (5.0f64 / 3.0).sqrt();
-    (0..m).map(|_| (t.sample(&mut rng) * scale) as f32).collect()
+    (0..m)
+        .map(|_| (t.sample(&mut rng) * scale) as f32)
+        .collect()
 }
 
 fn tensor(v: &[f32]) -> Tensor {
@@ -178,7 +202,12 @@ fn tensor(v: &[f32]) -> Tensor {
 }
 
 fn values(t: &Tensor) -> Vec<f64> {
-    t.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+    t.to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
 }
 
 fn rel_l2(a: &[f64], b: &[f64]) -> f64 {
@@ -191,13 +220,25 @@ fn rel_l2(a: &[f64], b: &[f64]) -> f64 {
 fn gradient(layer: &ClusteredWeight, w: &[f32], g: &[f32]) -> Vec<f64> {
     let var = Var::from_tensor(&tensor(w)).unwrap();
     let out = layer.forward(&var).unwrap();
-    let grads = (out * tensor(g)).unwrap().sum_all().unwrap().backward().unwrap();
+    let grads = (out * tensor(g))
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
     values(grads.get(&var).unwrap())
 }
 
 /// Checks the layer's last fixed point on `w` against the oracle; returns
 /// the centroids.
-fn check(label: &str, layer: &ClusteredWeight, jfb: &ClusteredWeight, w: &[f32], g: &[f32], spread: f64) -> Vec<f64> {
+fn check(
+    label: &str,
+    layer: &ClusteredWeight,
+    jfb: &ClusteredWeight,
+    w: &[f32],
+    g: &[f32],
+    spread: f64,
+) -> Vec<f64> {
     let grad = gradient(layer, w, g);
     let report = layer.last_forward().unwrap();
     let c = values(&layer.centroids().unwrap());
@@ -206,16 +247,34 @@ fn check(label: &str, layer: &ClusteredWeight, jfb: &ClusteredWeight, w: &[f32],
     assert!(report.converged, "{label}: {report:?}");
     let mut sorted = c.clone();
     sorted.sort_by(f64::total_cmp);
-    let min_gap = sorted.windows(2).map(|p| p[1] - p[0]).fold(f64::INFINITY, f64::min);
-    assert!(min_gap > 1e-3 * spread, "{label}: centroids merged (smallest gap {:.1e} of the spread)", min_gap / spread);
+    let min_gap = sorted
+        .windows(2)
+        .map(|p| p[1] - p[0])
+        .fold(f64::INFINITY, f64::min);
+    assert!(
+        min_gap > 1e-3 * spread,
+        "{label}: centroids merged (smallest gap {:.1e} of the spread)",
+        min_gap / spread
+    );
     assert_eq!(report.distinct, k, "{label}: {report:?}");
     // The f64 fixed point nearest to idkm's centroids, and its stability.
     let w64: Vec<f64> = w.iter().map(|&x| f64::from(x)).collect();
     let g64: Vec<f64> = g.iter().map(|&x| f64::from(x)).collect();
     let star = oracle::fixed_point(&w64, &c, tau, spread);
-    let distance = c.iter().zip(&star).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max) / spread;
-    assert!(distance <= 1e-3, "{label}: {distance:.1e} of the spread from the f64 fixed point ({report:?})");
-    assert!(oracle::stable(&w64, &star, tau), "{label}: the fixed point is not stable");
+    let distance = c
+        .iter()
+        .zip(&star)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max)
+        / spread;
+    assert!(
+        distance <= 1e-3,
+        "{label}: {distance:.1e} of the spread from the f64 fixed point ({report:?})"
+    );
+    assert!(
+        oracle::stable(&w64, &star, tau),
+        "{label}: the fixed point is not stable"
+    );
     // The gradients at that fixed point.
     let exact = oracle::gradient(&w64, &star, &g64, tau, true);
     let err = rel_l2(&grad, &exact);
@@ -223,7 +282,10 @@ fn check(label: &str, layer: &ClusteredWeight, jfb: &ClusteredWeight, w: &[f32],
     let jfb_grad = gradient(jfb, w, g);
     let jfb_exact = oracle::gradient(&w64, &star, &g64, tau, false);
     let jfb_err = rel_l2(&jfb_grad, &jfb_exact);
-    assert!(jfb_err <= 1e-3, "{label}: JFB gradient {jfb_err:.1e} from JFB at the fixed point");
+    assert!(
+        jfb_err <= 1e-3,
+        "{label}: JFB gradient {jfb_err:.1e} from JFB at the fixed point"
+    );
     eprintln!(
         "{label}: tau {tau:.2e}, {} iterations, {} + {} passes, distance {distance:.1e} (reported {:.1e}), cond {:.0}, \
          gradient error {err:.1e} (JFB {jfb_err:.1e}, JFB vs IDKM {:.2})",
@@ -239,14 +301,25 @@ fn check(label: &str, layer: &ClusteredWeight, jfb: &ClusteredWeight, w: &[f32],
 
 #[test]
 fn oracle_gradient_matches_finite_differences() {
-    let w: Vec<f64> = heavy_tailed(60, 1.0, 7).iter().map(|&x| f64::from(x)).collect();
+    let w: Vec<f64> = heavy_tailed(60, 1.0, 7)
+        .iter()
+        .map(|&x| f64::from(x))
+        .collect();
     let g: Vec<f64> = common::normal(60, 8);
     let tau = 0.3;
     let c0 = [-1.0, -0.2, 0.4, 1.3];
     let star = oracle::fixed_point(&w, &c0, tau, 1.0);
     let loss = |w: &[f64]| -> f64 {
         let c = oracle::fixed_point(w, &star, tau, 1.0);
-        w.iter().zip(&g).map(|(&x, g)| g * oracle::attention(x, &c, tau).iter().map(|&(j, a)| a * c[j]).sum::<f64>()).sum()
+        w.iter()
+            .zip(&g)
+            .map(|(&x, g)| {
+                g * oracle::attention(x, &c, tau)
+                    .iter()
+                    .map(|&(j, a)| a * c[j])
+                    .sum::<f64>()
+            })
+            .sum()
     };
     let grad = oracle::gradient(&w, &star, &g, tau, true);
     let eps = 1e-6;
@@ -270,13 +343,29 @@ fn default_solve_reaches_a_stable_fixed_point_with_the_exact_gradient() {
         for spread in [0.003, 0.02, 0.06] {
             let seed = u64::from(bits) * 100 + (spread * 1000.0) as u64;
             let w = heavy_tailed(m, spread, seed);
-            let g: Vec<f32> = common::normal(m, seed + 1).iter().map(|&x| x as f32).collect();
-            let config = KmeansConfig { bits, ..Default::default() };
+            let g: Vec<f32> = common::normal(m, seed + 1)
+                .iter()
+                .map(|&x| x as f32)
+                .collect();
+            let config = KmeansConfig {
+                bits,
+                ..Default::default()
+            };
             let layer = ClusteredWeight::new("w", config.clone()).unwrap();
-            let jfb = ClusteredWeight::new("w", KmeansConfig { method: Method::IdkmJfb, ..config }).unwrap();
+            let jfb = ClusteredWeight::new(
+                "w",
+                KmeansConfig {
+                    method: Method::IdkmJfb,
+                    ..config
+                },
+            )
+            .unwrap();
             let label = format!("{bits} bits, spread {spread}, cold");
             check(&label, &layer, &jfb, &w, &g, spread);
-            let step: Vec<f32> = common::normal(m, seed + 2).iter().map(|&x| (x * 1e-3 * spread) as f32).collect();
+            let step: Vec<f32> = common::normal(m, seed + 2)
+                .iter()
+                .map(|&x| (x * 1e-3 * spread) as f32)
+                .collect();
             let moved: Vec<f32> = w.iter().zip(&step).map(|(a, b)| a + b).collect();
             let label = format!("{bits} bits, spread {spread}, warm");
             check(&label, &layer, &jfb, &moved, &g, spread);
@@ -291,18 +380,43 @@ fn weights_times_ten_give_centroids_times_ten() {
     let m = 40_000;
     let w = heavy_tailed(m, 0.02, 11);
     let run = |scale: f32| {
-        let layer = ClusteredWeight::new("w", KmeansConfig { bits: 4, ..Default::default() }).unwrap();
+        let layer = ClusteredWeight::new(
+            "w",
+            KmeansConfig {
+                bits: 4,
+                ..Default::default()
+            },
+        )
+        .unwrap();
         let scaled: Vec<f32> = w.iter().map(|x| x * scale).collect();
         let (indices, c) = layer.palettize(&tensor(&scaled)).unwrap();
-        (indices.to_vec1::<u32>().unwrap(), values(&c), layer.tau().unwrap())
+        (
+            indices.to_vec1::<u32>().unwrap(),
+            values(&c),
+            layer.tau().unwrap(),
+        )
     };
     let (indices, c, tau) = run(1.0);
     let (indices10, c10, tau10) = run(10.0);
-    assert!((tau10 / tau - 100.0).abs() < 1e-3, "tau {tau:e} -> {tau10:e}");
-    let off = c.iter().zip(&c10).map(|(a, b)| (10.0 * a - b).abs()).fold(0.0, f64::max);
+    assert!(
+        (tau10 / tau - 100.0).abs() < 1e-3,
+        "tau {tau:e} -> {tau10:e}"
+    );
+    let off = c
+        .iter()
+        .zip(&c10)
+        .map(|(a, b)| (10.0 * a - b).abs())
+        .fold(0.0, f64::max);
     assert!(off <= 1e-4 * 0.2, "centroids times 10 differ by {off:e}");
-    let moved = indices.iter().zip(&indices10).filter(|(a, b)| a != b).count();
-    assert!(moved <= m / 10_000, "{moved} of {m} weights changed cluster");
+    let moved = indices
+        .iter()
+        .zip(&indices10)
+        .filter(|(a, b)| a != b)
+        .count();
+    assert!(
+        moved <= m / 10_000,
+        "{moved} of {m} weights changed cluster"
+    );
 }
 
 /// Above the dense limit (k d > 256 unknowns) Newton's steps come from
@@ -313,10 +427,21 @@ fn weights_times_ten_give_centroids_times_ten() {
 fn many_unknowns_reach_the_fixed_point_by_newton_krylov() {
     let (m, d, bits) = (20_000, 4, 7);
     let (w, _) = common::mixture(m, d, 1 << bits, 5, 0.3);
-    let layer = ClusteredWeight::new("w", KmeansConfig { bits, cluster_dim: d, ..Default::default() }).unwrap();
+    let layer = ClusteredWeight::new(
+        "w",
+        KmeansConfig {
+            bits,
+            cluster_dim: d,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     layer.forward(&w).unwrap();
     let report = layer.last_forward().unwrap();
-    assert!(report.converged && report.stable == Some(true), "{report:?}");
+    assert!(
+        report.converged && report.stable == Some(true),
+        "{report:?}"
+    );
     assert_eq!(report.distinct, 1 << bits, "{report:?}");
     let c = layer.centroids().unwrap();
     let geo = idkm::cluster::streaming::Geometry {
@@ -326,7 +451,13 @@ fn many_unknowns_reach_the_fixed_point_by_newton_krylov() {
         distance: idkm::cluster::Distance::Squared,
     };
     let next = idkm::cluster::reference::kmeans_step(&w, &c, &geo).unwrap();
-    let shift = values(&(next - &c).unwrap().abs().unwrap().max(0).unwrap()).into_iter().fold(0.0, f64::max);
+    let shift = values(&(next - &c).unwrap().abs().unwrap().max(0).unwrap())
+        .into_iter()
+        .fold(0.0, f64::max);
     let spread = values(&w.sqr().unwrap().mean_all().unwrap())[0].sqrt();
-    assert!(shift <= 1e-5 * spread, "a k-means step moves a centroid by {:.1e} of the spread", shift / spread);
+    assert!(
+        shift <= 1e-5 * spread,
+        "a k-means step moves a centroid by {:.1e} of the spread",
+        shift / spread
+    );
 }

@@ -1,3 +1,4 @@
+// Over 800 lines: one check per kernel and per device path, all on the shared fixtures of one file.
 //! GPU checks (feature `cuda`; need an NVIDIA GPU): every kernel against its
 //! CPU twin in `streaming` on random inputs, the device conjugate gradient
 //! and the whole IDKM forward and backward on CUDA against the CPU, the
@@ -10,14 +11,14 @@
 
 mod common;
 
-use common::{rel_poisoned as rel, wide, KernelCase as Case};
 use candle_core::cuda_backend::cudarc::driver::CudaSlice;
 use candle_core::cuda_backend::CudaDevice;
 use candle_core::{DType, Device, Tensor, Var};
+use common::{rel_poisoned as rel, wide, KernelCase as Case};
 use idkm::cluster::backward::{self, Adjoint, BackwardConfig};
+use idkm::cluster::cuda::{self, AtFixedPoint, Partials, Problem};
 use idkm::cluster::forward;
 use idkm::cluster::newton::Settings;
-use idkm::cluster::cuda::{self, AtFixedPoint, Partials, Problem};
 use idkm::cluster::reference;
 use idkm::cluster::solve::SolveReport;
 use idkm::cluster::streaming::{self as pass, Moments};
@@ -29,18 +30,26 @@ use std::time::Instant;
 const KERNEL_TOL: f64 = 1e-5;
 
 fn gpu() -> Device {
-    Device::new_cuda(0).expect("no CUDA device: these tests need an NVIDIA GPU (scripts/gpu-check.sh runs them on one)")
+    Device::new_cuda(0).expect(
+        "no CUDA device: these tests need an NVIDIA GPU (scripts/gpu-check.sh runs them on one)",
+    )
 }
 
 fn cuda_dev(dev: &Device) -> &CudaDevice {
     dev.as_cuda_device().expect("a CUDA device")
 }
 
-fn up<T: candle_core::cuda_backend::cudarc::driver::DeviceRepr + 'static>(cd: &CudaDevice, v: &[T]) -> CudaSlice<T> {
+fn up<T: candle_core::cuda_backend::cudarc::driver::DeviceRepr + 'static>(
+    cd: &CudaDevice,
+    v: &[T],
+) -> CudaSlice<T> {
     cd.clone_htod(v).expect("copy to the device")
 }
 
-fn down<T: candle_core::cuda_backend::cudarc::driver::DeviceRepr + Default + Clone>(cd: &CudaDevice, s: &CudaSlice<T>) -> Vec<T> {
+fn down<T: candle_core::cuda_backend::cudarc::driver::DeviceRepr + Default + Clone>(
+    cd: &CudaDevice,
+    s: &CudaSlice<T>,
+) -> Vec<T> {
     cd.clone_dtoh(s).expect("copy from the device")
 }
 
@@ -106,11 +115,18 @@ fn for_each_case(kernel: &str, tol: f64, mut check: impl FnMut(&CudaDevice, &Cas
         }
     }
     println!("{kernel}: worst rel err {worst:.3e} over {count} cases");
-    assert!(failures.is_empty(), "{kernel} differs from its CPU twin (tol {tol:e}):\n{}", failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{kernel} differs from its CPU twin (tol {tol:e}):\n{}",
+        failures.join("\n")
+    );
 }
 
 fn moments_from(sums: &[f64], k: usize) -> Moments {
-    Moments { mass: sums[..k].to_vec(), weighted: sums[k..].to_vec() }
+    Moments {
+        mass: sums[..k].to_vec(),
+        weighted: sums[k..].to_vec(),
+    }
 }
 
 // ----------------------------------------------------------------------------
@@ -124,7 +140,8 @@ fn soft_assign_reduce_matches_twin() {
         let len = p.k * (p.d + 1);
         let mut sums = poison_f64(cd, len);
         let mut scratch = Partials::new(cd, &p, len).unwrap();
-        cuda::soft_assign_reduce(cd, &p, &w.as_view(), &c.as_view(), &mut scratch, &mut sums).unwrap();
+        cuda::soft_assign_reduce(cd, &p, &w.as_view(), &c.as_view(), &mut scratch, &mut sums)
+            .unwrap();
         let got = down(cd, &sums);
         let twin = pass::soft_assign_reduce(&case.w, &case.c, &case.geo);
         let want: Vec<f64> = twin.mass.iter().chain(&twin.weighted).copied().collect();
@@ -144,12 +161,23 @@ fn kmeans_update_and_inverse_mass_match_twin() {
         let len = p.k * (p.d + 1);
         let mut sums = poison_f64(cd, len);
         let mut scratch = Partials::new(cd, &p, len).unwrap();
-        cuda::soft_assign_reduce(cd, &p, &w.as_view(), &c.as_view(), &mut scratch, &mut sums).unwrap();
+        cuda::soft_assign_reduce(cd, &p, &w.as_view(), &c.as_view(), &mut scratch, &mut sums)
+            .unwrap();
         let mut next = poison_f32(cd, p.n());
         let mut shift = poison_f64(cd, 1);
         let mut converged = up(cd, &[7u32]);
         let tol = 1e-3;
-        cuda::kmeans_update(cd, &p, &sums, &c.as_view(), tol, &mut next, &mut shift, &mut converged).unwrap();
+        cuda::kmeans_update(
+            cd,
+            &p,
+            &sums,
+            &c.as_view(),
+            tol,
+            &mut next,
+            &mut shift,
+            &mut converged,
+        )
+        .unwrap();
         let mut inv = poison_f64(cd, p.k);
         cuda::inverse_mass(cd, &p, &sums, &mut inv).unwrap();
 
@@ -167,7 +195,12 @@ fn kmeans_update_and_inverse_mass_match_twin() {
             err = f64::INFINITY;
         }
         if case.c[0] == 1e3 {
-            assert_eq!(moments.dead(), 1, "{}: centroid 0 should be dead", case.label());
+            assert_eq!(
+                moments.dead(),
+                1,
+                "{}: centroid 0 should be dead",
+                case.label()
+            );
             assert_eq!(got_inv[0], 0.0);
         }
         err
@@ -191,30 +224,38 @@ fn soft_assign_output_matches_twin() {
 fn hard_assign_matches_twin() {
     // Indices must agree, except where two centroids are equally near to
     // float rounding (the kernel may fuse multiply-adds).
-    for_each_case("hard_assign (fraction of rows differing)", 0.0, |cd, case| {
-        let p = case.problem();
-        let (w, c) = (up(cd, &case.w), up(cd, &case.c));
-        let mut out = up(cd, &vec![u32::MAX; p.m]);
-        cuda::hard_assign(cd, &p, &w.as_view(), &c.as_view(), &mut out).unwrap();
-        let got = down(cd, &out);
-        let mut want = vec![0u32; p.m];
-        pass::hard_assign(&case.w, &case.c, p.d, &mut want);
-        let dist = |i: usize, j: u32| -> f64 {
-            (0..p.d).map(|e| (case.w[i * p.d + e] as f64 - case.c[j as usize * p.d + e] as f64).powi(2)).sum()
-        };
-        let mut bad = 0;
-        for i in 0..p.m {
-            if got[i] as usize >= p.k {
-                bad += 1;
-            } else if got[i] != want[i] {
-                let (a, b) = (dist(i, got[i]), dist(i, want[i]));
-                if (a - b).abs() > 1e-6 * b.max(1e-12) {
+    for_each_case(
+        "hard_assign (fraction of rows differing)",
+        0.0,
+        |cd, case| {
+            let p = case.problem();
+            let (w, c) = (up(cd, &case.w), up(cd, &case.c));
+            let mut out = up(cd, &vec![u32::MAX; p.m]);
+            cuda::hard_assign(cd, &p, &w.as_view(), &c.as_view(), &mut out).unwrap();
+            let got = down(cd, &out);
+            let mut want = vec![0u32; p.m];
+            pass::hard_assign(&case.w, &case.c, p.d, &mut want);
+            let dist = |i: usize, j: u32| -> f64 {
+                (0..p.d)
+                    .map(|e| {
+                        (case.w[i * p.d + e] as f64 - case.c[j as usize * p.d + e] as f64).powi(2)
+                    })
+                    .sum()
+            };
+            let mut bad = 0;
+            for i in 0..p.m {
+                if got[i] as usize >= p.k {
                     bad += 1;
+                } else if got[i] != want[i] {
+                    let (a, b) = (dist(i, got[i]), dist(i, want[i]));
+                    if (a - b).abs() > 1e-6 * b.max(1e-12) {
+                        bad += 1;
+                    }
                 }
             }
-        }
-        bad as f64 / p.m as f64
-    });
+            bad as f64 / p.m as f64
+        },
+    );
 }
 
 #[test]
@@ -224,8 +265,20 @@ fn centroid_cotangent_matches_twin() {
         let (w, c, g) = (up(cd, &case.w), up(cd, &case.c), up(cd, &case.g));
         let mut h = poison_f64(cd, p.n());
         let mut scratch = Partials::new(cd, &p, p.n()).unwrap();
-        cuda::centroid_cotangent(cd, &p, &w.as_view(), &c.as_view(), &g.as_view(), &mut scratch, &mut h).unwrap();
-        rel(&down(cd, &h), &pass::centroid_cotangent(&case.w, &case.c, &case.g, &case.geo))
+        cuda::centroid_cotangent(
+            cd,
+            &p,
+            &w.as_view(),
+            &c.as_view(),
+            &g.as_view(),
+            &mut scratch,
+            &mut h,
+        )
+        .unwrap();
+        rel(
+            &down(cd, &h),
+            &pass::centroid_cotangent(&case.w, &case.c, &case.g, &case.geo),
+        )
     });
 }
 
@@ -234,11 +287,31 @@ fn adjoint_matvec_matches_twin() {
     for_each_case("adjoint_matvec", KERNEL_TOL, |cd, case| {
         let p = case.problem();
         let (f, inv) = case.twin_at();
-        let (w, c, fd, invd, u) = (up(cd, &case.w), up(cd, &case.c), up(cd, &f), up(cd, &inv), up(cd, &case.u));
+        let (w, c, fd, invd, u) = (
+            up(cd, &case.w),
+            up(cd, &case.c),
+            up(cd, &f),
+            up(cd, &inv),
+            up(cd, &case.u),
+        );
         let mut out = poison_f64(cd, p.n());
         let mut scratch = Partials::new(cd, &p, p.n()).unwrap();
-        cuda::adjoint_matvec(cd, &p, &w.as_view(), &c.as_view(), &fd.as_view(), &invd, &u, &mut scratch, &mut out).unwrap();
-        rel(&down(cd, &out), &pass::adjoint_matvec(&case.w, &case.c, &f, &inv, &case.u, &case.geo))
+        cuda::adjoint_matvec(
+            cd,
+            &p,
+            &w.as_view(),
+            &c.as_view(),
+            &fd.as_view(),
+            &invd,
+            &u,
+            &mut scratch,
+            &mut out,
+        )
+        .unwrap();
+        rel(
+            &down(cd, &out),
+            &pass::adjoint_matvec(&case.w, &case.c, &f, &inv, &case.u, &case.geo),
+        )
     });
 }
 
@@ -247,12 +320,31 @@ fn weight_grad_matches_twin() {
     for_each_case("weight_grad", KERNEL_TOL, |cd, case| {
         let p = case.problem();
         let (f, inv) = case.twin_at();
-        let (w, c, fd, g, invd, u) =
-            (up(cd, &case.w), up(cd, &case.c), up(cd, &f), up(cd, &case.g), up(cd, &inv), up(cd, &case.u));
+        let (w, c, fd, g, invd, u) = (
+            up(cd, &case.w),
+            up(cd, &case.c),
+            up(cd, &f),
+            up(cd, &case.g),
+            up(cd, &inv),
+            up(cd, &case.u),
+        );
         let mut out = poison_f32(cd, p.m * p.d);
-        cuda::weight_grad(cd, &p, &w.as_view(), &c.as_view(), &fd.as_view(), &g.as_view(), &invd, &u, &mut out).unwrap();
+        cuda::weight_grad(
+            cd,
+            &p,
+            &w.as_view(),
+            &c.as_view(),
+            &fd.as_view(),
+            &g.as_view(),
+            &invd,
+            &u,
+            &mut out,
+        )
+        .unwrap();
         let mut want = vec![0f32; p.m * p.d];
-        pass::weight_grad(&case.w, &case.c, &f, &case.g, &inv, &case.u, &case.geo, &mut want);
+        pass::weight_grad(
+            &case.w, &case.c, &f, &case.g, &inv, &case.u, &case.geo, &mut want,
+        );
         rel(&wide(&down(cd, &out)), &wide(&want))
     });
 }
@@ -261,15 +353,23 @@ fn weight_grad_matches_twin() {
 fn first_non_finite_finds_the_first_bad_value() {
     let dev = gpu();
     let cd = cuda_dev(&dev);
-    let mut w: Vec<f32> = common::normal(300_001, 5).iter().map(|&x| x as f32).collect();
+    let mut w: Vec<f32> = common::normal(300_001, 5)
+        .iter()
+        .map(|&x| x as f32)
+        .collect();
     let wd = up(cd, &w);
     cuda::check_finite(cd, &wd.as_view(), "layer.weight").expect("all finite");
     w[250_000] = f32::NEG_INFINITY;
     w[123_457] = f32::NAN;
     w[299_999] = f32::INFINITY;
     let wd = up(cd, &w);
-    let err = cuda::check_finite(cd, &wd.as_view(), "layer.weight").unwrap_err().to_string();
-    assert!(err.contains("layer.weight") && err.contains("123457"), "{err}");
+    let err = cuda::check_finite(cd, &wd.as_view(), "layer.weight")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("layer.weight") && err.contains("123457"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -278,10 +378,15 @@ fn fixed_point_matches_twin() {
     for_each_case("fixed_point (5 steps)", KERNEL_TOL, |cd, case| {
         let p = case.problem();
         let (w, c0) = (up(cd, &case.w), up(cd, &case.c));
-        let (c, steps, shift) = cuda::fixed_point(cd, &p, &w.as_view(), &c0.as_view(), 5, 0.0).unwrap();
+        let (c, steps, shift) =
+            cuda::fixed_point(cd, &p, &w.as_view(), &c0.as_view(), 5, 0.0).unwrap();
         let (want, want_steps, want_shift) = pass::fixed_point(&case.w, &case.c, &case.geo, 5, 0.0);
         assert_eq!(steps, want_steps, "{}", case.label());
-        assert!(shift.is_finite() && (shift - want_shift).abs() <= 1e-3 * want_shift.abs() + 1e-6, "{}: shift {shift} vs {want_shift}", case.label());
+        assert!(
+            shift.is_finite() && (shift - want_shift).abs() <= 1e-3 * want_shift.abs() + 1e-6,
+            "{}: shift {shift} vs {want_shift}",
+            case.label()
+        );
         rel(&wide(&down(cd, &c)), &wide(&want))
     });
     // Convergence stops the loop where the twin stops (same shift test).
@@ -290,17 +395,32 @@ fn fixed_point_matches_twin() {
     let case = Case::new(20_011, 16, 1, Distance::Squared, 99, false);
     let p = case.problem();
     let (w, c0) = (up(cd, &case.w), up(cd, &case.c));
-    let (_, steps, shift) = cuda::fixed_point(cd, &p, &w.as_view(), &c0.as_view(), 500, 1e-4).unwrap();
+    let (_, steps, shift) =
+        cuda::fixed_point(cd, &p, &w.as_view(), &c0.as_view(), 500, 1e-4).unwrap();
     let (_, want_steps, _) = pass::fixed_point(&case.w, &case.c, &case.geo, 500, 1e-4);
-    assert!(shift <= 1e-4 && steps.abs_diff(want_steps) <= 1, "steps {steps} vs {want_steps}, shift {shift}");
+    assert!(
+        shift <= 1e-4 && steps.abs_diff(want_steps) <= 1,
+        "steps {steps} vs {want_steps}, shift {shift}"
+    );
 }
 
 /// Root-mean-square distance of the weights (m x d) from their mean.
 fn spread(w: &[f32], d: usize) -> f64 {
     let m = (w.len() / d) as f64;
     let mut mean = vec![0f64; d];
-    w.chunks(d).for_each(|row| row.iter().zip(&mut mean).for_each(|(&x, s)| *s += f64::from(x) / m));
-    let squares: f64 = w.chunks(d).flat_map(|row| row.iter().zip(&mean).map(|(&x, s)| (f64::from(x) - s).powi(2))).sum();
+    w.chunks(d).for_each(|row| {
+        row.iter()
+            .zip(&mut mean)
+            .for_each(|(&x, s)| *s += f64::from(x) / m)
+    });
+    let squares: f64 = w
+        .chunks(d)
+        .flat_map(|row| {
+            row.iter()
+                .zip(&mean)
+                .map(|(&x, s)| (f64::from(x) - s).powi(2))
+        })
+        .sum();
     (squares / m).sqrt()
 }
 
@@ -314,16 +434,44 @@ fn newton_fixed_point_matches_twin() {
     for (k, d, seed) in [(16usize, 1usize, 41u64), (16, 4, 42), (64, 2, 43)] {
         let case = Case::new(20_011, k, d, Distance::Squared, seed, false);
         let spread = spread(&case.w, d);
-        let want = forward::newton_fixed_point(&case.w, &case.c, &case.geo, 100, 1e-6, spread, None, false).unwrap();
-        let settings = Settings { k, d, distance: Distance::Squared, tol: 1e-6, spread, max_iter: 100 };
+        let want = forward::newton_fixed_point(
+            &case.w, &case.c, &case.geo, 100, 1e-6, spread, None, false,
+        )
+        .unwrap();
+        let settings = Settings {
+            k,
+            d,
+            distance: Distance::Squared,
+            tol: 1e-6,
+            spread,
+            max_iter: 100,
+        };
         let p = case.problem();
         let (w, c0) = (up(cd, &case.w), up(cd, &case.c));
-        let (c, report) = cuda::newton_fixed_point(cd, &p, &w.as_view(), &c0.as_view(), settings).unwrap();
+        let (c, report) =
+            cuda::newton_fixed_point(cd, &p, &w.as_view(), &c0.as_view(), settings).unwrap();
         let got = down(cd, &c);
-        let gap = got.iter().zip(&want.c).map(|(&a, &b)| (f64::from(a) - b).abs()).fold(0.0, f64::max) / spread;
-        println!("{}: gap {gap:.2e} of the spread, gpu {report:?}, cpu {:?}", case.label(), want.report);
-        assert!(report.converged && want.report.converged, "{}: not converged", case.label());
-        assert!(gap < 1e-4, "{}: device fixed point {gap:.2e} of the spread from the CPU's", case.label());
+        let gap = got
+            .iter()
+            .zip(&want.c)
+            .map(|(&a, &b)| (f64::from(a) - b).abs())
+            .fold(0.0, f64::max)
+            / spread;
+        println!(
+            "{}: gap {gap:.2e} of the spread, gpu {report:?}, cpu {:?}",
+            case.label(),
+            want.report
+        );
+        assert!(
+            report.converged && want.report.converged,
+            "{}: not converged",
+            case.label()
+        );
+        assert!(
+            gap < 1e-4,
+            "{}: device fixed point {gap:.2e} of the spread from the CPU's",
+            case.label()
+        );
     }
 }
 
@@ -358,24 +506,48 @@ fn implicit_backward_matches_cpu() {
             let mut case = Case::new(20_011, k, d, distance, seed, false);
             let (c, _, _) = pass::fixed_point(&case.w, &case.c, &case.geo, 200, 1e-7);
             case.c = c;
-            let cfg = BackwardConfig { method, solver, tol: 1e-6, max_steps: 200 };
+            let cfg = BackwardConfig {
+                method,
+                solver,
+                tol: 1e-6,
+                max_steps: 200,
+            };
             let mut want = vec![0f32; case.m * d];
-            let want_adj = backward::implicit_backward(&case.w, &case.c, &case.g, &case.geo, &cfg, None, "cpu", &mut want);
+            let want_adj = backward::implicit_backward(
+                &case.w, &case.c, &case.g, &case.geo, &cfg, None, "cpu", &mut want,
+            );
             let p = case.problem();
             let (w, c, g) = (up(cd, &case.w), up(cd, &case.c), up(cd, &case.g));
-            let (out, adj) =
-                cuda::implicit_backward(cd, &p, &w.as_view(), &c.as_view(), &g.as_view(), &cfg, "gpu").unwrap();
+            let (out, adj) = cuda::implicit_backward(
+                cd,
+                &p,
+                &w.as_view(),
+                &c.as_view(),
+                &g.as_view(),
+                &cfg,
+                "gpu",
+            )
+            .unwrap();
             let err = rel(&wide(&down(cd, &out)), &wide(&want));
             let same_kind = std::mem::discriminant(&adj) == std::mem::discriminant(&want_adj);
-            let steps = (report(&adj).map(|r| r.steps), report(&want_adj).map(|r| r.steps));
-            println!("{} {method:?} {solver:?}: rel err {err:.2e}, gpu {adj:?}, cpu {want_adj:?}", case.label());
+            let steps = (
+                report(&adj).map(|r| r.steps),
+                report(&want_adj).map(|r| r.steps),
+            );
+            println!(
+                "{} {method:?} {solver:?}: rel err {err:.2e}, gpu {adj:?}, cpu {want_adj:?}",
+                case.label()
+            );
             let close_steps = match steps {
                 (Some(a), Some(b)) => a.abs_diff(b) <= 3,
                 (None, None) => true,
                 _ => false,
             };
             if err.is_nan() || err > 1e-4 || !same_kind || !close_steps {
-                failures.push(format!("{} {method:?} {solver:?}: rel err {err:.2e}, gpu {adj:?}, cpu {want_adj:?}", case.label()));
+                failures.push(format!(
+                    "{} {method:?} {solver:?}: rel err {err:.2e}, gpu {adj:?}, cpu {want_adj:?}",
+                    case.label()
+                ));
             }
         }
     }
@@ -397,38 +569,85 @@ fn device_cg_matches_host_cg_step_for_step() {
         let at = AtFixedPoint::new(cd, &p, &w.as_view(), &c.as_view()).unwrap();
         let mut h = poison_f64(cd, p.n());
         let mut scratch = Partials::new(cd, &p, p.n()).unwrap();
-        cuda::centroid_cotangent(cd, &p, &w.as_view(), &c.as_view(), &g.as_view(), &mut scratch, &mut h).unwrap();
+        cuda::centroid_cotangent(
+            cd,
+            &p,
+            &w.as_view(),
+            &c.as_view(),
+            &g.as_view(),
+            &mut scratch,
+            &mut h,
+        )
+        .unwrap();
         for max_steps in [0usize, 1, 3, 200] {
-            let (u, rep) = cuda::conjugate_gradient(cd, &p, &w.as_view(), &c.as_view(), &at, &h, 1e-8, max_steps).unwrap();
+            let (u, rep) = cuda::conjugate_gradient(
+                cd,
+                &p,
+                &w.as_view(),
+                &c.as_view(),
+                &at,
+                &h,
+                1e-8,
+                max_steps,
+            )
+            .unwrap();
             // Host CG with the device's matvec.
             let (mass, inv) = {
                 let sums = down(cd, &at.sums);
                 (sums[..p.k].to_vec(), down(cd, &at.inv_mass))
             };
-            let scale: Vec<f64> =
-                (0..p.n()).map(|i| if inv[i / p.d] > 0.0 { mass[i / p.d] } else { 1.0 }).collect();
+            let scale: Vec<f64> = (0..p.n())
+                .map(|i| {
+                    if inv[i / p.d] > 0.0 {
+                        mass[i / p.d]
+                    } else {
+                        1.0
+                    }
+                })
+                .collect();
             let mut out = poison_f64(cd, p.n());
             let mut ud = poison_f64(cd, p.n());
             let apply = |v: &[f64]| -> Vec<f64> {
                 let dv: Vec<f64> = v.iter().zip(&scale).map(|(a, s)| a * s).collect();
                 cd.memcpy_htod(&dv, &mut ud).unwrap();
-                cuda::adjoint_matvec(cd, &p, &w.as_view(), &c.as_view(), &at.f.as_view(), &at.inv_mass, &ud, &mut scratch, &mut out)
-                    .unwrap();
+                cuda::adjoint_matvec(
+                    cd,
+                    &p,
+                    &w.as_view(),
+                    &c.as_view(),
+                    &at.f.as_view(),
+                    &at.inv_mass,
+                    &ud,
+                    &mut scratch,
+                    &mut out,
+                )
+                .unwrap();
                 let jt = down(cd, &out);
                 dv.iter().zip(jt).map(|(a, b)| a - b).collect()
             };
-            let (v, want) = idkm::cluster::solve::conjugate_gradient(apply, &down(cd, &h), 1e-8, max_steps);
+            let (v, want) =
+                idkm::cluster::solve::conjugate_gradient(apply, &down(cd, &h), 1e-8, max_steps);
             let want_u: Vec<f64> = v.iter().zip(&scale).map(|(a, s)| a * s).collect();
             let err = rel(&down(cd, &u), &want_u);
             println!("k={k} d={d} max_steps={max_steps}: device {rep:?}, host {want:?}, u rel err {err:.2e}");
             // The matvecs are the same kernel on the same vectors; only the
             // order of the dot products' additions differs.
-            assert!(rep.steps.abs_diff(want.steps) <= 1, "k={k} d={d} max_steps={max_steps}: steps");
-            assert_eq!(rep.converged, want.converged, "k={k} d={d} max_steps={max_steps}");
+            assert!(
+                rep.steps.abs_diff(want.steps) <= 1,
+                "k={k} d={d} max_steps={max_steps}: steps"
+            );
+            assert_eq!(
+                rep.converged, want.converged,
+                "k={k} d={d} max_steps={max_steps}"
+            );
             if max_steps <= 3 {
                 assert_eq!(rep.steps, want.steps);
                 assert!(err <= 1e-6, "u rel err {err}");
-                assert!((rep.rel_residual - want.rel_residual).abs() <= 1e-6 * want.rel_residual + 1e-15, "residual");
+                assert!(
+                    (rep.rel_residual - want.rel_residual).abs()
+                        <= 1e-6 * want.rel_residual + 1e-15,
+                    "residual"
+                );
             } else {
                 assert!(err <= 1e-5, "u rel err {err}");
             }
@@ -475,30 +694,56 @@ fn layer_on_cuda_matches_cpu() {
         };
         let label = format!("bits={bits} d={d} {distance:?} {method:?} {solver:?}");
         let shape = (m, d);
-        let (w_cpu, g_cpu) = (tensor_f32(&case.w, shape, &Device::Cpu), tensor_f32(&case.g, shape, &Device::Cpu));
-        let (w_gpu, g_gpu) = (tensor_f32(&case.w, shape, &dev), tensor_f32(&case.g, shape, &dev));
+        let (w_cpu, g_cpu) = (
+            tensor_f32(&case.w, shape, &Device::Cpu),
+            tensor_f32(&case.g, shape, &Device::Cpu),
+        );
+        let (w_gpu, g_gpu) = (
+            tensor_f32(&case.w, shape, &dev),
+            tensor_f32(&case.g, shape, &dev),
+        );
         let cpu = ClusteredWeight::new("cpu.weight", config.clone()).unwrap();
         let gpu_layer = ClusteredWeight::new("gpu.weight", config.clone()).unwrap();
         // Forward twice (the second warm-starts), then the gradient.
         for _ in 0..2 {
-            let (a, b) = (cpu.forward(&w_cpu).unwrap(), gpu_layer.forward(&w_gpu).unwrap());
+            let (a, b) = (
+                cpu.forward(&w_cpu).unwrap(),
+                gpu_layer.forward(&w_gpu).unwrap(),
+            );
             assert!(b.device().is_cuda());
             let err = rel(&flat(&b), &flat(&a));
             if err.is_nan() || err > 1e-4 {
                 failures.push(format!("{label}: forward rel err {err:.2e}"));
             }
         }
-        let cerr = rel(&flat(&gpu_layer.centroids().unwrap()), &flat(&cpu.centroids().unwrap()));
-        let (ga, gb) = (cpu.weight_grad(&w_cpu, &g_cpu).unwrap(), gpu_layer.weight_grad(&w_gpu, &g_gpu).unwrap());
+        let cerr = rel(
+            &flat(&gpu_layer.centroids().unwrap()),
+            &flat(&cpu.centroids().unwrap()),
+        );
+        let (ga, gb) = (
+            cpu.weight_grad(&w_cpu, &g_cpu).unwrap(),
+            gpu_layer.weight_grad(&w_gpu, &g_gpu).unwrap(),
+        );
         let gerr = rel(&flat(&gb), &flat(&ga));
         // Autograd through the op's bwd on CUDA gives the same gradient.
         let var = Var::from_tensor(&w_gpu).unwrap();
         let out = gpu_layer.forward(&var).unwrap();
-        let grads = (out * &g_gpu).unwrap().sum_all().unwrap().backward().unwrap();
+        let grads = (out * &g_gpu)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
         let aerr = rel(&flat(grads.get(&var).unwrap()), &flat(&ga));
         let (ia, _) = cpu.palettize(&w_cpu).unwrap();
         let (ib, _) = gpu_layer.palettize(&w_gpu).unwrap();
-        let (ia, ib) = (ia.to_vec1::<u32>().unwrap(), ib.to_device(&Device::Cpu).unwrap().to_vec1::<u32>().unwrap());
+        let (ia, ib) = (
+            ia.to_vec1::<u32>().unwrap(),
+            ib.to_device(&Device::Cpu)
+                .unwrap()
+                .to_vec1::<u32>()
+                .unwrap(),
+        );
         let differ = ia.iter().zip(&ib).filter(|(a, b)| a != b).count() as f64 / m as f64;
         println!(
             "{label}: centroids {cerr:.2e}, grad {gerr:.2e}, autograd {aerr:.2e}, indices differing {differ:.1e}, adjoint gpu {:?} cpu {:?}",
@@ -518,7 +763,10 @@ fn cuda_gradient_matches_dense_reference() {
     // The GPU's IDKM gradient at its own fixed point against the dense f64
     // implicit gradient (autograd VJPs and a direct solve) at that point.
     let dev = gpu();
-    for (d, distance, solver) in [(1usize, Distance::Squared, Solver::Cg), (2, Distance::Euclidean, Solver::Gmres)] {
+    for (d, distance, solver) in [
+        (1usize, Distance::Squared, Solver::Cg),
+        (2, Distance::Euclidean, Solver::Gmres),
+    ] {
         let (m, bits) = (2_000, 2u32);
         let case = Case::new(m, 1 << bits, d, distance, 4242 + d as u64, false);
         let config = KmeansConfig {
@@ -534,13 +782,31 @@ fn cuda_gradient_matches_dense_reference() {
             ..Default::default()
         };
         let layer = ClusteredWeight::new("ref.weight", config).unwrap();
-        let (w, g) = (tensor_f32(&case.w, (m, d), &dev), tensor_f32(&case.g, (m, d), &dev));
+        let (w, g) = (
+            tensor_f32(&case.w, (m, d), &dev),
+            tensor_f32(&case.g, (m, d), &dev),
+        );
         layer.forward(&w).unwrap();
         let got = layer.weight_grad(&w, &g).unwrap();
-        let c = layer.centroids().unwrap().to_device(&Device::Cpu).unwrap().to_dtype(DType::F64).unwrap();
-        let w64 = w.to_device(&Device::Cpu).unwrap().to_dtype(DType::F64).unwrap();
-        let g64 = g.to_device(&Device::Cpu).unwrap().to_dtype(DType::F64).unwrap();
-        let want = reference::implicit_grad(&w64, &c, &g64, &case.geo, reference::Adjoint::Exact).unwrap();
+        let c = layer
+            .centroids()
+            .unwrap()
+            .to_device(&Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap();
+        let w64 = w
+            .to_device(&Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap();
+        let g64 = g
+            .to_device(&Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap();
+        let want =
+            reference::implicit_grad(&w64, &c, &g64, &case.geo, reference::Adjoint::Exact).unwrap();
         let err = rel(&flat(&got), &flat(&want));
         println!("d={d} {distance:?} {solver:?}: GPU gradient vs dense f64 reference: rel err {err:.2e} ({:?})", layer.last_adjoint());
         assert!(err <= 1e-3, "rel err {err}");
@@ -551,17 +817,39 @@ fn cuda_gradient_matches_dense_reference() {
 fn cuda_refuses_f64_and_non_finite_weights_by_name() {
     let dev = gpu();
     let w = Tensor::randn(0f64, 1.0, (512, 1), &dev).unwrap();
-    let layer = ClusteredWeight::new("conv9.weight", KmeansConfig { bits: 2, tau: Some(0.1), ..Default::default() }).unwrap();
+    let layer = ClusteredWeight::new(
+        "conv9.weight",
+        KmeansConfig {
+            bits: 2,
+            tau: Some(0.1),
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let err = layer.forward(&w).unwrap_err().to_string();
-    assert!(err.contains("conv9.weight") && err.contains("f32") && err.contains("F64"), "{err}");
+    assert!(
+        err.contains("conv9.weight") && err.contains("f32") && err.contains("F64"),
+        "{err}"
+    );
 
     // The host checks the weights at initialisation; on a warm start the
     // device kernel does.
     let mut v: Vec<f32> = common::normal(512, 3).iter().map(|&x| x as f32).collect();
-    let layer = ClusteredWeight::new("conv9.weight", KmeansConfig { bits: 2, tau: Some(0.1), ..Default::default() }).unwrap();
+    let layer = ClusteredWeight::new(
+        "conv9.weight",
+        KmeansConfig {
+            bits: 2,
+            tau: Some(0.1),
+            ..Default::default()
+        },
+    )
+    .unwrap();
     layer.forward(&tensor_f32(&v, (512, 1), &dev)).unwrap();
     v[301] = f32::NAN;
-    let err = layer.forward(&tensor_f32(&v, (512, 1), &dev)).unwrap_err().to_string();
+    let err = layer
+        .forward(&tensor_f32(&v, (512, 1), &dev))
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("conv9.weight") && err.contains("301"), "{err}");
 }
 
@@ -582,12 +870,19 @@ fn resnet18_training_step_on_cuda() {
     let dev = gpu();
     let cd = cuda_dev(&dev);
     let batch = 32;
-    let x: Vec<f32> = common::normal(batch * 3 * 32 * 32, 11).iter().map(|&x| x as f32).collect();
+    let x: Vec<f32> = common::normal(batch * 3 * 32 * 32, 11)
+        .iter()
+        .map(|&x| x as f32)
+        .collect();
     let labels: Vec<u32> = (0..batch as u32).map(|i| (i * 7) % 10).collect();
     let step = |clustered: bool| -> (f32, f32, f64, f64) {
         let model = Model::new(Arch::ResNet18Cifar, 3, 10, 5, &dev).unwrap();
         let clustering = clustered.then(|| {
-            let config = KmeansConfig { bits: 4, method: Method::Idkm, ..Default::default() };
+            let config = KmeansConfig {
+                bits: 4,
+                method: Method::Idkm,
+                ..Default::default()
+            };
             Clustering::new(&model, &QuantizePlan::new(config)).unwrap()
         });
         let weights = match &clustering {
@@ -597,7 +892,11 @@ fn resnet18_training_step_on_cuda() {
         let xs = Tensor::from_vec(x.clone(), (batch, 3, 32, 32), &dev).unwrap();
         let ys = Tensor::from_vec(labels.clone(), batch, &dev).unwrap();
         let vars: Vec<_> = model.trainable().into_iter().map(|(_, v)| v).collect();
-        let sgd = OptimizerKind::Sgd(SgdConfig { momentum: 0.9, nesterov: false, weight_decay: 5e-4 });
+        let sgd = OptimizerKind::Sgd(SgdConfig {
+            momentum: 0.9,
+            nesterov: false,
+            weight_decay: 5e-4,
+        });
         let mut opt = Optimizer::new(sgd, vars, 0.01).unwrap();
         let loss = || {
             let logits = model.forward(&xs, true, &weights).unwrap();
@@ -612,8 +911,16 @@ fn resnet18_training_step_on_cuda() {
         let l = loss();
         let grads = l.backward().unwrap();
         for (name, var) in model.trainable() {
-            let g = grads.get(&var).unwrap_or_else(|| panic!("no gradient for {name}"));
-            let norm = g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+            let g = grads
+                .get(&var)
+                .unwrap_or_else(|| panic!("no gradient for {name}"));
+            let norm = g
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
             assert!(norm.is_finite(), "{name}: gradient norm {norm}");
         }
         opt.step(&grads).unwrap();
@@ -622,8 +929,14 @@ fn resnet18_training_step_on_cuda() {
         if let Some(c) = &clustering {
             let mut kinds = std::collections::BTreeMap::new();
             for (name, layer) in c.layers() {
-                let adj = layer.last_adjoint().unwrap_or_else(|| panic!("{name}: no backward ran"));
-                let kind = format!("{adj:?}").split('(').next().unwrap_or("").to_string();
+                let adj = layer
+                    .last_adjoint()
+                    .unwrap_or_else(|| panic!("{name}: no backward ran"));
+                let kind = format!("{adj:?}")
+                    .split('(')
+                    .next()
+                    .unwrap_or("")
+                    .to_string();
                 *kinds.entry(kind).or_insert(0) += 1;
             }
             println!("resnet18-cifar 4-bit IDKM: adjoint solves per outcome {kinds:?}");
@@ -635,14 +948,18 @@ fn resnet18_training_step_on_cuda() {
     let (q_loss, q_after, q_secs, q_mib) = step(true);
     println!("resnet18-cifar step, batch {batch}: fp32 {fp_secs:.3} s, peak +{fp_mib:.0} MiB, loss {fp_loss:.4} -> {fp_after:.4}");
     println!("resnet18-cifar step, batch {batch}: 4-bit IDKM {q_secs:.3} s, peak +{q_mib:.0} MiB, loss {q_loss:.4} -> {q_after:.4}");
-    assert!(fp_loss.is_finite() && q_loss.is_finite() && fp_after.is_finite() && q_after.is_finite());
+    assert!(
+        fp_loss.is_finite() && q_loss.is_finite() && fp_after.is_finite() && q_after.is_finite()
+    );
 
     // The float forward agrees with the CPU (same seed, same batch).
     let cpu_model = Model::new(Arch::ResNet18Cifar, 3, 10, 5, &Device::Cpu).unwrap();
     let gpu_model = Model::new(Arch::ResNet18Cifar, 3, 10, 5, &dev).unwrap();
     let xs = Tensor::from_vec(x.clone(), (batch, 3, 32, 32), &Device::Cpu).unwrap();
     let a = cpu_model.forward(&xs, false, &Weights::Float).unwrap();
-    let b = gpu_model.forward(&xs.to_device(&dev).unwrap(), false, &Weights::Float).unwrap();
+    let b = gpu_model
+        .forward(&xs.to_device(&dev).unwrap(), false, &Weights::Float)
+        .unwrap();
     let err = rel(&flat(&b), &flat(&a));
     println!("resnet18-cifar eval forward, GPU vs CPU: rel err {err:.2e}");
     assert!(err <= 1e-3, "GPU and CPU logits differ: {err}");
@@ -675,7 +992,11 @@ fn bench_step(layer: &ClusteredWeight, w: &Tensor, g: &Tensor) -> candle_core::R
 }
 
 /// Seconds (median of `reps`) and peak extra pool bytes of `f`.
-fn measure(cd: &CudaDevice, reps: usize, mut f: impl FnMut() -> candle_core::Result<()>) -> candle_core::Result<(f64, u64)> {
+fn measure(
+    cd: &CudaDevice,
+    reps: usize,
+    mut f: impl FnMut() -> candle_core::Result<()>,
+) -> candle_core::Result<(f64, u64)> {
     let mut times = Vec::new();
     let mut peak = 0;
     for _ in 0..reps {
@@ -698,11 +1019,25 @@ fn layer_bench() {
     let cd = cuda_dev(&dev);
     let sizes: Vec<usize> = env_list("IDKM_GPU_BENCH_SIZES", &[2_359_296]);
     let bits: Vec<u32> = env_list("IDKM_GPU_BENCH_BITS", &[4, 8]);
-    let budget: f64 = std::env::var("IDKM_GPU_BENCH_BUDGET_GIB").ok().and_then(|s| s.parse().ok()).unwrap_or(100.0);
-    let reps: usize = std::env::var("IDKM_GPU_BENCH_REPS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
-    let config = |bits: u32, method: Method, t: usize| KmeansConfig { bits, method, max_iter: t, tol: 0.0, tau: Some(1e-4), ..Default::default() };
+    let budget: f64 = std::env::var("IDKM_GPU_BENCH_BUDGET_GIB")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(100.0);
+    let reps: usize = std::env::var("IDKM_GPU_BENCH_REPS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3);
+    let config = |bits: u32, method: Method, t: usize| KmeansConfig {
+        bits,
+        method,
+        max_iter: t,
+        tol: 0.0,
+        tau: Some(1e-4),
+        ..Default::default()
+    };
     let mut rows = vec![
-        "| m | k | method | t | fwd+bwd ms | peak extra MiB | x weight bytes | solver steps |".to_string(),
+        "| m | k | method | t | fwd+bwd ms | peak extra MiB | x weight bytes | solver steps |"
+            .to_string(),
         "|---:|---:|---|---:|---:|---:|---:|---:|".to_string(),
     ];
     for &m in &sizes {
@@ -719,12 +1054,22 @@ fn layer_bench() {
             let probe = 16_384.min(m);
             let per_elem = {
                 let layer = ClusteredWeight::new("probe", config(bits, Method::Dkm, 2)).unwrap();
-                let (wp, gp) = (w.narrow(0, 0, probe).unwrap(), g.narrow(0, 0, probe).unwrap());
+                let (wp, gp) = (
+                    w.narrow(0, 0, probe).unwrap(),
+                    g.narrow(0, 0, probe).unwrap(),
+                );
                 bench_step(&layer, &wp, &gp).unwrap();
                 let (_, peak) = measure(cd, 1, || bench_step(&layer, &wp, &gp)).unwrap();
                 peak as f64 / (2 * probe * k) as f64
             };
-            let runs = [(Method::Dkm, 1), (Method::Dkm, 5), (Method::Dkm, 10), (Method::Dkm, 30), (Method::Idkm, 30), (Method::IdkmJfb, 30)];
+            let runs = [
+                (Method::Dkm, 1),
+                (Method::Dkm, 5),
+                (Method::Dkm, 10),
+                (Method::Dkm, 30),
+                (Method::Idkm, 30),
+                (Method::IdkmJfb, 30),
+            ];
             for (method, t) in runs {
                 let name = method.to_string();
                 if method == Method::Dkm {
@@ -746,7 +1091,11 @@ fn layer_bench() {
                 let row = match row {
                     Ok((secs, peak)) => {
                         let steps = match layer.last_adjoint() {
-                            Some(Adjoint::Solved(r) | Adjoint::BestIterate(r) | Adjoint::FellBackToJfb(r)) => r.steps.to_string(),
+                            Some(
+                                Adjoint::Solved(r)
+                                | Adjoint::BestIterate(r)
+                                | Adjoint::FellBackToJfb(r),
+                            ) => r.steps.to_string(),
                             _ => "-".into(),
                         };
                         format!(
@@ -756,7 +1105,10 @@ fn layer_bench() {
                             peak as f64 / weight_bytes
                         )
                     }
-                    Err(e) => format!("| {m} | {k} | {name} | {t} | failed: {} | | | |", e.to_string().lines().next().unwrap_or("")),
+                    Err(e) => format!(
+                        "| {m} | {k} | {name} | {t} | failed: {} | | | |",
+                        e.to_string().lines().next().unwrap_or("")
+                    ),
                 };
                 println!("{row}");
                 rows.push(row);

@@ -27,7 +27,12 @@ fn finite_differences(w: &Tensor, mut loss: impl FnMut(&Tensor) -> f64) -> Tenso
 }
 
 fn dot(a: &Tensor, b: &Tensor) -> f64 {
-    (a * b).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap()
+    (a * b)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
 }
 
 struct Case {
@@ -39,10 +44,34 @@ struct Case {
 }
 
 const CASES: [Case; 4] = [
-    Case { m: 30, d: 1, bits: 2, tau: 0.5, distance: Distance::Squared },
-    Case { m: 20, d: 2, bits: 2, tau: 0.8, distance: Distance::Squared },
-    Case { m: 30, d: 1, bits: 2, tau: 0.3, distance: Distance::Euclidean },
-    Case { m: 20, d: 2, bits: 2, tau: 0.4, distance: Distance::Euclidean },
+    Case {
+        m: 30,
+        d: 1,
+        bits: 2,
+        tau: 0.5,
+        distance: Distance::Squared,
+    },
+    Case {
+        m: 20,
+        d: 2,
+        bits: 2,
+        tau: 0.8,
+        distance: Distance::Squared,
+    },
+    Case {
+        m: 30,
+        d: 1,
+        bits: 2,
+        tau: 0.3,
+        distance: Distance::Euclidean,
+    },
+    Case {
+        m: 20,
+        d: 2,
+        bits: 2,
+        tau: 0.4,
+        distance: Distance::Euclidean,
+    },
 ];
 
 fn config(case: &Case, method: Method) -> KmeansConfig {
@@ -52,7 +81,11 @@ fn config(case: &Case, method: Method) -> KmeansConfig {
         tau: Some(case.tau),
         distance: case.distance,
         method,
-        solver: if case.distance == Distance::Squared { Solver::Cg } else { Solver::Gmres },
+        solver: if case.distance == Distance::Squared {
+            Solver::Cg
+        } else {
+            Solver::Gmres
+        },
         max_iter: 20_000,
         tol: 1e-14,
         solver_tol: 1e-12,
@@ -62,7 +95,12 @@ fn config(case: &Case, method: Method) -> KmeansConfig {
 }
 
 fn geometry(case: &Case) -> Geometry {
-    Geometry { k: 1 << case.bits, d: case.d, tau: case.tau, distance: case.distance }
+    Geometry {
+        k: 1 << case.bits,
+        d: case.d,
+        tau: case.tau,
+        distance: case.distance,
+    }
 }
 
 /// The layer's gradient of `<g, forward(w)>` through candle's autograd.
@@ -80,12 +118,24 @@ fn idkm_gradient_matches_finite_differences() {
         let g = randn(case.m, case.d, 20 + n as u64, DType::F64);
         // The Krylov solver of the distance, then the dense solver.
         for solver in [config(case, Method::Idkm).solver, Solver::Dense] {
-            let layer = ClusteredWeight::new("w", KmeansConfig { solver, ..config(case, Method::Idkm) }).unwrap();
+            let layer = ClusteredWeight::new(
+                "w",
+                KmeansConfig {
+                    solver,
+                    ..config(case, Method::Idkm)
+                },
+            )
+            .unwrap();
             let grad = layer_grad(&layer, &w, &g);
             // Each evaluation warm-starts from the last fixed point and converges to 1e-14.
             let fd = finite_differences(&w, |w| dot(&layer.forward(w).unwrap(), &g));
             let err = rel_err(&grad, &fd);
-            assert!(err < 1e-6, "case {n} ({:?}, d = {}, {solver}): relative error {err:e}", case.distance, case.d);
+            assert!(
+                err < 1e-6,
+                "case {n} ({:?}, d = {}, {solver}): relative error {err:e}",
+                case.distance,
+                case.d
+            );
         }
     }
 }
@@ -95,14 +145,22 @@ fn dkm_gradient_matches_finite_differences() {
     for (n, case) in CASES.iter().enumerate() {
         let w = randn(case.m, case.d, 30 + n as u64, DType::F64);
         let g = randn(case.m, case.d, 40 + n as u64, DType::F64);
-        let cfg = KmeansConfig { max_iter: 3, tol: 0.0, init: Init::KmeansPlusPlus, ..config(case, Method::Dkm) };
+        let cfg = KmeansConfig {
+            max_iter: 3,
+            tol: 0.0,
+            init: Init::KmeansPlusPlus,
+            ..config(case, Method::Dkm)
+        };
         let layer = ClusteredWeight::new("w", cfg.clone()).unwrap();
         let grad = layer_grad(&layer, &w, &g);
         // The layer's first forward starts from k-means++ (refined) with its seed.
         let c0 = init::kmeans_plus_plus_refined(&flat(&w), case.d, 1 << case.bits, cfg.seed);
         let c0 = Tensor::from_vec(c0, (1 << case.bits, case.d), w.device()).unwrap();
         let fd = finite_differences(&w, |w| {
-            dot(&reference::dkm(w, &c0, &geometry(case), 3, 0.0).unwrap().0, &g)
+            dot(
+                &reference::dkm(w, &c0, &geometry(case), 3, 0.0).unwrap().0,
+                &g,
+            )
         });
         let err = rel_err(&grad, &fd);
         assert!(err < 1e-6, "case {n}: relative error {err:e}");
@@ -128,6 +186,9 @@ fn jfb_gradient_matches_finite_differences_of_one_step() {
         assert!(err < 1e-6, "case {n}: relative error {err:e}");
         // And the reference formulation of JFB agrees.
         let r = reference::implicit_grad(&w, &c_star, &g, &geo, RefAdjoint::JacobianFree).unwrap();
-        assert!(rel_err(&grad, &r) < 1e-9, "case {n}: streaming vs reference JFB");
+        assert!(
+            rel_err(&grad, &r) < 1e-9,
+            "case {n}: streaming vs reference JFB"
+        );
     }
 }

@@ -1,3 +1,4 @@
+// Over 800 lines: one check per kernel, each with its launch sequence, on one emulator binding.
 //! The CUDA kernels (kernels/*.cu, unmodified) run on the CPU by an emulator
 //! (tests/kernel_emu/: fibers for the threads of a block, real barriers and
 //! warp shuffles, divergence detection) against their Rust twins in
@@ -79,7 +80,10 @@ fn build() -> Emu {
     ];
     let pid = std::process::id();
     let units = ["runtime", "soft_assign", "adjoint", "selftest"];
-    let objects: Vec<PathBuf> = units.iter().map(|u| out.join(format!("{u}.{pid}.o"))).collect();
+    let objects: Vec<PathBuf> = units
+        .iter()
+        .map(|u| out.join(format!("{u}.{pid}.o")))
+        .collect();
     let children: Vec<_> = units
         .iter()
         .zip(&objects)
@@ -97,18 +101,38 @@ fn build() -> Emu {
         })
         .collect();
     for (unit, child) in children {
-        let status = child.wait_with_output().expect("wait for the C++ compiler").status;
-        assert!(status.success(), "`{cxx}` failed on tests/kernel_emu/{unit}.cpp ({status}); see its output above");
+        let status = child
+            .wait_with_output()
+            .expect("wait for the C++ compiler")
+            .status;
+        assert!(
+            status.success(),
+            "`{cxx}` failed on tests/kernel_emu/{unit}.cpp ({status}); see its output above"
+        );
     }
     let lib = out.join(format!("libkernel_emu.{pid}.so"));
-    let status = Command::new(&cxx).arg("-shared").arg("-o").arg(&lib).args(&objects).status().expect("run the linker");
-    assert!(status.success(), "linking the kernel emulator failed ({status})");
+    let status = Command::new(&cxx)
+        .arg("-shared")
+        .arg("-o")
+        .arg(&lib)
+        .args(&objects)
+        .status()
+        .expect("run the linker");
+    assert!(
+        status.success(),
+        "linking the kernel emulator failed ({status})"
+    );
     let path = CString::new(lib.to_str().expect("UTF-8 path")).unwrap();
     // SAFETY: dlopen/dlsym with valid C strings; the symbols have the
     // signatures declared above (tests/kernel_emu/runtime.cpp).
     let emu = unsafe {
         let handle = libc::dlopen(path.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL);
-        assert!(!handle.is_null(), "dlopen {}: {:?}", lib.display(), CStr::from_ptr(libc::dlerror()));
+        assert!(
+            !handle.is_null(),
+            "dlopen {}: {:?}",
+            lib.display(),
+            CStr::from_ptr(libc::dlerror())
+        );
         let sym = |name: &CStr| {
             let p = libc::dlsym(handle, name.as_ptr());
             assert!(!p.is_null(), "{name:?} missing from the emulator");
@@ -139,7 +163,13 @@ impl Args {
         assert!(size <= 8, "argument of {size} bytes");
         let mut word = 0u64;
         // SAFETY: copies the `size` bytes of `v` into the 8-byte word.
-        unsafe { std::ptr::copy_nonoverlapping(&v as *const V as *const u8, &mut word as *mut u64 as *mut u8, size) };
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                &v as *const V as *const u8,
+                &mut word as *mut u64 as *mut u8,
+                size,
+            )
+        };
         self.words.push(word);
         self.sizes.push(size);
         self
@@ -179,18 +209,33 @@ impl Order {
 fn launch(kernel: &str, grid: usize, block: u32, order: Order, args: &Args) -> Result<(), String> {
     let e = emu();
     let name = CString::new(kernel).unwrap();
-    let ptrs: Vec<*mut c_void> = args.words.iter().map(|w| w as *const u64 as *mut c_void).collect();
+    let ptrs: Vec<*mut c_void> = args
+        .words
+        .iter()
+        .map(|w| w as *const u64 as *mut c_void)
+        .collect();
     // SAFETY: every pointer argument points at a live buffer of the size the
     // kernel's contract asks for (the callers mirror cuda.rs); the emulator
     // checks the number and sizes of the arguments.
     let rc = unsafe {
-        (e.launch)(name.as_ptr(), grid as c_uint, block, 0, order.code(), ptrs.as_ptr(), args.sizes.as_ptr(), ptrs.len() as c_int)
+        (e.launch)(
+            name.as_ptr(),
+            grid as c_uint,
+            block,
+            0,
+            order.code(),
+            ptrs.as_ptr(),
+            args.sizes.as_ptr(),
+            ptrs.len() as c_int,
+        )
     };
     if rc == 0 {
         Ok(())
     } else {
         // SAFETY: emu_error returns this thread's NUL-terminated message.
-        Err(unsafe { CStr::from_ptr((e.error)()) }.to_string_lossy().into_owned())
+        Err(unsafe { CStr::from_ptr((e.error)()) }
+            .to_string_lossy()
+            .into_owned())
     }
 }
 
@@ -263,8 +308,17 @@ impl Shape {
 fn reduce_partials(order: Order, partials: &[f64], blocks: usize, len: usize) -> Vec<f64> {
     let mut out = vec![f64::NAN; len];
     let mut a = Args::default();
-    a.buf(partials).arg(blocks as i32).arg(len as i32).out(&mut out);
-    run("reduce_partials", len.div_ceil(BLOCK as usize), BLOCK, order, &a);
+    a.buf(partials)
+        .arg(blocks as i32)
+        .arg(len as i32)
+        .out(&mut out);
+    run(
+        "reduce_partials",
+        len.div_ceil(BLOCK as usize),
+        BLOCK,
+        order,
+        &a,
+    );
     out
 }
 
@@ -273,16 +327,35 @@ fn soft_assign_reduce(order: Order, p: &Shape, w: &[f32], c: &[f32]) -> Vec<f64>
     let (len, nb) = (p.k * (p.d + 1), p.reduce_blocks());
     let mut partials = vec![f64::NAN; nb * len];
     let mut a = Args::default();
-    a.buf(w).buf(c).arg(p.m as i32).arg(p.k as i32).arg(p.inv_tau).arg(p.euclidean).out(&mut partials);
+    a.buf(w)
+        .buf(c)
+        .arg(p.m as i32)
+        .arg(p.k as i32)
+        .arg(p.inv_tau)
+        .arg(p.euclidean)
+        .out(&mut partials);
     run(&p.kernel("soft_assign_reduce"), nb, BLOCK, order, &a);
     reduce_partials(order, &partials, nb, len)
 }
 
 /// cuda.rs `kmeans_update`: (next, shift, converged).
-fn kmeans_update(order: Order, p: &Shape, sums: &[f64], c: &[f32], tol: f64) -> (Vec<f32>, f64, u32) {
+fn kmeans_update(
+    order: Order,
+    p: &Shape,
+    sums: &[f64],
+    c: &[f32],
+    tol: f64,
+) -> (Vec<f32>, f64, u32) {
     let (mut next, mut shift, mut converged) = (vec![f32::NAN; p.n()], [f64::NAN], [u32::MAX]);
     let mut a = Args::default();
-    a.buf(sums).buf(c).arg(p.k as i32).arg(p.d as i32).arg(tol).out(&mut next).out(&mut shift).out(&mut converged);
+    a.buf(sums)
+        .buf(c)
+        .arg(p.k as i32)
+        .arg(p.d as i32)
+        .arg(tol)
+        .out(&mut next)
+        .out(&mut shift)
+        .out(&mut converged);
     run("kmeans_update", 1, BLOCK, order, &a);
     (next, shift[0], converged[0])
 }
@@ -292,12 +365,25 @@ fn inverse_mass(order: Order, p: &Shape, sums: &[f64]) -> Vec<f64> {
     let mut inv = vec![f64::NAN; p.k];
     let mut a = Args::default();
     a.buf(sums).arg(p.k as i32).out(&mut inv);
-    run("inverse_mass", p.k.div_ceil(BLOCK as usize), BLOCK, order, &a);
+    run(
+        "inverse_mass",
+        p.k.div_ceil(BLOCK as usize),
+        BLOCK,
+        order,
+        &a,
+    );
     inv
 }
 
 /// cuda.rs `fixed_point`: (centroids, steps, last shift).
-fn fixed_point(order: Order, p: &Shape, w: &[f32], c0: &[f32], max_iter: usize, tol: f64) -> (Vec<f32>, usize, f64) {
+fn fixed_point(
+    order: Order,
+    p: &Shape,
+    w: &[f32],
+    c0: &[f32],
+    max_iter: usize,
+    tol: f64,
+) -> (Vec<f32>, usize, f64) {
     let mut c = c0.to_vec();
     let (mut shift, mut steps) = (f64::INFINITY, 0);
     while steps < max_iter {
@@ -314,11 +400,29 @@ fn fixed_point(order: Order, p: &Shape, w: &[f32], c0: &[f32], max_iter: usize, 
 }
 
 /// cuda.rs `soft_assign_output` (`grid`: `None` for cuda.rs's grid).
-fn soft_assign_output(order: Order, p: &Shape, w: &[f32], c: &[f32], grid: Option<usize>) -> Vec<f32> {
+fn soft_assign_output(
+    order: Order,
+    p: &Shape,
+    w: &[f32],
+    c: &[f32],
+    grid: Option<usize>,
+) -> Vec<f32> {
     let mut out = vec![f32::NAN; p.m * p.d];
     let mut a = Args::default();
-    a.buf(w).buf(c).arg(p.m as i32).arg(p.k as i32).arg(p.inv_tau).arg(p.euclidean).out(&mut out);
-    run(&p.kernel("soft_assign_output"), grid.unwrap_or(p.row_blocks()), BLOCK, order, &a);
+    a.buf(w)
+        .buf(c)
+        .arg(p.m as i32)
+        .arg(p.k as i32)
+        .arg(p.inv_tau)
+        .arg(p.euclidean)
+        .out(&mut out);
+    run(
+        &p.kernel("soft_assign_output"),
+        grid.unwrap_or(p.row_blocks()),
+        BLOCK,
+        order,
+        &a,
+    );
     out
 }
 
@@ -326,7 +430,11 @@ fn soft_assign_output(order: Order, p: &Shape, w: &[f32], c: &[f32], grid: Optio
 fn hard_assign(order: Order, p: &Shape, w: &[f32], c: &[f32], grid: Option<usize>) -> Vec<u32> {
     let mut out = vec![u32::MAX; p.m];
     let mut a = Args::default();
-    a.buf(w).buf(c).arg(p.m as i32).arg(p.k as i32).out(&mut out);
+    a.buf(w)
+        .buf(c)
+        .arg(p.m as i32)
+        .arg(p.k as i32)
+        .out(&mut out);
     let grid = grid.unwrap_or(p.m.div_ceil(BLOCK as usize).clamp(1, MAX_ROW_BLOCKS));
     run(&p.kernel("hard_assign"), grid, BLOCK, order, &a);
     out
@@ -337,7 +445,13 @@ fn first_non_finite(order: Order, x: &[f32]) -> u64 {
     let mut first = [u64::MAX];
     let mut a = Args::default();
     a.buf(x).arg(x.len() as u64).out(&mut first);
-    run("first_non_finite_f32", x.len().div_ceil(BLOCK as usize).clamp(1, MAX_REDUCE_BLOCKS), BLOCK, order, &a);
+    run(
+        "first_non_finite_f32",
+        x.len().div_ceil(BLOCK as usize).clamp(1, MAX_REDUCE_BLOCKS),
+        BLOCK,
+        order,
+        &a,
+    );
     first[0]
 }
 
@@ -346,19 +460,38 @@ fn centroid_cotangent(order: Order, p: &Shape, w: &[f32], c: &[f32], g: &[f32]) 
     let nb = p.reduce_blocks();
     let mut partials = vec![f64::NAN; nb * p.n()];
     let mut a = Args::default();
-    a.buf(w).buf(c).buf(g).arg(p.m as i32).arg(p.k as i32).arg(p.inv_tau).arg(p.euclidean).out(&mut partials);
+    a.buf(w)
+        .buf(c)
+        .buf(g)
+        .arg(p.m as i32)
+        .arg(p.k as i32)
+        .arg(p.inv_tau)
+        .arg(p.euclidean)
+        .out(&mut partials);
     run(&p.kernel("centroid_cotangent"), nb, BLOCK, order, &a);
     reduce_partials(order, &partials, nb, p.n())
 }
 
 /// cuda.rs `adjoint_matvec`: the kernel, then reduce_partials.
 #[allow(clippy::too_many_arguments)]
-fn adjoint_matvec(order: Order, p: &Shape, w: &[f32], c: &[f32], f: &[f32], inv_mass: &[f64], u: &[f64]) -> Vec<f64> {
+fn adjoint_matvec(
+    order: Order,
+    p: &Shape,
+    w: &[f32],
+    c: &[f32],
+    f: &[f32],
+    inv_mass: &[f64],
+    u: &[f64],
+) -> Vec<f64> {
     let nb = p.reduce_blocks();
     let mut partials = vec![f64::NAN; nb * p.n()];
     let mut a = Args::default();
     a.buf(w).buf(c).buf(f).buf(inv_mass).buf(u);
-    a.arg(p.m as i32).arg(p.k as i32).arg(p.inv_tau).arg(p.euclidean).out(&mut partials);
+    a.arg(p.m as i32)
+        .arg(p.k as i32)
+        .arg(p.inv_tau)
+        .arg(p.euclidean)
+        .out(&mut partials);
     run(&p.kernel("adjoint_matvec"), nb, BLOCK, order, &a);
     reduce_partials(order, &partials, nb, p.n())
 }
@@ -379,8 +512,18 @@ fn weight_grad(
     let mut out = vec![f32::NAN; p.m * p.d];
     let mut a = Args::default();
     a.buf(w).buf(c).buf(f).buf(g).buf(inv_mass).buf(u);
-    a.arg(p.m as i32).arg(p.k as i32).arg(p.inv_tau).arg(p.euclidean).out(&mut out);
-    run(&p.kernel("weight_grad"), grid.unwrap_or(p.row_blocks()), BLOCK, order, &a);
+    a.arg(p.m as i32)
+        .arg(p.k as i32)
+        .arg(p.inv_tau)
+        .arg(p.euclidean)
+        .out(&mut out);
+    run(
+        &p.kernel("weight_grad"),
+        grid.unwrap_or(p.row_blocks()),
+        BLOCK,
+        order,
+        &a,
+    );
     out
 }
 
@@ -419,29 +562,66 @@ fn conjugate_gradient(
     let [mut x, mut r, mut dir, mut x_best] = std::array::from_fn(|_| vec![f64::NAN; n]);
     let mut state = vec![f64::NAN; CG_STATE_LEN];
     let mut a = Args::default();
-    a.buf(h).arg(n as i32).arg(max_steps_i32).out(&mut x).out(&mut r).out(&mut dir).out(&mut x_best).out(&mut state);
+    a.buf(h)
+        .arg(n as i32)
+        .arg(max_steps_i32)
+        .out(&mut x)
+        .out(&mut r)
+        .out(&mut dir)
+        .out(&mut x_best)
+        .out(&mut state);
     run("cg_init", 1, CG_BLOCK, order, &a);
     let mut partials = vec![f64::NAN; nb * n];
     let mut launched = 0;
     while state[CG_STATUS] == 0.0 && launched < max_steps {
         for _ in 0..CG_CHECK_EVERY.min(max_steps - launched) {
             let mut a = Args::default();
-            a.buf(w).buf(c).buf(f).buf(sums).buf(inv_mass).buf(&dir).buf(&state);
-            a.arg(p.m as i32).arg(p.k as i32).arg(p.inv_tau).arg(p.euclidean).out(&mut partials);
+            a.buf(w)
+                .buf(c)
+                .buf(f)
+                .buf(sums)
+                .buf(inv_mass)
+                .buf(&dir)
+                .buf(&state);
+            a.arg(p.m as i32)
+                .arg(p.k as i32)
+                .arg(p.inv_tau)
+                .arg(p.euclidean)
+                .out(&mut partials);
             run(&p.kernel("cg_matvec"), nb, BLOCK, order, &a);
             let jt = reduce_partials(order, &partials, nb, n);
             let mut a = Args::default();
-            a.buf(&jt).arg(1i32).buf(sums).buf(inv_mass).arg(p.k as i32).arg(p.d as i32).arg(tol).arg(max_steps_i32);
-            a.out(&mut x).out(&mut r).out(&mut dir).out(&mut x_best).out(&mut state);
+            a.buf(&jt)
+                .arg(1i32)
+                .buf(sums)
+                .buf(inv_mass)
+                .arg(p.k as i32)
+                .arg(p.d as i32)
+                .arg(tol)
+                .arg(max_steps_i32);
+            a.out(&mut x)
+                .out(&mut r)
+                .out(&mut dir)
+                .out(&mut x_best)
+                .out(&mut state);
             run("cg_update", 1, CG_BLOCK, order, &a);
             launched += 1;
         }
     }
     let mut u = vec![f64::NAN; n];
     let mut a = Args::default();
-    a.buf(sums).buf(inv_mass).buf(&x_best).arg(p.k as i32).arg(p.d as i32).out(&mut u);
+    a.buf(sums)
+        .buf(inv_mass)
+        .buf(&x_best)
+        .arg(p.k as i32)
+        .arg(p.d as i32)
+        .out(&mut u);
     run("cg_finish", 1, CG_BLOCK, order, &a);
-    DeviceCg { u, steps: state[CG_STEPS] as usize, rel: state[CG_BEST_REL] }
+    DeviceCg {
+        u,
+        steps: state[CG_STEPS] as usize,
+        rel: state[CG_BEST_REL],
+    }
 }
 
 // ----------------------------------------------------------------------------
@@ -532,8 +712,15 @@ fn for_each_case(kernel: &str, tol: f64, cases: &[Case], check: impl Fn(&Case) -
             failures.push(format!("{}: rel err {err:.3e}", case.label()));
         }
     }
-    println!("{kernel}: worst rel err {worst:.3e} over {} cases", cases.len());
-    assert!(failures.is_empty(), "{kernel} differs from its CPU twin (tol {tol:e}):\n{}", failures.join("\n"));
+    println!(
+        "{kernel}: worst rel err {worst:.3e} over {} cases",
+        cases.len()
+    );
+    assert!(
+        failures.is_empty(),
+        "{kernel} differs from its CPU twin (tol {tol:e}):\n{}",
+        failures.join("\n")
+    );
 }
 
 // ----------------------------------------------------------------------------
@@ -543,7 +730,9 @@ fn for_each_case(kernel: &str, tol: f64, cases: &[Case], check: impl Fn(&Case) -
 fn soft_assign_reduce_matches_twin() {
     for_each_case("soft_assign_reduce", KERNEL_TOL, &cases(), |case| {
         let p = case.shape();
-        let got = in_every_order(&case.label(), p.m < 500, |o| soft_assign_reduce(o, &p, &case.w, &case.c));
+        let got = in_every_order(&case.label(), p.m < 500, |o| {
+            soft_assign_reduce(o, &p, &case.w, &case.c)
+        });
         let twin = pass::soft_assign_reduce(&case.w, &case.c, &case.geo);
         let want: Vec<f64> = twin.mass.iter().chain(&twin.weighted).copied().collect();
         rel(&got, &want)
@@ -557,14 +746,22 @@ fn kmeans_update_and_inverse_mass_match_twin_exactly() {
     for_each_case("kmeans_update + inverse_mass", 0.0, &cases(), |case| {
         let p = case.shape();
         let sums = soft_assign_reduce(Order::Forward, &p, &case.w, &case.c);
-        let moments = Moments { mass: sums[..p.k].to_vec(), weighted: sums[p.k..].to_vec() };
+        let moments = Moments {
+            mass: sums[..p.k].to_vec(),
+            weighted: sums[p.k..].to_vec(),
+        };
         let mut want_next = case.c.clone();
         let want_shift = moments.update(&case.c, &mut want_next, p.d);
         let mut err = 0.0;
         for tol in [0.0, want_shift, 0.5 * want_shift] {
             let (next, shift, converged) = kmeans_update(Order::Forward, &p, &sums, &case.c, tol);
-            let (next_r, shift_r, converged_r) = kmeans_update(Order::Reverse, &p, &sums, &case.c, tol);
-            assert!(next.bits() == next_r.bits() && shift.to_bits() == shift_r.to_bits() && converged == converged_r);
+            let (next_r, shift_r, converged_r) =
+                kmeans_update(Order::Reverse, &p, &sums, &case.c, tol);
+            assert!(
+                next.bits() == next_r.bits()
+                    && shift.to_bits() == shift_r.to_bits()
+                    && converged == converged_r
+            );
             if next.bits() != want_next.bits() || shift.to_bits() != want_shift.to_bits() {
                 println!("{}: shift {shift:e} vs {want_shift:e}", case.label());
                 err = f64::INFINITY;
@@ -578,7 +775,12 @@ fn kmeans_update_and_inverse_mass_match_twin_exactly() {
             err = f64::INFINITY;
         }
         if case.c[0] == 1e3 {
-            assert_eq!(moments.dead(), 1, "{}: centroid 0 should be dead", case.label());
+            assert_eq!(
+                moments.dead(),
+                1,
+                "{}: centroid 0 should be dead",
+                case.label()
+            );
             assert_eq!(inv[0], 0.0);
         }
         err
@@ -588,7 +790,10 @@ fn kmeans_update_and_inverse_mass_match_twin_exactly() {
 #[test]
 fn fixed_point_matches_twin() {
     // tol = 0: both run exactly max_iter steps (the last shift compared too).
-    let cases: Vec<Case> = cases().into_iter().filter(|c| c.m < 1100 && c.geo.k <= 16).collect();
+    let cases: Vec<Case> = cases()
+        .into_iter()
+        .filter(|c| c.m < 1100 && c.geo.k <= 16)
+        .collect();
     for_each_case("fixed_point (3 steps)", KERNEL_TOL, &cases, |case| {
         let p = case.shape();
         let (c, steps, shift) = fixed_point(Order::Forward, &p, &case.w, &case.c, 3, 0.0);
@@ -603,10 +808,16 @@ fn fixed_point_matches_twin() {
 fn soft_assign_output_matches_twin() {
     for_each_case("soft_assign_output", KERNEL_TOL, &cases(), |case| {
         let p = case.shape();
-        let got = in_every_order(&case.label(), p.m < 500, |o| soft_assign_output(o, &p, &case.w, &case.c, None));
+        let got = in_every_order(&case.label(), p.m < 500, |o| {
+            soft_assign_output(o, &p, &case.w, &case.c, None)
+        });
         // Row-parallel: any grid (here a grid-stride loop) gives the same bits.
         let strided = soft_assign_output(Order::Forward, &p, &case.w, &case.c, Some(3));
-        assert!(strided.bits() == got.bits(), "{}: a grid of 3 blocks differs", case.label());
+        assert!(
+            strided.bits() == got.bits(),
+            "{}: a grid of 3 blocks differs",
+            case.label()
+        );
         let mut want = vec![0f32; p.m * p.d];
         pass::soft_assign_output(&case.w, &case.c, &case.geo, &mut want);
         rel(&wide(&got), &wide(&want))
@@ -616,15 +827,26 @@ fn soft_assign_output_matches_twin() {
 #[test]
 fn hard_assign_matches_twin_exactly() {
     // The same unfused float sums in the same order: the same indices.
-    for_each_case("hard_assign (fraction of rows differing)", 0.0, &cases(), |case| {
-        let p = case.shape();
-        let got = in_every_order(&case.label(), false, |o| hard_assign(o, &p, &case.w, &case.c, None));
-        let strided = hard_assign(Order::Forward, &p, &case.w, &case.c, Some(2));
-        assert!(strided == got, "{}: a grid of 2 blocks differs", case.label());
-        let mut want = vec![0u32; p.m];
-        pass::hard_assign(&case.w, &case.c, p.d, &mut want);
-        got.iter().zip(&want).filter(|(a, b)| a != b).count() as f64 / p.m as f64
-    });
+    for_each_case(
+        "hard_assign (fraction of rows differing)",
+        0.0,
+        &cases(),
+        |case| {
+            let p = case.shape();
+            let got = in_every_order(&case.label(), false, |o| {
+                hard_assign(o, &p, &case.w, &case.c, None)
+            });
+            let strided = hard_assign(Order::Forward, &p, &case.w, &case.c, Some(2));
+            assert!(
+                strided == got,
+                "{}: a grid of 2 blocks differs",
+                case.label()
+            );
+            let mut want = vec![0u32; p.m];
+            pass::hard_assign(&case.w, &case.c, p.d, &mut want);
+            got.iter().zip(&want).filter(|(a, b)| a != b).count() as f64 / p.m as f64
+        },
+    );
 }
 
 #[test]
@@ -640,12 +862,26 @@ fn no_weights() {
     let h = centroid_cotangent(Order::Forward, &p, &case.w, &case.c, &case.g);
     assert!(h.iter().all(|&x| x == 0.0), "{h:?}");
     let inv = inverse_mass(Order::Forward, &p, &sums);
-    assert!(weight_grad(Order::Forward, &p, &case.w, &case.c, &case.c, &case.g, &inv, &case.u, None).is_empty());
+    assert!(weight_grad(
+        Order::Forward,
+        &p,
+        &case.w,
+        &case.c,
+        &case.c,
+        &case.g,
+        &inv,
+        &case.u,
+        None
+    )
+    .is_empty());
 }
 
 #[test]
 fn first_non_finite_finds_the_first_bad_value() {
-    let mut x: Vec<f32> = common::normal(300_001, 5).iter().map(|&x| x as f32).collect();
+    let mut x: Vec<f32> = common::normal(300_001, 5)
+        .iter()
+        .map(|&x| x as f32)
+        .collect();
     assert_eq!(first_non_finite(Order::Forward, &x), u64::MAX);
     x[250_000] = f32::NEG_INFINITY;
     x[123_457] = f32::NAN;
@@ -662,8 +898,13 @@ fn first_non_finite_finds_the_first_bad_value() {
 fn centroid_cotangent_matches_twin() {
     for_each_case("centroid_cotangent", KERNEL_TOL, &cases(), |case| {
         let p = case.shape();
-        let got = in_every_order(&case.label(), p.m < 500, |o| centroid_cotangent(o, &p, &case.w, &case.c, &case.g));
-        rel(&got, &pass::centroid_cotangent(&case.w, &case.c, &case.g, &case.geo))
+        let got = in_every_order(&case.label(), p.m < 500, |o| {
+            centroid_cotangent(o, &p, &case.w, &case.c, &case.g)
+        });
+        rel(
+            &got,
+            &pass::centroid_cotangent(&case.w, &case.c, &case.g, &case.geo),
+        )
     });
 }
 
@@ -672,8 +913,13 @@ fn adjoint_matvec_matches_twin() {
     for_each_case("adjoint_matvec", KERNEL_TOL, &cases(), |case| {
         let p = case.shape();
         let (f, inv) = case.twin_at();
-        let got = in_every_order(&case.label(), p.m < 500, |o| adjoint_matvec(o, &p, &case.w, &case.c, &f, &inv, &case.u));
-        rel(&got, &pass::adjoint_matvec(&case.w, &case.c, &f, &inv, &case.u, &case.geo))
+        let got = in_every_order(&case.label(), p.m < 500, |o| {
+            adjoint_matvec(o, &p, &case.w, &case.c, &f, &inv, &case.u)
+        });
+        rel(
+            &got,
+            &pass::adjoint_matvec(&case.w, &case.c, &f, &inv, &case.u, &case.geo),
+        )
     });
 }
 
@@ -685,10 +931,26 @@ fn weight_grad_matches_twin() {
         let got = in_every_order(&case.label(), p.m < 500, |o| {
             weight_grad(o, &p, &case.w, &case.c, &f, &case.g, &inv, &case.u, None)
         });
-        let strided = weight_grad(Order::Forward, &p, &case.w, &case.c, &f, &case.g, &inv, &case.u, Some(3));
-        assert!(strided.bits() == got.bits(), "{}: a grid of 3 blocks differs", case.label());
+        let strided = weight_grad(
+            Order::Forward,
+            &p,
+            &case.w,
+            &case.c,
+            &f,
+            &case.g,
+            &inv,
+            &case.u,
+            Some(3),
+        );
+        assert!(
+            strided.bits() == got.bits(),
+            "{}: a grid of 3 blocks differs",
+            case.label()
+        );
         let mut want = vec![0f32; p.m * p.d];
-        pass::weight_grad(&case.w, &case.c, &f, &case.g, &inv, &case.u, &case.geo, &mut want);
+        pass::weight_grad(
+            &case.w, &case.c, &f, &case.g, &inv, &case.u, &case.geo, &mut want,
+        );
         rel(&wide(&got), &wide(&want))
     });
 }
@@ -715,12 +977,18 @@ fn device_cg_and_backward_match_cpu() {
         let (c, _, _) = pass::fixed_point(&case.w, &case.c, &case.geo, 300, 1e-7);
         case.c = c;
         let p = case.shape();
-        let order = if seed % 2 == 0 { Order::Forward } else { Order::Reverse };
+        let order = if seed % 2 == 0 {
+            Order::Forward
+        } else {
+            Order::Reverse
+        };
 
         let at = at_fixed_point(order, &p, &case.w, &case.c);
         let h = centroid_cotangent(order, &p, &case.w, &case.c, &case.g);
         let cg = conjugate_gradient(order, &p, &case.w, &case.c, &at, &h, tol, max_steps);
-        let grad = weight_grad(order, &p, &case.w, &case.c, &at.2, &case.g, &at.1, &cg.u, None);
+        let grad = weight_grad(
+            order, &p, &case.w, &case.c, &at.2, &case.g, &at.1, &cg.u, None,
+        );
 
         // The CPU side: backward.rs with Solver::Cg.
         let (moments, h_cpu) = pass::cotangent_reduce(&case.w, &case.c, &case.g, &case.geo);
@@ -728,12 +996,24 @@ fn device_cg_and_backward_match_cpu() {
         let mut f = case.c.clone();
         moments.update(&case.c, &mut f, d);
         let jt = |u: &[f64]| pass::adjoint_matvec(&case.w, &case.c, &f, &inv_mass, u, &case.geo);
-        let (u_cpu, report) = backward::symmetrised_cg(&moments.mass, &inv_mass, d, jt, &h_cpu, tol, max_steps);
-        let cfg = BackwardConfig { method: Method::Idkm, solver: Solver::Cg, tol, max_steps };
+        let (u_cpu, report) =
+            backward::symmetrised_cg(&moments.mass, &inv_mass, d, jt, &h_cpu, tol, max_steps);
+        let cfg = BackwardConfig {
+            method: Method::Idkm,
+            solver: Solver::Cg,
+            tol,
+            max_steps,
+        };
         let mut want = vec![0f32; m * d];
-        backward::implicit_backward(&case.w, &case.c, &case.g, &case.geo, &cfg, None, "cpu", &mut want);
+        backward::implicit_backward(
+            &case.w, &case.c, &case.g, &case.geo, &cfg, None, "cpu", &mut want,
+        );
 
-        let (err_h, err_u, err_grad) = (rel(&h, &h_cpu), rel(&cg.u, &u_cpu), rel(&wide(&grad), &wide(&want)));
+        let (err_h, err_u, err_grad) = (
+            rel(&h, &h_cpu),
+            rel(&cg.u, &u_cpu),
+            rel(&wide(&grad), &wide(&want)),
+        );
         let line = format!(
             "{} {order:?}: h {err_h:.2e}, u {err_u:.2e}, grad {err_grad:.2e}, steps {} vs {}, residual {:.2e} vs {:.2e}",
             case.label(),
@@ -744,12 +1024,20 @@ fn device_cg_and_backward_match_cpu() {
         );
         println!("{line}");
         let same_outcome = (cg.rel <= tol) == report.converged;
-        if !(err_h <= KERNEL_TOL && err_u <= 1e-4 && err_grad <= 1e-4 && cg.steps.abs_diff(report.steps) <= 1 && same_outcome)
+        if !(err_h <= KERNEL_TOL
+            && err_u <= 1e-4
+            && err_grad <= 1e-4
+            && cg.steps.abs_diff(report.steps) <= 1
+            && same_outcome)
         {
             failures.push(line);
         }
     }
-    assert!(failures.is_empty(), "device CG differs from the CPU:\n{}", failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "device CG differs from the CPU:\n{}",
+        failures.join("\n")
+    );
 }
 
 #[test]
@@ -783,14 +1071,22 @@ fn emulator_shuffles_and_barriers_work() {
     for w in 0..16 {
         let want: f64 = x[w * 32..(w + 1) * 32].iter().sum();
         assert_eq!(out[2 * w], want, "warp {w} (double)");
-        assert!((out[2 * w + 1] - want).abs() <= 1e-4 * want.abs().max(1.0), "warp {w} (float)");
+        assert!(
+            (out[2 * w + 1] - want).abs() <= 1e-4 * want.abs().max(1.0),
+            "warp {w} (float)"
+        );
     }
     for order in [Order::Forward, Order::Reverse, Order::Random(9)] {
         let mut ids = vec![-7i32; 2 * 128];
         let mut a = Args::default();
         a.arg(1i32).out(&mut ids);
         run("selftest_neighbour", 2, 128, order, &a);
-        assert!(ids.iter().enumerate().all(|(i, &v)| v as usize == (i % 128 + 1) % 128), "{order:?}: {ids:?}");
+        assert!(
+            ids.iter()
+                .enumerate()
+                .all(|(i, &v)| v as usize == (i % 128 + 1) % 128),
+            "{order:?}: {ids:?}"
+        );
     }
 }
 
@@ -823,7 +1119,9 @@ fn emulator_fails_loudly_on_divergence_and_traps() {
     }
     let mut t = Args::default();
     t.arg(1i32);
-    assert!(launch("selftest_trap", 3, 64, Order::Forward, &t).unwrap_err().contains("__trap()"));
+    assert!(launch("selftest_trap", 3, 64, Order::Forward, &t)
+        .unwrap_err()
+        .contains("__trap()"));
     t = Args::default();
     t.arg(0i32);
     launch("selftest_trap", 3, 64, Order::Forward, &t).expect("no trap");
@@ -831,11 +1129,19 @@ fn emulator_fails_loudly_on_divergence_and_traps() {
     let (w, c) = (vec![0f32; 10], vec![0f32; 300]);
     let mut partials = vec![0f64; 300 * 2];
     let mut a = Args::default();
-    a.buf(&w).buf(&c).arg(10i32).arg(300i32).arg(1f32).arg(0i32).out(&mut partials);
+    a.buf(&w)
+        .buf(&c)
+        .arg(10i32)
+        .arg(300i32)
+        .arg(1f32)
+        .arg(0i32)
+        .out(&mut partials);
     let err = launch("soft_assign_reduce_f32_d1", 1, BLOCK, Order::Forward, &a).unwrap_err();
     assert!(err.contains("__trap()"), "{err}");
     // A wrong argument list is refused.
     let mut a = Args::default();
     a.buf(&w).arg(1i32);
-    assert!(launch("reduce_partials", 1, BLOCK, Order::Forward, &a).unwrap_err().contains("arguments"));
+    assert!(launch("reduce_partials", 1, BLOCK, Order::Forward, &a)
+        .unwrap_err()
+        .contains("arguments"));
 }

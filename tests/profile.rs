@@ -1,12 +1,15 @@
 //! The memory model against measurements on the small CNN, `idkm profile`'s
 //! outputs, and the `--memory-budget` refusal.
 
-use idkm::memory::{self, AllocKind, ModelShape, Outcome, StepConfig, Workload};
+use idkm::cluster::{Forward, Method, Solver};
+use idkm::device::DeviceSpec;
+use idkm::memory::{self, ModelShape, Workload};
 use idkm::model::Arch;
+use idkm::profile::{self, Outcome, StepConfig};
 use std::process::Command;
 
 #[global_allocator]
-static GLOBAL: memory::ProfileAlloc = memory::ProfileAlloc;
+static GLOBAL: idkm::alloc::Counting = idkm::alloc::Counting;
 
 /// Tests that measure memory (in this process, or in the children of
 /// `idkm profile`) run one at a time: another test's children running at
@@ -14,7 +17,9 @@ static GLOBAL: memory::ProfileAlloc = memory::ProfileAlloc;
 static MEASURING: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn measuring() -> std::sync::MutexGuard<'static, ()> {
-    MEASURING.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    MEASURING
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn idkm(args: &[&str]) -> std::process::Output {
@@ -24,24 +29,25 @@ fn idkm(args: &[&str]) -> std::process::Output {
         .expect("run idkm")
 }
 
+/// `method`: a clustering method's name, or `fp32`.
 fn small_cnn(method: &str, bits: u32, iters: usize, batch: usize) -> StepConfig {
     StepConfig {
-        arch: "small-cnn".into(),
+        arch: Arch::SmallCnn,
         batch,
-        method: method.into(),
+        method: (method != "fp32").then(|| method.parse().unwrap()),
         bits,
         cluster_dim: 1,
         iters,
         tol: 0.0,
         tau: Some(1e-4),
-        forward: "plain".into(),
-        solver: "cg".into(),
+        forward: Forward::Plain,
+        solver: Solver::Cg,
         min_weights: 2048,
         classes: 10,
         warmup: 1,
         steps: 1,
         max_seconds: 60.0,
-        device: "cpu".into(),
+        device: DeviceSpec::Cpu,
         data: None,
         seed: 0,
         converge_iters: None,
@@ -63,10 +69,11 @@ fn memory_model_predicts_the_counted_peak_of_the_small_cnn_within_15_percent() {
         small_cnn("idkm", 2, 3, 32),
         small_cnn("idkm-jfb", 2, 3, 16),
     ] {
-        let m = memory::run_steps(&config).unwrap();
+        let m = profile::run_steps(&config).unwrap();
         assert!(m.loss.is_finite(), "{}: loss {}", config.label(), m.loss);
-        assert_eq!(m.allocator, Some(AllocKind::System));
-        let counted = m.peak_counted_bytes.expect("ProfileAlloc is installed") as f64;
+        let counted = m
+            .peak_counted_bytes
+            .expect("the counting allocator is installed") as f64;
         let predicted = config.predict(&shape).unwrap().heap() as f64;
         let err = (predicted - counted) / counted;
         eprintln!(
@@ -79,7 +86,7 @@ fn memory_model_predicts_the_counted_peak_of_the_small_cnn_within_15_percent() {
             "{}: predicted {predicted} vs counted {counted}",
             config.label()
         );
-        if config.method == "idkm" {
+        if config.method == Some(Method::Idkm) {
             assert!(
                 m.layers
                     .iter()
@@ -132,19 +139,19 @@ fn profile_runs_each_configuration_in_a_child_and_writes_json_table_and_plots() 
 
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("p.json")).unwrap()).unwrap();
-    let records: Vec<memory::Record> = serde_json::from_value(json["records"].clone()).unwrap();
+    let records: Vec<profile::Record> = serde_json::from_value(json["records"].clone()).unwrap();
     assert_eq!(records.len(), 7);
     // Raw fields, as other tools read them.
     let first = &json["records"][0];
-    for key in ["config", "allocator", "predicted", "status"] {
+    for key in ["config", "predicted", "status"] {
         assert!(
             first.get(key).is_some() || first["outcome"].get(key).is_some(),
             "no `{key}` in {first}"
         );
     }
     for r in &records {
-        match (&r.outcome, r.config.method.as_str(), r.config.iters) {
-            (Outcome::DoesNotFit { budget_bytes }, "dkm", 30) => {
+        match (&r.outcome, r.config.method, r.config.iters) {
+            (Outcome::DoesNotFit { budget_bytes }, Some(Method::Dkm), 30) => {
                 assert!(r.predicted.total() > *budget_bytes)
             }
             (Outcome::Measured(m), _, _) => {
@@ -160,7 +167,7 @@ fn profile_runs_each_configuration_in_a_child_and_writes_json_table_and_plots() 
                     r.predicted.total(),
                     m.peak_rss_bytes
                 );
-                if r.config.method == "idkm" {
+                if r.config.method == Some(Method::Idkm) {
                     assert!(
                         m.layers
                             .iter()
@@ -169,7 +176,7 @@ fn profile_runs_each_configuration_in_a_child_and_writes_json_table_and_plots() 
                         m.layers
                     );
                 }
-                if r.config.method != "fp32" {
+                if r.config.method.is_some() {
                     assert_eq!(m.layers.len(), r.predicted.layers.len());
                 }
             }
@@ -330,10 +337,22 @@ fn steady_state_steps_start_at_the_fixed_point() {
     // No warm-up step: the measured step is the first, so the cold one
     // starts at the initialisation (a warm-up would leave it at a fixed
     // point too).
-    let cold = StepConfig { tol: 1e-4, warmup: 0, ..small_cnn("idkm", 2, 30, 8) };
-    let steady = StepConfig { converge_iters: Some(3000), ..cold.clone() };
+    let cold = StepConfig {
+        tol: 1e-4,
+        warmup: 0,
+        ..small_cnn("idkm", 2, 30, 8)
+    };
+    let steady = StepConfig {
+        converge_iters: Some(3000),
+        ..cold.clone()
+    };
     let iters = |c: &StepConfig| -> Vec<usize> {
-        memory::run_steps(c).unwrap().layers.iter().map(|l| l.forward_iters.unwrap()).collect()
+        profile::run_steps(c)
+            .unwrap()
+            .layers
+            .iter()
+            .map(|l| l.forward_iters.unwrap())
+            .collect()
     };
     let (cold_iters, steady_iters) = (iters(&cold), iters(&steady));
     assert_eq!(steady_iters.len(), 2, "conv2 and fc1 are clustered");
@@ -353,36 +372,95 @@ fn profile_steady_starts_the_steps_at_the_fixed_point() {
     let dir = tempfile::tempdir().unwrap();
     let prefix = dir.path().join("s");
     let run = idkm(&[
-        "profile", "--model", "small-cnn", "--batch", "8", "--bits", "2", "--methods", "idkm", "--iters", "30",
-        "--tol", "1e-4", "--forward", "plain", "--steady", "3000", "--no-fp32", "--output", prefix.to_str().unwrap(),
+        "profile",
+        "--model",
+        "small-cnn",
+        "--batch",
+        "8",
+        "--bits",
+        "2",
+        "--methods",
+        "idkm",
+        "--iters",
+        "30",
+        "--tol",
+        "1e-4",
+        "--forward",
+        "plain",
+        "--steady",
+        "3000",
+        "--no-fp32",
+        "--output",
+        prefix.to_str().unwrap(),
     ]);
     let stdout = String::from_utf8_lossy(&run.stdout);
-    assert!(run.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&run.stderr));
+    assert!(
+        run.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
     assert!(stdout.contains("idkm 2-bit t=30 steady"), "{stdout}");
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("s.json")).unwrap()).unwrap();
-    let records: Vec<memory::Record> = serde_json::from_value(json["records"].clone()).unwrap();
-    let Outcome::Measured(m) = &records[0].outcome else { panic!("{:?}", records[0].outcome) };
-    assert!(m.layers.iter().all(|l| l.forward_iters.unwrap() < 30), "{:?}", m.layers);
+    let records: Vec<profile::Record> = serde_json::from_value(json["records"].clone()).unwrap();
+    let Outcome::Measured(m) = &records[0].outcome else {
+        panic!("{:?}", records[0].outcome)
+    };
+    assert!(
+        m.layers.iter().all(|l| l.forward_iters.unwrap() < 30),
+        "{:?}",
+        m.layers
+    );
 }
 
 #[test]
 fn profile_takes_one_temperature_per_bit_width() {
     let _measuring = measuring();
-    let wrong = idkm(&["profile", "--bits", "4,8", "--tau", "1e-4,4e-7,1e-9", "--predict-only"]);
+    let wrong = idkm(&[
+        "profile",
+        "--bits",
+        "4,8",
+        "--tau",
+        "1e-4,4e-7,1e-9",
+        "--predict-only",
+    ]);
     let stderr = String::from_utf8_lossy(&wrong.stderr);
-    assert!(!wrong.status.success() && stderr.contains("one per --bits: got 3 for 2"), "{stderr}");
+    assert!(
+        !wrong.status.success() && stderr.contains("one per --bits: got 3 for 2"),
+        "{stderr}"
+    );
 
     let dir = tempfile::tempdir().unwrap();
     let prefix = dir.path().join("p");
     let run = idkm(&[
-        "profile", "--model", "small-cnn", "--batch", "4", "--bits", "2,3", "--tau", "0.01,0.0025",
-        "--methods", "idkm-jfb", "--iters", "1", "--no-fp32", "--output", prefix.to_str().unwrap(),
+        "profile",
+        "--model",
+        "small-cnn",
+        "--batch",
+        "4",
+        "--bits",
+        "2,3",
+        "--tau",
+        "0.01,0.0025",
+        "--methods",
+        "idkm-jfb",
+        "--iters",
+        "1",
+        "--no-fp32",
+        "--output",
+        prefix.to_str().unwrap(),
     ]);
-    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("p.json")).unwrap()).unwrap();
-    let records: Vec<memory::Record> = serde_json::from_value(json["records"].clone()).unwrap();
-    let taus: Vec<(u32, Option<f64>)> = records.iter().map(|r| (r.config.bits, r.config.tau)).collect();
+    let records: Vec<profile::Record> = serde_json::from_value(json["records"].clone()).unwrap();
+    let taus: Vec<(u32, Option<f64>)> = records
+        .iter()
+        .map(|r| (r.config.bits, r.config.tau))
+        .collect();
     assert_eq!(taus, vec![(2, Some(0.01)), (3, Some(0.0025))]);
 }

@@ -15,8 +15,14 @@ static GLOBAL: idkm::alloc::Counting = idkm::alloc::Counting;
 /// Live bytes after each of `steps` SGD steps on one fixed batch.
 fn live_after_steps(clustering: bool, steps: usize) -> Vec<usize> {
     let model = Model::new(Arch::SmallCnn, 1, 10, 0, &Device::Cpu).unwrap();
-    let config = KmeansConfig { bits: 2, tau: Some(2e-4), method: Method::Idkm, ..Default::default() };
-    let clustering = clustering.then(|| Clustering::new(&model, &QuantizePlan::new(config)).unwrap());
+    let config = KmeansConfig {
+        bits: 2,
+        tau: Some(2e-4),
+        method: Method::Idkm,
+        ..Default::default()
+    };
+    let clustering =
+        clustering.then(|| Clustering::new(&model, &QuantizePlan::new(config)).unwrap());
     let weights = match &clustering {
         Some(c) => Weights::Clustered(c),
         None => Weights::Float,
@@ -24,7 +30,11 @@ fn live_after_steps(clustering: bool, steps: usize) -> Vec<usize> {
     let x = Tensor::randn(0f32, 1.0, (32, 1, 28, 28), &Device::Cpu).unwrap();
     let y = Tensor::from_vec((0..32u32).map(|i| i % 10).collect(), 32, &Device::Cpu).unwrap();
     let vars = model.trainable().into_iter().map(|(_, v)| v).collect();
-    let sgd = OptimizerKind::Sgd(SgdConfig { momentum: 0.9, nesterov: true, weight_decay: 5e-4 });
+    let sgd = OptimizerKind::Sgd(SgdConfig {
+        momentum: 0.9,
+        nesterov: true,
+        weight_decay: 5e-4,
+    });
     let mut optimizer = Optimizer::new(sgd, vars, 0.01).unwrap();
     (0..steps)
         .map(|_| {
@@ -43,6 +53,9 @@ fn live_memory_stays_flat_across_steps() {
         // One step's activations are about 4 MB; after the momentum buffers
         // exist (step 2) nothing may accumulate.
         let growth = live[11] as i64 - live[2] as i64;
-        assert!(growth < 256 * 1024, "clustering {clustering}: live bytes grew by {growth} over 9 steps: {live:?}");
+        assert!(
+            growth < 256 * 1024,
+            "clustering {clustering}: live bytes grew by {growth} over 9 steps: {live:?}"
+        );
     }
 }

@@ -22,7 +22,14 @@ fn reference_fixed_point(w: &Tensor, c0: &Tensor, geo: &Geometry, tol: f64) -> T
     let mut c = c0.clone();
     for _ in 0..2000 {
         let next = reference::kmeans_step(w, &c, geo).unwrap();
-        let shift = (&next - &c).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+        let shift = (&next - &c)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
         c = next;
         if shift <= tol {
             break;
@@ -50,7 +57,14 @@ struct Case {
 }
 
 fn check(case: &Case, method: Method) -> Vec<String> {
-    let Case { m, d, bits, seed, distance, data } = *case;
+    let Case {
+        m,
+        d,
+        bits,
+        seed,
+        distance,
+        data,
+    } = *case;
     let k = 1usize << bits;
     let (w64, tau) = match data {
         Data::Normal(factor) => (randn(m, d, seed, DType::F64), soft_tau(k, d) * factor),
@@ -59,14 +73,23 @@ fn check(case: &Case, method: Method) -> Vec<String> {
             (w, tau * factor)
         }
     };
-    let geo = Geometry { k, d, tau, distance };
+    let geo = Geometry {
+        k,
+        d,
+        tau,
+        distance,
+    };
     let config = KmeansConfig {
         bits,
         cluster_dim: d,
         tau: Some(tau),
         distance,
         method,
-        solver: if distance == Distance::Squared { Solver::Cg } else { Solver::Gmres },
+        solver: if distance == Distance::Squared {
+            Solver::Cg
+        } else {
+            Solver::Gmres
+        },
         max_iter: 3000,
         // Relative to the spread of the weights (up to about 1.4 here): f32
         // centroids at their fixed point, to a few ulps.
@@ -78,18 +101,33 @@ fn check(case: &Case, method: Method) -> Vec<String> {
     };
     let w = w64.to_dtype(DType::F32).unwrap();
     let g = randn(m, d, seed + 1000, DType::F32);
-    let (w64, g64) = (w.to_dtype(DType::F64).unwrap(), g.to_dtype(DType::F64).unwrap());
+    let (w64, g64) = (
+        w.to_dtype(DType::F64).unwrap(),
+        g.to_dtype(DType::F64).unwrap(),
+    );
 
     let layer = ClusteredWeight::new("twin", config).unwrap();
     let var = Var::from_tensor(&w).unwrap();
     let soft = layer.forward(&var).unwrap();
-    let grad = (&soft * &g).unwrap().sum_all().unwrap().backward().unwrap().get(&var).unwrap().clone();
+    let grad = (&soft * &g)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap()
+        .get(&var)
+        .unwrap()
+        .clone();
     let c = layer.centroids().unwrap();
 
     // The reference converges from the streaming result's neighbourhood to its own fixed point.
     let c_ref = reference_fixed_point(&w64, &c.to_dtype(DType::F64).unwrap(), &geo, 1e-13);
     let soft_ref = reference::soft_output(&w64, &c_ref, &geo).unwrap();
-    let adjoint = if method == Method::Idkm { Adjoint::Exact } else { Adjoint::JacobianFree };
+    let adjoint = if method == Method::Idkm {
+        Adjoint::Exact
+    } else {
+        Adjoint::JacobianFree
+    };
     // The gradient is compared at the same centroids: how far the f32 fixed
     // point sits from the f64 one is what the centroid comparison measures.
     let c64 = c.to_dtype(DType::F64).unwrap();
@@ -100,18 +138,38 @@ fn check(case: &Case, method: Method) -> Vec<String> {
     let mut step_streaming = vec![0f32; k * d];
     let c32: Vec<f32> = c.flatten_all().unwrap().to_vec1().unwrap();
     let w32: Vec<f32> = w.flatten_all().unwrap().to_vec1().unwrap();
-    idkm::cluster::streaming::soft_assign_reduce(&w32, &c32, &geo).update(&c32, &mut step_streaming, d);
+    idkm::cluster::streaming::soft_assign_reduce(&w32, &c32, &geo).update(
+        &c32,
+        &mut step_streaming,
+        d,
+    );
     let step_streaming = Tensor::from_vec(step_streaming, (k, d), w.device()).unwrap();
 
     let label = format!("m={m} d={d} k={k} seed={seed} {distance:?} {method:?}");
     let es = rel_err(&step_streaming, &step);
-    eprintln!("{label}: step {es:.1e} centroids {:.1e} soft {:.1e} grad {:.1e} (forward {:?})", rel_err(&c, &c_ref), rel_err(&soft, &soft_ref), rel_err(&grad, &grad_ref), layer.last_forward());
+    eprintln!(
+        "{label}: step {es:.1e} centroids {:.1e} soft {:.1e} grad {:.1e} (forward {:?})",
+        rel_err(&c, &c_ref),
+        rel_err(&soft, &soft_ref),
+        rel_err(&grad, &grad_ref),
+        layer.last_forward()
+    );
     let mut failures = Vec::new();
     if es >= 1e-6 {
-        failures.push(format!("{label}: one k-means step differs, relative {es:e}"));
+        failures.push(format!(
+            "{label}: one k-means step differs, relative {es:e}"
+        ));
     }
-    let (ec, ew, eg) = (rel_err(&c, &c_ref), rel_err(&soft, &soft_ref), rel_err(&grad, &grad_ref));
-    for (what, err) in [("centroids", ec), ("soft weights", ew), ("weight gradients", eg)] {
+    let (ec, ew, eg) = (
+        rel_err(&c, &c_ref),
+        rel_err(&soft, &soft_ref),
+        rel_err(&grad, &grad_ref),
+    );
+    for (what, err) in [
+        ("centroids", ec),
+        ("soft weights", ew),
+        ("weight gradients", eg),
+    ] {
         if err >= 1e-5 {
             failures.push(format!("{label}: {what} differ, relative {err:e}"));
         }
@@ -121,7 +179,10 @@ fn check(case: &Case, method: Method) -> Vec<String> {
 
 #[test]
 fn streaming_matches_reference_squared() {
-    let mixture = Data::Mixture { spread: 0.2, factor: 4.0 };
+    let mixture = Data::Mixture {
+        spread: 0.2,
+        factor: 4.0,
+    };
     let cases = [
         (400, 1, 1, Data::Normal(0.5)),
         (1000, 1, 2, Data::Normal(0.5)),
@@ -132,7 +193,14 @@ fn streaming_matches_reference_squared() {
     ];
     let mut failures = Vec::new();
     for (n, (m, d, bits, data)) in cases.into_iter().enumerate() {
-        let case = Case { m, d, bits, seed: n as u64, distance: Distance::Squared, data };
+        let case = Case {
+            m,
+            d,
+            bits,
+            seed: n as u64,
+            distance: Distance::Squared,
+            data,
+        };
         for method in [Method::Idkm, Method::IdkmJfb] {
             failures.extend(check(&case, method));
         }
@@ -143,8 +211,18 @@ fn streaming_matches_reference_squared() {
 #[test]
 fn streaming_matches_reference_euclidean() {
     let mut failures = Vec::new();
-    for (n, (m, d, bits)) in [(500, 1, 2), (1200, 2, 3), (2000, 1, 4)].into_iter().enumerate() {
-        let case = Case { m, d, bits, seed: 100 + n as u64, distance: Distance::Euclidean, data: Data::Normal(0.5) };
+    for (n, (m, d, bits)) in [(500, 1, 2), (1200, 2, 3), (2000, 1, 4)]
+        .into_iter()
+        .enumerate()
+    {
+        let case = Case {
+            m,
+            d,
+            bits,
+            seed: 100 + n as u64,
+            distance: Distance::Euclidean,
+            data: Data::Normal(0.5),
+        };
         for method in [Method::Idkm, Method::IdkmJfb] {
             failures.extend(check(&case, method));
         }
@@ -155,13 +233,47 @@ fn streaming_matches_reference_euclidean() {
 #[test]
 fn streaming_matches_reference_many_centroids() {
     let cases = [
-        (4096, 1, 8, Data::Mixture { spread: 0.2, factor: 4.0 }),
-        (4096, 1, 8, Data::Mixture { spread: 0.1, factor: 16.0 }),
-        (2048, 2, 6, Data::Mixture { spread: 0.2, factor: 4.0 }),
+        (
+            4096,
+            1,
+            8,
+            Data::Mixture {
+                spread: 0.2,
+                factor: 4.0,
+            },
+        ),
+        (
+            4096,
+            1,
+            8,
+            Data::Mixture {
+                spread: 0.1,
+                factor: 16.0,
+            },
+        ),
+        (
+            2048,
+            2,
+            6,
+            Data::Mixture {
+                spread: 0.2,
+                factor: 4.0,
+            },
+        ),
     ];
     let mut failures = Vec::new();
     for (n, (m, d, bits, data)) in cases.into_iter().enumerate() {
-        failures.extend(check(&Case { m, d, bits, seed: 7 + n as u64, distance: Distance::Squared, data }, Method::Idkm));
+        failures.extend(check(
+            &Case {
+                m,
+                d,
+                bits,
+                seed: 7 + n as u64,
+                distance: Distance::Squared,
+                data,
+            },
+            Method::Idkm,
+        ));
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
@@ -173,17 +285,37 @@ fn streaming_matches_reference_many_centroids() {
 fn adjoint_matrix_matches_the_matvec() {
     let mut failures = Vec::new();
     let mut seed = 500;
-    for (k, d) in [(2, 1), (2, 8), (4, 4), (16, 1), (16, 2), (16, 4), (32, 2), (64, 1), (256, 1), (128, 2)] {
+    for (k, d) in [
+        (2, 1),
+        (2, 8),
+        (4, 4),
+        (16, 1),
+        (16, 2),
+        (16, 4),
+        (32, 2),
+        (64, 1),
+        (256, 1),
+        (128, 2),
+    ] {
         for distance in [Distance::Squared, Distance::Euclidean] {
             seed += 1;
             let case = common::KernelCase::new(1037, k, d, distance, seed, seed % 3 == 0);
             let (f, inv_mass) = case.twin_at();
             let jt = pass::adjoint_matrix(&case.w, &case.c, &f, &inv_mass, &case.geo);
             let n = k * d;
-            let by_matrix: Vec<f64> = jt.chunks_exact(n).map(|row| row.iter().zip(&case.u).map(|(a, b)| a * b).sum()).collect();
+            let by_matrix: Vec<f64> = jt
+                .chunks_exact(n)
+                .map(|row| row.iter().zip(&case.u).map(|(a, b)| a * b).sum())
+                .collect();
             let by_pass = pass::adjoint_matvec(&case.w, &case.c, &f, &inv_mass, &case.u, &case.geo);
             let scale = by_pass.iter().map(|x| x * x).sum::<f64>().sqrt().max(1e-30);
-            let err = by_matrix.iter().zip(&by_pass).map(|(a, b)| (a - b) * (a - b)).sum::<f64>().sqrt() / scale;
+            let err = by_matrix
+                .iter()
+                .zip(&by_pass)
+                .map(|(a, b)| (a - b) * (a - b))
+                .sum::<f64>()
+                .sqrt()
+                / scale;
             if err.is_nan() || err > 1e-5 {
                 failures.push(format!("{}: relative error {err:e}", case.label()));
             }

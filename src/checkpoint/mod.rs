@@ -31,8 +31,12 @@ const WRAPPER_PREFIXES: [&str; 5] = ["module.", "_orig_mod.", "model.", "backbon
 
 /// Classifier heads that other code bases name differently from
 /// torchvision's `fc.`, tried in this order.
-const HEAD_ALIASES: [(&str, &str); 4] =
-    [("head.fc.", "fc."), ("head.", "fc."), ("classifier.", "fc."), ("last_linear.", "fc.")];
+const HEAD_ALIASES: [(&str, &str); 4] = [
+    ("head.fc.", "fc."),
+    ("head.", "fc."),
+    ("classifier.", "fc."),
+    ("last_linear.", "fc."),
+];
 
 /// The largest safetensors header [`metadata`] accepts (the limit of the
 /// safetensors crate).
@@ -61,11 +65,17 @@ pub struct LoadReport {
 }
 
 fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
-    move |source| Error::Io { path: path.to_path_buf(), source }
+    move |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 fn format_error(path: &Path, msg: impl Into<String>) -> Error {
-    Error::Format { path: path.to_path_buf(), msg: msg.into() }
+    Error::Format {
+        path: path.to_path_buf(),
+        msg: msg.into(),
+    }
 }
 
 /// Reads every float tensor of a checkpoint, as f32 on the CPU, sorted by name.
@@ -96,10 +106,22 @@ fn read_safetensors(path: &Path) -> Result<NamedTensors> {
     for (name, view) in file.tensors() {
         let data = view.data();
         let values: Vec<f32> = match view.dtype() {
-            Dtype::F32 => data.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes"))).collect(),
-            Dtype::F64 => data.chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes")) as f32).collect(),
-            Dtype::F16 => data.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-            Dtype::BF16 => data.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+            Dtype::F32 => data
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")))
+                .collect(),
+            Dtype::F64 => data
+                .chunks_exact(8)
+                .map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes")) as f32)
+                .collect(),
+            Dtype::F16 => data
+                .chunks_exact(2)
+                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            Dtype::BF16 => data
+                .chunks_exact(2)
+                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
             other => {
                 tracing::debug!(tensor = %name, dtype = ?other, "skipping a non-float checkpoint tensor");
                 continue;
@@ -130,7 +152,9 @@ fn read_safetensors(path: &Path) -> Result<NamedTensors> {
 pub fn canonical_names(checkpoint: &[String], model: &HashSet<String>) -> Vec<String> {
     let mut names = checkpoint.to_vec();
     while let Some(prefix) = WRAPPER_PREFIXES.into_iter().find(|p| {
-        !names.is_empty() && names.iter().all(|n| n.starts_with(p)) && !model.iter().any(|m| m.starts_with(p))
+        !names.is_empty()
+            && names.iter().all(|n| n.starts_with(p))
+            && !model.iter().any(|m| m.starts_with(p))
     }) {
         for name in &mut names {
             name.drain(..prefix.len());
@@ -186,39 +210,73 @@ pub fn load_into(varmap: &VarMap, path: &Path, options: &LoadOptions) -> Result<
 
 /// [`load_into`] with the tensors already read from `path` (which names
 /// the file in errors).
-pub fn load_tensors(varmap: &VarMap, tensors: NamedTensors, path: &Path, options: &LoadOptions) -> Result<LoadReport> {
-    let vars = varmap.data().lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+pub fn load_tensors(
+    varmap: &VarMap,
+    tensors: NamedTensors,
+    path: &Path,
+    options: &LoadOptions,
+) -> Result<LoadReport> {
+    let vars = varmap
+        .data()
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     let model: HashSet<String> = vars.keys().cloned().collect();
     let file_names: Vec<String> = tensors.iter().map(|(n, _)| n.clone()).collect();
     let names = canonical_names(&file_names, &model);
-    let skip = |name: &str| options.skip_prefixes.iter().any(|p| name.starts_with(p.as_str()));
+    let skip = |name: &str| {
+        options
+            .skip_prefixes
+            .iter()
+            .any(|p| name.starts_with(p.as_str()))
+    };
 
     let mut report = LoadReport::default();
     let (mut fits, mut misfits, mut unused) = (Vec::new(), Vec::new(), Vec::new());
     for ((file_name, tensor), name) in tensors.into_iter().zip(names) {
-        let entry = Entry { file_name, name, tensor };
+        let entry = Entry {
+            file_name,
+            name,
+            tensor,
+        };
         if skip(&entry.name) {
             report.skipped.push(entry.file_name);
             continue;
         }
         match vars.get(&entry.name) {
             None => unused.push(entry),
-            Some(var) if var.dims() != entry.tensor.dims() => misfits.push((var.dims().to_vec(), entry)),
+            Some(var) if var.dims() != entry.tensor.dims() => {
+                misfits.push((var.dims().to_vec(), entry))
+            }
             Some(var) => fits.push((var.clone(), entry)),
         }
     }
-    let found: HashSet<&str> =
-        fits.iter().map(|(_, e)| e.name.as_str()).chain(misfits.iter().map(|(_, e)| e.name.as_str())).collect();
-    let mut missing: Vec<(&String, &Var)> =
-        vars.iter().filter(|(n, _)| !found.contains(n.as_str()) && !skip(n)).collect();
+    let found: HashSet<&str> = fits
+        .iter()
+        .map(|(_, e)| e.name.as_str())
+        .chain(misfits.iter().map(|(_, e)| e.name.as_str()))
+        .collect();
+    let mut missing: Vec<(&String, &Var)> = vars
+        .iter()
+        .filter(|(n, _)| !found.contains(n.as_str()) && !skip(n))
+        .collect();
     missing.sort_by(|a, b| a.0.cmp(b.0));
 
-    if !missing.is_empty() || !misfits.is_empty() || (!unused.is_empty() && !options.allow_unexpected) {
+    if !missing.is_empty()
+        || !misfits.is_empty()
+        || (!unused.is_empty() && !options.allow_unexpected)
+    {
         let details = mismatch_details(&missing, &misfits, &unused, options.allow_unexpected);
-        return Err(Error::Checkpoint { path: path.to_path_buf(), details });
+        return Err(Error::Checkpoint {
+            path: path.to_path_buf(),
+            details,
+        });
     }
     for (var, entry) in fits {
-        let copied = entry.tensor.to_dtype(var.dtype()).and_then(|t| t.to_device(var.device())).and_then(|t| var.set(&t));
+        let copied = entry
+            .tensor
+            .to_dtype(var.dtype())
+            .and_then(|t| t.to_device(var.device()))
+            .and_then(|t| var.set(&t));
         copied.map_err(|e| Error::Checkpoint {
             path: path.to_path_buf(),
             details: format!("copying `{}` into the model: {e}", entry.file_name),
@@ -237,19 +295,28 @@ fn mismatch_details(
     allow_unexpected: bool,
 ) -> String {
     let unexpected = if allow_unexpected { &[][..] } else { unused };
-    let mut lines =
-        vec![format!("{} missing, {} mis-shaped, {} unexpected:", missing.len(), misfits.len(), unexpected.len())];
+    let mut lines = vec![format!(
+        "{} missing, {} mis-shaped, {} unexpected:",
+        missing.len(),
+        misfits.len(),
+        unexpected.len()
+    )];
     for (name, var) in missing {
         let mut line = format!("  missing     {name}: model {:?}", var.dims());
         let closest = closest(name, unused);
         if !closest.is_empty() {
-            line.push_str(&format!("; closest unused in the checkpoint: {}", closest.join(", ")));
+            line.push_str(&format!(
+                "; closest unused in the checkpoint: {}",
+                closest.join(", ")
+            ));
         }
         lines.push(line);
     }
     for (dims, entry) in misfits {
         let (name, found, note) = (&entry.name, entry.tensor.dims(), entry.file_note());
-        lines.push(format!("  mis-shaped  {name}: model {dims:?}, checkpoint {found:?}{note}"));
+        lines.push(format!(
+            "  mis-shaped  {name}: model {dims:?}, checkpoint {found:?}{note}"
+        ));
     }
     for entry in unexpected {
         let (name, found, note) = (&entry.name, entry.tensor.dims(), entry.file_note());
@@ -271,7 +338,11 @@ fn closest(name: &str, unused: &[Entry]) -> Vec<String> {
         .filter(|(d, _)| *d <= name.len() / 2)
         .collect();
     scored.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.name.cmp(&b.1.name)));
-    scored.into_iter().take(3).map(|(_, e)| format!("{} {:?}{}", e.name, e.tensor.dims(), e.file_note())).collect()
+    scored
+        .into_iter()
+        .take(3)
+        .map(|(_, e)| format!("{} {:?}{}", e.name, e.tensor.dims(), e.file_note()))
+        .collect()
 }
 
 /// Levenshtein distance between two strings, by characters.
@@ -293,13 +364,18 @@ fn edit_distance(a: &str, b: &str) -> usize {
 /// Saves named tensors with string `metadata` as a safetensors file,
 /// atomically: a temporary file next to `path` is renamed over it, so a
 /// failed save leaves `path` as it was.
-pub fn save(tensors: &BTreeMap<String, Tensor>, metadata: &HashMap<String, String>, path: &Path) -> Result<()> {
+pub fn save(
+    tensors: &BTreeMap<String, Tensor>,
+    metadata: &HashMap<String, String>,
+    path: &Path,
+) -> Result<()> {
     let tensors = tensors
         .iter()
         .map(|(name, t)| Ok((name.clone(), t.to_device(&Device::Cpu)?)))
         .collect::<Result<BTreeMap<String, Tensor>>>()?;
     crate::io::write_atomic::<std::io::Error>(path, |tmp| {
-        safetensors::serialize_to_file(&tensors, Some(metadata.clone()), tmp).map_err(std::io::Error::other)
+        safetensors::serialize_to_file(&tensors, Some(metadata.clone()), tmp)
+            .map_err(std::io::Error::other)
     })
     .map_err(io_error(path))
 }
@@ -309,26 +385,45 @@ pub fn save(tensors: &BTreeMap<String, Tensor>, metadata: &HashMap<String, Strin
 pub fn metadata(path: &Path) -> Result<HashMap<String, String>> {
     let format = detect(path)?;
     if format != Format::Safetensors {
-        return Err(format_error(path, format!("a {format} file, which has no safetensors metadata")));
+        return Err(format_error(
+            path,
+            format!("a {format} file, which has no safetensors metadata"),
+        ));
     }
     let mut file = std::fs::File::open(path).map_err(io_error(path))?;
     let mut len = [0u8; 8];
-    file.read_exact(&mut len).map_err(|_| format_error(path, "too short for a safetensors file"))?;
+    file.read_exact(&mut len)
+        .map_err(|_| format_error(path, "too short for a safetensors file"))?;
     let len = u64::from_le_bytes(len);
     if len > MAX_HEADER {
-        return Err(format_error(path, format!("safetensors header of {len} bytes is implausibly large")));
+        return Err(format_error(
+            path,
+            format!("safetensors header of {len} bytes is implausibly large"),
+        ));
     }
     let mut header = Vec::with_capacity(len as usize);
-    file.take(len).read_to_end(&mut header).map_err(io_error(path))?;
+    file.take(len)
+        .read_to_end(&mut header)
+        .map_err(io_error(path))?;
     if header.len() as u64 != len {
-        return Err(format_error(path, format!("safetensors header truncated ({} of {len} bytes)", header.len())));
+        return Err(format_error(
+            path,
+            format!(
+                "safetensors header truncated ({} of {len} bytes)",
+                header.len()
+            ),
+        ));
     }
-    let header: serde_json::Value =
-        serde_json::from_slice(&header).map_err(|e| format_error(path, format!("safetensors header: {e}")))?;
+    let header: serde_json::Value = serde_json::from_slice(&header)
+        .map_err(|e| format_error(path, format!("safetensors header: {e}")))?;
     match header.get("__metadata__") {
         None => Ok(HashMap::new()),
-        Some(meta) => serde_json::from_value(meta.clone())
-            .map_err(|e| format_error(path, format!("safetensors `__metadata__` is not a map of strings: {e}"))),
+        Some(meta) => serde_json::from_value(meta.clone()).map_err(|e| {
+            format_error(
+                path,
+                format!("safetensors `__metadata__` is not a map of strings: {e}"),
+            )
+        }),
     }
 }
 
@@ -347,32 +442,53 @@ mod tests {
     #[test]
     fn wrapper_prefixes_are_stripped_only_from_every_name() {
         let model = set(&["conv1.weight", "fc.weight"]);
-        let nested = names(&["module._orig_mod.conv1.weight", "module._orig_mod.fc.weight"]);
-        assert_eq!(canonical_names(&nested, &model), names(&["conv1.weight", "fc.weight"]));
+        let nested = names(&[
+            "module._orig_mod.conv1.weight",
+            "module._orig_mod.fc.weight",
+        ]);
+        assert_eq!(
+            canonical_names(&nested, &model),
+            names(&["conv1.weight", "fc.weight"])
+        );
         // One name without the prefix: nothing is stripped.
         let mixed = names(&["module.conv1.weight", "fc.weight"]);
         assert_eq!(canonical_names(&mixed, &model), mixed);
         // The model itself uses the prefix: nothing is stripped.
         let model = set(&["model.conv1.weight"]);
-        assert_eq!(canonical_names(&names(&["model.conv1.weight"]), &model), names(&["model.conv1.weight"]));
+        assert_eq!(
+            canonical_names(&names(&["model.conv1.weight"]), &model),
+            names(&["model.conv1.weight"])
+        );
     }
 
     #[test]
     fn heads_map_to_fc_only_when_the_model_has_it() {
         let model = set(&["conv1.weight", "fc.weight", "fc.bias"]);
         let timm = names(&["conv1.weight", "head.fc.weight", "head.fc.bias"]);
-        assert_eq!(canonical_names(&timm, &model), names(&["conv1.weight", "fc.weight", "fc.bias"]));
+        assert_eq!(
+            canonical_names(&timm, &model),
+            names(&["conv1.weight", "fc.weight", "fc.bias"])
+        );
         let other = names(&["classifier.weight", "last_linear.bias"]);
-        assert_eq!(canonical_names(&other, &model), names(&["fc.weight", "fc.bias"]));
+        assert_eq!(
+            canonical_names(&other, &model),
+            names(&["fc.weight", "fc.bias"])
+        );
         // The model has no `fc.`: kept as is.
         let cnn = set(&["classifier.weight"]);
-        assert_eq!(canonical_names(&names(&["classifier.weight"]), &cnn), names(&["classifier.weight"]));
+        assert_eq!(
+            canonical_names(&names(&["classifier.weight"]), &cnn),
+            names(&["classifier.weight"])
+        );
         // `fc.weight` is already in the checkpoint: the head is not renamed onto it.
         let both = names(&["fc.weight", "head.fc.weight"]);
         assert_eq!(canonical_names(&both, &model), both);
         // Two aliases of one name: the first keeps it.
         let two = names(&["classifier.weight", "head.weight"]);
-        assert_eq!(canonical_names(&two, &model), names(&["fc.weight", "head.weight"]));
+        assert_eq!(
+            canonical_names(&two, &model),
+            names(&["fc.weight", "head.weight"])
+        );
     }
 
     #[test]

@@ -1,10 +1,10 @@
 //! `idkm cluster`: cluster one tensor and, given an upstream gradient, its
 //! gradient; for researchers inspecting a layer and for checks from outside.
 
+use super::common::KmeansArgs;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use idkm::cluster::backward::Adjoint;
-use super::common::KmeansArgs;
 use idkm::cluster::{ClusteredWeight, Forward, ForwardReport, Method};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -49,10 +49,18 @@ fn read_tensor(path: &Path, name: Option<&str>) -> Result<(String, Tensor)> {
         ),
     };
     let t = tensors.remove(&name).with_context(|| {
-        format!("{} has no tensor `{name}`; it has: {}", path.display(), names.join(", "))
+        format!(
+            "{} has no tensor `{name}`; it has: {}",
+            path.display(),
+            names.join(", ")
+        )
     })?;
     if !t.dtype().is_float() {
-        bail!("tensor `{name}` in {} is {:?}, not a float tensor", path.display(), t.dtype());
+        bail!(
+            "tensor `{name}` in {} is {:?}, not a float tensor",
+            path.display(),
+            t.dtype()
+        );
     }
     Ok((name, t.to_dtype(DType::F32)?))
 }
@@ -95,7 +103,8 @@ pub fn run(a: ClusterArgs) -> Result<()> {
         let tau = layer.tau().context("the temperature was not set")?;
         let metadata = HashMap::from([("tau".to_string(), tau.to_string())]);
         let tensors = out.into_iter().collect();
-        idkm::checkpoint::save(&tensors, &metadata, path).with_context(|| format!("writing {}", path.display()))?;
+        idkm::checkpoint::save(&tensors, &metadata, path)
+            .with_context(|| format!("writing {}", path.display()))?;
         tracing::info!(path = %path.display(), "wrote results");
     }
     Ok(())
@@ -137,13 +146,20 @@ fn example_layer() -> Result<(Tensor, Tensor)> {
 fn forward_summary(cfg: &idkm::cluster::KmeansConfig, r: &ForwardReport) -> String {
     let k = cfg.k();
     if cfg.method == Method::Dkm {
-        return format!("k-means         {} steps recorded by autograd; {} of {k} centroids distinct", r.iterations, r.distinct);
+        return format!(
+            "k-means         {} steps recorded by autograd; {} of {k} centroids distinct",
+            r.iterations, r.distinct
+        );
     }
     let passes = match (r.weight_passes, r.bin_passes) {
         (w, 0) => format!("{w} passes"),
         (w, b) => format!("{w} passes over the weights + {b} over bins"),
     };
-    let outcome = if r.converged { "converged" } else { "stopped at --max-iter" };
+    let outcome = if r.converged {
+        "converged"
+    } else {
+        "stopped at --max-iter"
+    };
     let mut line = match cfg.forward {
         Forward::Newton => format!(
             "k-means         newton: {} iterations, {passes}, {outcome}; distance to the fixed point {:.1e} of the spread, residual {:.1e}",
@@ -156,8 +172,14 @@ fn forward_summary(cfg: &idkm::cluster::KmeansConfig, r: &ForwardReport) -> Stri
         Some(false) => ", NOT stable",
         None => "",
     };
-    let cond = r.cond.map(|c| format!(", cond(I - J) {c:.0}")).unwrap_or_default();
-    line.push_str(&format!("\nfixed point     {} of {k} centroids distinct{stable}{cond}", r.distinct));
+    let cond = r
+        .cond
+        .map(|c| format!(", cond(I - J) {c:.0}"))
+        .unwrap_or_default();
+    line.push_str(&format!(
+        "\nfixed point     {} of {k} centroids distinct{stable}{cond}",
+        r.distinct
+    ));
     if r.damped + r.backtracks + r.plain_steps > 0 {
         line.push_str(&format!(
             "\nsafeguards      {} damped iterations, {} shortened steps, {} plain steps",
@@ -168,7 +190,12 @@ fn forward_summary(cfg: &idkm::cluster::KmeansConfig, r: &ForwardReport) -> Stri
 }
 
 /// Prints what was computed, for a person at a terminal.
-fn print_summary(name: &str, layer: &ClusteredWeight, out: &HashMap<String, Tensor>, seconds: f64) -> Result<()> {
+fn print_summary(
+    name: &str,
+    layer: &ClusteredWeight,
+    out: &HashMap<String, Tensor>,
+    seconds: f64,
+) -> Result<()> {
     use std::io::Write;
     let mut o = std::io::stdout().lock();
     let cfg = layer.config();
@@ -176,13 +203,24 @@ fn print_summary(name: &str, layer: &ClusteredWeight, out: &HashMap<String, Tens
     let (numel, k) = (soft.elem_count(), cfg.k());
     let vectors = numel / cfg.cluster_dim;
     let packed = (vectors * cfg.bits as usize).div_ceil(8) + k * cfg.cluster_dim * 4;
-    writeln!(o, "tensor          {name} {:?} ({numel} weights)", soft.dims())?;
+    writeln!(
+        o,
+        "tensor          {name} {:?} ({numel} weights)",
+        soft.dims()
+    )?;
     let tau = match (cfg.tau, layer.tau()) {
         (Some(tau), _) => format!("tau = {tau:.3e} (given)"),
-        (None, Some(tau)) => format!("tau = {tau:.3e} ({} x the hard-quantization error)", cfg.tau_scale),
+        (None, Some(tau)) => format!(
+            "tau = {tau:.3e} ({} x the hard-quantization error)",
+            cfg.tau_scale
+        ),
         (None, None) => "tau not set".into(),
     };
-    writeln!(o, "clustering      {} | {} bits, k = {k}, d = {} | {tau} | {} distance", cfg.method, cfg.bits, cfg.cluster_dim, cfg.distance)?;
+    writeln!(
+        o,
+        "clustering      {} | {} bits, k = {k}, d = {} | {tau} | {} distance",
+        cfg.method, cfg.bits, cfg.cluster_dim, cfg.distance
+    )?;
     if let Some(r) = layer.last_forward() {
         writeln!(o, "{}", forward_summary(cfg, &r))?;
     }
@@ -199,9 +237,14 @@ fn print_summary(name: &str, layer: &ClusteredWeight, out: &HashMap<String, Tens
         None => {}
     }
     if let Some(g) = out.get("grad_weight") {
-        writeln!(o, "grad norm       {:.4e}", g.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt())?;
+        writeln!(
+            o,
+            "grad norm       {:.4e}",
+            g.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt()
+        )?;
     }
-    writeln!(o, 
+    writeln!(
+        o,
         "size            {} B fp32 -> {packed} B palettized ({:.1}x smaller)",
         numel * 4,
         (numel * 4) as f64 / packed as f64

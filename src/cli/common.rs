@@ -81,7 +81,11 @@ impl KmeansArgs {
             tau: self.tau,
             tau_scale: self.tau_scale,
             forward: self.forward,
-            max_iter: self.max_iter.unwrap_or(if steps { DEFAULT_PLAIN_ITER } else { DEFAULT_NEWTON_ITER }),
+            max_iter: self.max_iter.unwrap_or(if steps {
+                DEFAULT_PLAIN_ITER
+            } else {
+                DEFAULT_NEWTON_ITER
+            }),
             tol: self.tol,
             distance: self.distance,
             method: self.method,
@@ -120,7 +124,8 @@ impl DataArgs {
                  run `sudo apt-get install dataset-fashion-mnist` or pass --data DIR",
             )?,
         };
-        let mut split = data::load(&dir).with_context(|| format!("loading the data set in {}", dir.display()))?;
+        let mut split = data::load(&dir)
+            .with_context(|| format!("loading the data set in {}", dir.display()))?;
         if let Some(n) = self.train_limit {
             split.train = split.train.take(n)?;
         }
@@ -128,7 +133,10 @@ impl DataArgs {
             split.test = split.test.take(n)?;
         }
         if split.train.is_empty() || split.test.is_empty() {
-            bail!("the data set in {} has an empty training or test part", dir.display());
+            bail!(
+                "the data set in {} has an empty training or test part",
+                dir.display()
+            );
         }
         Ok(split)
     }
@@ -149,7 +157,7 @@ pub struct ModelArgs {
     /// an idkm checkpoint records or a state dict's tensors show; without
     /// --model, small-cnn for 28x28 grey images, resnet18-cifar otherwise].
     #[arg(long)]
-    pub arch: Option<String>,
+    pub arch: Option<Arch>,
     /// Leave checkpoint tensors with these name prefixes out (for example
     /// `fc.` to train a new head for another number of classes).
     #[arg(long, value_delimiter = ',')]
@@ -161,11 +169,24 @@ impl ModelArgs {
     /// (any file [`idkm::loader`] reads).
     pub fn load(&self, data: &DataSplit, seed: u64, device: &Device) -> Result<Loaded> {
         let channels = data.train.channels();
-        let requested: Option<Arch> = self.arch.as_deref().map(str::parse).transpose()?;
+        let requested = self.arch;
         let Some(spec) = &self.model else {
-            let default = if channels == 1 && data.train.height() == 28 { Arch::SmallCnn } else { Arch::ResNet18Cifar };
-            let model = Model::new(requested.unwrap_or(default), channels, data.classes, seed, device)?;
-            return Ok(Loaded { model, clustering: None });
+            let default = if channels == 1 && data.train.height() == 28 {
+                Arch::SmallCnn
+            } else {
+                Arch::ResNet18Cifar
+            };
+            let model = Model::new(
+                requested.unwrap_or(default),
+                channels,
+                data.classes,
+                seed,
+                device,
+            )?;
+            return Ok(Loaded {
+                model,
+                clustering: None,
+            });
         };
         let path = resolve_model(spec, self.model_file.as_deref())?;
         let request = Request {
@@ -175,10 +196,14 @@ impl ModelArgs {
             skip: self.skip.clone(),
             seed,
         };
-        let loaded = idkm::loader::load(&path, &request, device).with_context(|| format!("loading {}", path.display()))?;
+        let loaded = idkm::loader::load(&path, &request, device)
+            .with_context(|| format!("loading {}", path.display()))?;
         check_fits(&loaded.model, &loaded.kind, channels, data.classes, &path)?;
         tracing::info!(path = %path.display(), kind = %loaded.kind, arch = %loaded.model.arch(), "loaded the model");
-        Ok(Loaded { model: loaded.model, clustering: loaded.clustering })
+        Ok(Loaded {
+            model: loaded.model,
+            clustering: loaded.clustering,
+        })
     }
 }
 
@@ -198,12 +223,20 @@ pub fn resolve_model(spec: &str, model_file: Option<&str>) -> Result<PathBuf> {
 }
 
 /// Fails unless `model` takes the data's channels and classes.
-pub fn check_fits(model: &Model, kind: &Kind, channels: usize, classes: usize, path: &std::path::Path) -> Result<()> {
+pub fn check_fits(
+    model: &Model,
+    kind: &Kind,
+    channels: usize,
+    classes: usize,
+    path: &std::path::Path,
+) -> Result<()> {
     if model.channels() == channels && model.classes() == classes {
         return Ok(());
     }
     let hint = match kind {
-        Kind::StateDict(_) if model.classes() != classes => " (--skip fc. trains a new head for them)",
+        Kind::StateDict(_) if model.classes() != classes => {
+            " (--skip fc. trains a new head for them)"
+        }
         _ => "",
     };
     bail!(
@@ -226,9 +259,9 @@ pub struct OptimArgs {
     /// Initial learning rate (cosine decay to 0).
     #[arg(long, default_value_t = 0.05)]
     pub lr: f64,
-    /// sgd | adamw.
-    #[arg(long, default_value = "sgd")]
-    pub optimizer: String,
+    /// The optimiser.
+    #[arg(long, value_enum, default_value_t = OptimizerName::Sgd)]
+    pub optimizer: OptimizerName,
     /// SGD momentum.
     #[arg(long, default_value_t = 0.9)]
     pub momentum: f64,
@@ -245,30 +278,27 @@ pub struct OptimArgs {
 
 impl OptimArgs {
     /// The optimiser these arguments describe.
-    pub fn kind(&self) -> Result<OptimizerKind> {
-        Ok(match self.optimizer.as_str() {
-            "sgd" => OptimizerKind::Sgd(SgdConfig {
+    pub fn kind(&self) -> OptimizerKind {
+        match self.optimizer {
+            OptimizerName::Sgd => OptimizerKind::Sgd(SgdConfig {
                 momentum: self.momentum,
                 nesterov: self.nesterov,
                 weight_decay: self.weight_decay,
             }),
-            "adamw" => OptimizerKind::AdamW { weight_decay: self.weight_decay },
-            other => bail!("unknown optimizer `{other}` (expected sgd or adamw)"),
-        })
+            OptimizerName::Adamw => OptimizerKind::AdamW {
+                weight_decay: self.weight_decay,
+            },
+        }
     }
 }
 
-/// `cpu`, `cuda` or `cuda:N`.
-pub fn device(name: &str) -> Result<Device> {
-    match name {
-        "cpu" => Ok(Device::Cpu),
-        cuda if cuda == "cuda" || cuda.starts_with("cuda:") => {
-            let ordinal = cuda.strip_prefix("cuda:").map(str::parse).transpose().context("device ordinal")?;
-            Device::new_cuda(ordinal.unwrap_or(0))
-                .context("opening the CUDA device (is this binary built with --features cuda?)")
-        }
-        other => bail!("unknown device `{other}` (expected cpu, cuda or cuda:N)"),
-    }
+/// The optimisers `--optimizer` names.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OptimizerName {
+    /// SGD with (Nesterov) momentum and weight decay.
+    Sgd,
+    /// AdamW with decoupled weight decay.
+    Adamw,
 }
 
 /// Peak resident memory of this process (VmHWM), in bytes.
@@ -284,7 +314,7 @@ pub fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
 }
 
-// --- Memory budget (`--memory-budget`, issue 5) ---------------------------
+// --- Memory budget (`--memory-budget`) ------------------------------------
 
 /// The memory budget of a training run.
 #[derive(clap::Args, Debug, Clone)]
@@ -296,7 +326,8 @@ pub struct BudgetArgs {
     pub memory_budget: Option<u64>,
 }
 
-fn parse_budget(text: &str) -> std::result::Result<u64, String> {
+/// A byte count as `--memory-budget` takes it (`6GiB`, `512MiB`, `1e9`).
+pub fn parse_budget(text: &str) -> std::result::Result<u64, String> {
     idkm::memory::parse_bytes(text)
 }
 
@@ -306,9 +337,17 @@ const EVAL_BATCH: usize = 256;
 impl BudgetArgs {
     /// Checks the run against the budget before it starts (nothing to do
     /// without one).
-    pub fn check(&self, model: &Model, clustering: Option<&Clustering>, split: &DataSplit, optim: &OptimArgs) -> Result<()> {
+    pub fn check(
+        &self,
+        model: &Model,
+        clustering: Option<&Clustering>,
+        split: &DataSplit,
+        optim: &OptimArgs,
+    ) -> Result<()> {
         use idkm::memory::{self, ModelShape, Workload};
-        let Some(budget) = self.memory_budget else { return Ok(()) };
+        let Some(budget) = self.memory_budget else {
+            return Ok(());
+        };
         let shape = ModelShape::of(model);
         let specs = match clustering {
             Some(c) => memory::clustering_specs(&shape, c),
@@ -320,9 +359,10 @@ impl BudgetArgs {
             height: split.train.height(),
             width: split.train.width(),
             classes: split.classes,
-            optimizer_slots: Workload::slots(&optim.kind()?),
+            optimizer_slots: Workload::slots(&optim.kind()),
             eval_batch: EVAL_BATCH.min(split.test.len()),
-            data_bytes: memory::storage_bytes(&split.train.images) + memory::storage_bytes(&split.test.images),
+            data_bytes: memory::storage_bytes(&split.train.images)
+                + memory::storage_bytes(&split.test.images),
         };
         match memory::check_budget(&shape, &specs, &work, budget) {
             Ok(e) => {

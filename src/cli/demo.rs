@@ -2,7 +2,7 @@
 //! training of the small CNN, 2-bit IDKM fine-tuning, export, evaluation of
 //! the export, and a summary table.
 
-use super::common::{mib, peak_rss, DataArgs, OptimArgs};
+use super::common::{mib, peak_rss, DataArgs, OptimArgs, OptimizerName};
 use super::fit::{eval_batches, fit};
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
@@ -56,7 +56,10 @@ fn fashion_mnist() -> Result<PathBuf> {
     }
     let how = "install it with `sudo apt-get install dataset-fashion-mnist` (Debian/Ubuntu) \
                or pass a directory of IDX files with `idkm quantize --data DIR`";
-    let root = std::process::Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.trim_ascii() == b"0");
+    let root = std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.trim_ascii() == b"0");
     if !root {
         bail!("Fashion-MNIST is not installed: {how}");
     }
@@ -74,31 +77,52 @@ fn fashion_mnist() -> Result<PathBuf> {
 pub fn run(a: DemoArgs) -> Result<()> {
     let start = Instant::now();
     let device = Device::Cpu;
-    let data_args = DataArgs { data: Some(fashion_mnist()?), train_limit: Some(a.train_limit), test_limit: Some(a.test_limit) };
+    let data_args = DataArgs {
+        data: Some(fashion_mnist()?),
+        train_limit: Some(a.train_limit),
+        test_limit: Some(a.test_limit),
+    };
     let split = data_args.load()?;
-    std::fs::create_dir_all(&a.out_dir).with_context(|| format!("creating {}", a.out_dir.display()))?;
+    std::fs::create_dir_all(&a.out_dir)
+        .with_context(|| format!("creating {}", a.out_dir.display()))?;
     let path = |name: &str| a.out_dir.join(name);
 
-    println!("== float training: small CNN on {} ({} samples)", split.name, split.train.len());
+    println!(
+        "== float training: small CNN on {} ({} samples)",
+        split.name,
+        split.train.len()
+    );
     let model = Model::new(Arch::SmallCnn, 1, split.classes, a.seed, &device)?;
     let optim = OptimArgs {
         epochs: a.float_epochs,
         batch_size: 64,
         lr: 0.05,
-        optimizer: "sgd".into(),
+        optimizer: OptimizerName::Sgd,
         momentum: 0.9,
         nesterov: true,
         weight_decay: 5e-4,
         seed: a.seed,
     };
     let t = Instant::now();
-    let float = fit(&model, None, &split, &optim, LutDType::F32, &path("float.safetensors"), &device)?;
+    let float = fit(
+        &model,
+        None,
+        &split,
+        &optim,
+        LutDType::F32,
+        &path("float.safetensors"),
+        &device,
+    )?;
     let float_secs = t.elapsed().as_secs_f64();
     let float_acc = float.last().map_or(0.0, |r| r.test.accuracy);
 
     println!("\n== {}-bit IDKM fine-tuning", a.bits);
     let config = match a.forward {
-        Forward::Newton => KmeansConfig { bits: a.bits, tau: a.tau, ..Default::default() },
+        Forward::Newton => KmeansConfig {
+            bits: a.bits,
+            tau: a.tau,
+            ..Default::default()
+        },
         Forward::Plain => KmeansConfig {
             bits: a.bits,
             tau: a.tau,
@@ -113,11 +137,28 @@ pub fn run(a: DemoArgs) -> Result<()> {
     clustering.prepare(&model)?;
     for (name, layer) in clustering.layers() {
         let tau = layer.tau().map_or("-".into(), |t| format!("{t:.2e}"));
-        println!("  {name}: {} bits, k = {}, tau {tau}, {} forward", layer.config().bits, layer.config().k(), layer.config().forward);
+        println!(
+            "  {name}: {} bits, k = {}, tau {tau}, {} forward",
+            layer.config().bits,
+            layer.config().k(),
+            layer.config().forward
+        );
     }
-    let optim = OptimArgs { epochs: a.quantize_epochs, lr: 0.01, ..optim };
+    let optim = OptimArgs {
+        epochs: a.quantize_epochs,
+        lr: 0.01,
+        ..optim
+    };
     let t = Instant::now();
-    let quantized = fit(&model, Some(&clustering), &split, &optim, LutDType::F32, &path("clustered.safetensors"), &device)?;
+    let quantized = fit(
+        &model,
+        Some(&clustering),
+        &split,
+        &optim,
+        LutDType::F32,
+        &path("clustered.safetensors"),
+        &device,
+    )?;
     let quantize_secs = t.elapsed().as_secs_f64();
     let last = quantized.last().context("no clustering epoch ran")?;
     let hard_acc = last.hard.map_or(0.0, |h| h.accuracy);
@@ -129,15 +170,31 @@ pub fn run(a: DemoArgs) -> Result<()> {
     let exported = evaluate_export(&export_path, &split, &device)?;
 
     let (before, after) = (palettized.float_bytes(), palettized.bytes());
-    let row = |label: &str, acc: f64, rest: &str| println!("{label:<22}{:>7.2}%   {rest}", 100.0 * acc);
+    let row =
+        |label: &str, acc: f64, rest: &str| println!("{label:<22}{:>7.2}%   {rest}", 100.0 * acc);
     println!("\n{:<22}{:>8}   size", "", "accuracy");
     row("fp32", float_acc, &format!("{before:>9} B"));
-    row(&format!("{}-bit IDKM (soft)", a.bits), last.test.accuracy, "");
+    row(
+        &format!("{}-bit IDKM (soft)", a.bits),
+        last.test.accuracy,
+        "",
+    );
     let ratio = before as f64 / after as f64;
-    row(&format!("{}-bit IDKM (hard)", a.bits), hard_acc, &format!("{after:>9} B  ({ratio:.1}x smaller)"));
-    row("exported, evaluated", exported, &export_path.display().to_string());
+    row(
+        &format!("{}-bit IDKM (hard)", a.bits),
+        hard_acc,
+        &format!("{after:>9} B  ({ratio:.1}x smaller)"),
+    );
+    row(
+        "exported, evaluated",
+        exported,
+        &export_path.display().to_string(),
+    );
     println!("time                  float {float_secs:.0} s, clustering {quantize_secs:.0} s, total {:.0} s", start.elapsed().as_secs_f64());
-    println!("peak memory           {}", peak_rss().map(mib).unwrap_or_else(|| "?".into()));
+    println!(
+        "peak memory           {}",
+        peak_rss().map(mib).unwrap_or_else(|| "?".into())
+    );
     if exported != hard_acc {
         bail!("the exported model's accuracy {exported} differs from the hard-weight accuracy {hard_acc}");
     }
@@ -149,5 +206,11 @@ fn evaluate_export(path: &Path, split: &data::DataSplit, device: &Device) -> Res
     let p = Palettized::load(path)?;
     let model = Model::new(p.arch, p.channels, p.classes, 0, device)?;
     model.assign(p.tensors()?, path)?;
-    Ok(evaluate(&model, &Weights::Float, eval_batches(&split.test, split, 256, device), "export")?.accuracy)
+    Ok(evaluate(
+        &model,
+        &Weights::Float,
+        eval_batches(&split.test, split, 256, device),
+        "export",
+    )?
+    .accuracy)
 }

@@ -1,8 +1,9 @@
 //! `idkm eval`: evaluates any model file on a test set.
 
-use super::common::{check_fits, device, resolve_model, DataArgs};
+use super::common::{check_fits, resolve_model, DataArgs};
 use super::fit::eval_batches;
 use anyhow::{Context, Result};
+use idkm::device::DeviceSpec;
 use idkm::loader::{self, Kind, Request};
 use idkm::model::{Arch, Weights};
 use idkm::train::evaluate;
@@ -22,34 +23,46 @@ pub struct EvalArgs {
     /// Architecture of a state dict: resnet18-cifar | resnet18 | small-cnn
     /// [default: inferred from its tensor names and shapes].
     #[arg(long)]
-    arch: Option<String>,
+    arch: Option<Arch>,
     /// Samples per batch.
     #[arg(long, default_value_t = 256)]
     batch_size: usize,
     /// cpu | cuda | cuda:N.
     #[arg(long, default_value = "cpu")]
-    device: String,
+    device: DeviceSpec,
 }
 
 /// Test accuracy of the model in `--model` on the data's test part.
 pub fn run(a: EvalArgs) -> Result<()> {
-    let device = device(&a.device)?;
+    let device = a.device.open()?;
     let split = a.data.load()?;
     let path = resolve_model(&a.model, a.model_file.as_deref())?;
     let request = Request {
-        arch: a.arch.as_deref().map(str::parse::<Arch>).transpose()?,
+        arch: a.arch,
         channels: Some(split.test.channels()),
         classes: Some(split.classes),
         ..Request::default()
     };
-    let loaded = loader::load(&path, &request, &device).with_context(|| format!("loading {}", path.display()))?;
-    check_fits(&loaded.model, &loaded.kind, split.test.channels(), split.classes, &path)?;
+    let loaded = loader::load(&path, &request, &device)
+        .with_context(|| format!("loading {}", path.display()))?;
+    check_fits(
+        &loaded.model,
+        &loaded.kind,
+        split.test.channels(),
+        split.classes,
+        &path,
+    )?;
     let kind = match &loaded.kind {
         Kind::Palettized { .. } => loaded.kind.to_string(),
         other => format!("float weights, {other}"),
     };
     let model = loaded.model;
-    let stats = evaluate(&model, &Weights::Float, eval_batches(&split.test, &split, a.batch_size, &device), "eval")?;
+    let stats = evaluate(
+        &model,
+        &Weights::Float,
+        eval_batches(&split.test, &split, a.batch_size, &device),
+        "eval",
+    )?;
     println!(
         "{} ({}, {kind}) on {} test ({} samples): accuracy {:.2}%, loss {:.4}",
         path.display(),

@@ -43,7 +43,8 @@ pub struct ExportArgs {
 
 pub fn run(a: ExportArgs) -> Result<()> {
     let path = resolve_model(&a.model, a.model_file.as_deref())?;
-    let loaded = loader::load(&path, &Request::default(), &Device::Cpu).with_context(|| format!("loading {}", path.display()))?;
+    let loaded = loader::load(&path, &Request::default(), &Device::Cpu)
+        .with_context(|| format!("loading {}", path.display()))?;
     let lut = match (a.lut, loaded.metadata.get("idkm.lut")) {
         (Some(lut), _) => lut,
         (None, Some(text)) => text.parse()?,
@@ -87,7 +88,10 @@ pub fn run(a: ExportArgs) -> Result<()> {
         ),
     }
     if let Some(acc) = loaded.metadata.get("idkm.hard_accuracy") {
-        println!("hard accuracy      {:.2}% (as measured by quantize)", 100.0 * acc.parse::<f64>().unwrap_or(f64::NAN));
+        println!(
+            "hard accuracy      {:.2}% (as measured by quantize)",
+            100.0 * acc.parse::<f64>().unwrap_or(f64::NAN)
+        );
     }
     Ok(())
 }

@@ -2,10 +2,13 @@
 //! IDKM and IDKM-JFB side by side, each configuration in a fresh process
 //! (this binary, re-executed), beside the memory model's prediction.
 
+use super::common::parse_budget;
 use anyhow::{bail, Context, Result};
 use idkm::cluster::{Forward, KmeansConfig, Method, Solver};
-use idkm::memory::{self, AllocKind, Outcome, Record, StepConfig};
+use idkm::device::DeviceSpec;
+use idkm::memory;
 use idkm::model::Arch;
+use idkm::profile::{self, Outcome, Record, StepConfig};
 use idkm::quantize::QuantizePlan;
 use std::io::Write;
 use std::path::PathBuf;
@@ -14,7 +17,7 @@ use std::path::PathBuf;
 pub struct ProfileArgs {
     /// Architecture: resnet18-cifar | resnet18 | small-cnn.
     #[arg(long, visible_alias = "arch", default_value = "resnet18-cifar")]
-    model: String,
+    model: Arch,
     /// Bits per index (k = 2^bits), one or several: `4,8`.
     #[arg(long, value_delimiter = ',', default_value = "4")]
     bits: Vec<u32>,
@@ -36,9 +39,9 @@ pub struct ProfileArgs {
     /// Measured steps per configuration.
     #[arg(long, default_value_t = 1)]
     steps: usize,
-    /// cpu | cuda.
+    /// cpu | cuda | cuda:N.
     #[arg(long, default_value = "cpu")]
-    device: String,
+    device: DeviceSpec,
     /// A data set directory for real batches (the first batch of its
     /// training part) [default: synthetic inputs of the model's shape].
     #[arg(long)]
@@ -72,16 +75,12 @@ pub struct ProfileArgs {
     /// Configurations predicted to need more memory are reported, not run;
     /// each child is also limited to it [default: the memory available now,
     /// less 1 GiB].
-    #[arg(long)]
-    memory_budget: Option<String>,
+    #[arg(long, value_parser = parse_budget)]
+    memory_budget: Option<u64>,
     /// Wall-clock limit per configuration, in seconds; one predicted to need
     /// more is reported, not run.
     #[arg(long, default_value_t = 600.0)]
     timeout: f64,
-    /// Allocator of the children: system | mimalloc (takes effect when the
-    /// binary installs `idkm::memory::ProfileAlloc`).
-    #[arg(long, default_value = "system")]
-    allocator: String,
     /// Leave out the fp32 reference step.
     #[arg(long)]
     no_fp32: bool,
@@ -107,15 +106,14 @@ pub fn run(a: ProfileArgs) -> Result<()> {
     if let Some(json) = &a.child {
         let config: StepConfig =
             serde_json::from_str(json).context("reading the child's configuration")?;
-        std::process::exit(memory::child_main(&config, a.child_limit));
+        std::process::exit(profile::child_main(&config, a.child_limit));
     }
-    let arch: Arch = a.model.parse()?;
-    let allocator: AllocKind = a.allocator.parse().map_err(anyhow::Error::msg)?;
+    let arch = a.model;
     if a.batch == 0 || a.steps == 0 {
         bail!("--batch and --steps must be at least 1");
     }
-    let budget = match &a.memory_budget {
-        Some(text) => memory::parse_bytes(text).map_err(anyhow::Error::msg)?,
+    let budget = match a.memory_budget {
+        Some(bytes) => bytes,
         None => memory::available_memory()
             .map(|m| m.saturating_sub(1 << 30))
             .unwrap_or(8 << 30),
@@ -131,42 +129,42 @@ pub fn run(a: ProfileArgs) -> Result<()> {
     let channels = if arch == Arch::SmallCnn { 1 } else { 3 };
     let shape = memory::ModelShape::of_arch(arch, channels, a.classes)?;
     let base = StepConfig {
-        arch: arch.to_string(),
+        arch,
         batch: a.batch,
-        method: "fp32".into(),
+        method: None,
         bits: a.bits.first().copied().unwrap_or(4),
         cluster_dim: a.cluster_dim,
         iters: a.iters.iter().copied().max().unwrap_or(30),
         tol: a.tol,
         tau: tau(0),
-        forward: a.forward.to_string(),
-        solver: a.solver.to_string(),
+        forward: a.forward,
+        solver: a.solver,
         min_weights: a.min_weights,
         classes: a.classes,
         warmup: a.warmup,
         steps: a.steps,
         max_seconds: a.timeout * 0.8,
-        device: a.device.clone(),
+        device: a.device,
         data: a.data.clone(),
         seed: a.seed,
         converge_iters: a.steady,
     };
     let mut configs = Vec::new();
     if !a.no_fp32 {
-        configs.push((base.clone(), allocator));
+        configs.push(base.clone());
     }
     for (n, &bits) in a.bits.iter().enumerate() {
         for method in &a.methods {
             for &t in &a.iters {
                 let c = StepConfig {
-                    method: method.to_string(),
+                    method: Some(*method),
                     bits,
                     tau: tau(n),
                     iters: t,
                     ..base.clone()
                 };
                 c.kmeans()?; // validate before anything runs
-                configs.push((c, allocator));
+                configs.push(c);
             }
         }
     }
@@ -174,7 +172,7 @@ pub fn run(a: ProfileArgs) -> Result<()> {
     if a.predict_only {
         writeln!(out, "| config | predicted peak | weights | grads | optimizer | activations | clustering | working set |")?;
         writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|")?;
-        for (c, _) in &configs {
+        for c in &configs {
             let e = c.predict(&shape)?;
             writeln!(
                 out,
@@ -197,35 +195,30 @@ pub fn run(a: ProfileArgs) -> Result<()> {
         return Ok(());
     }
     let exe = std::env::current_exe().context("finding this executable")?;
-    let command =
-        |config: &StepConfig, alloc: AllocKind, limit: u64| -> Result<std::process::Command> {
-            eprintln!("running {} ...", config.label());
-            let mut cmd = std::process::Command::new(&exe);
-            cmd.arg("profile")
-                .arg("--child")
-                .arg(serde_json::to_string(config)?)
-                .arg("--child-limit")
-                .arg(limit.to_string())
-                .env(memory::ALLOC_ENV, alloc.to_string())
-                .env("RUST_LOG", "warn");
-            Ok(cmd)
-        };
-    let report = |r: &Record| eprintln!("{}", memory::table_row(r));
-    let mut records = memory::profile(&shape, &configs, budget, a.timeout, command, report)?;
-    // A binary without the counting allocator runs the system allocator and counts nothing.
-    let mut uncounted = false;
-    for r in &mut records {
-        if let Outcome::Measured(m) = &r.outcome {
-            if m.allocator.is_none() {
-                uncounted = true;
-                r.allocator = AllocKind::System;
-            }
-        }
-    }
-    writeln!(out, "{}", memory::table(&records))?;
-    writeln!(out, "{}", memory::layer_table(&records))?;
+    let command = |config: &StepConfig, limit: u64| -> Result<std::process::Command> {
+        eprintln!("running {} ...", config.label());
+        let mut cmd = std::process::Command::new(&exe);
+        cmd.arg("profile")
+            .arg("--child")
+            .arg(serde_json::to_string(config)?)
+            .arg("--child-limit")
+            .arg(limit.to_string())
+            .env("RUST_LOG", "warn");
+        Ok(cmd)
+    };
+    let report = |r: &Record| eprintln!("{}", profile::table_row(r));
+    let records = profile::profile(&shape, &configs, budget, a.timeout, command, report)?;
+    // A binary without the counting allocator counts nothing.
+    let uncounted = records
+        .iter()
+        .any(|r| matches!(&r.outcome, Outcome::Measured(m) if m.peak_counted_bytes.is_none()));
+    writeln!(out, "{}", profile::table(&records))?;
+    writeln!(out, "{}", profile::layer_table(&records))?;
     if uncounted {
-        writeln!(out, "(this binary does not install idkm::memory::ProfileAlloc: no counted bytes; the system allocator ran)")?;
+        writeln!(
+            out,
+            "(this binary does not install idkm::alloc::Counting: no counted bytes)"
+        )?;
     }
     let dir = match a.output.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
@@ -239,7 +232,7 @@ pub fn run(a: ProfileArgs) -> Result<()> {
         .to_string();
     let title = format!("{arch}, batch {}, {} steps", a.batch, a.device);
     let command_line: Vec<String> = std::env::args().collect();
-    for path in memory::write_outputs(&records, &dir, &name, &title, &command_line.join(" "))? {
+    for path in profile::write_outputs(&records, &dir, &name, &title, &command_line.join(" "))? {
         writeln!(out, "wrote {}", path.display())?;
     }
     Ok(())

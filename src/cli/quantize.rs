@@ -1,9 +1,10 @@
 //! `idkm quantize`: fine-tunes a float model with clustering on its conv and
 //! linear weights.
 
-use super::common::{device, BudgetArgs, DataArgs, KmeansArgs, ModelArgs, OptimArgs};
+use super::common::{BudgetArgs, DataArgs, KmeansArgs, ModelArgs, OptimArgs};
 use super::fit::fit;
 use anyhow::{Context, Result};
+use idkm::device::DeviceSpec;
 use idkm::quantize::{Clustering, LutDType, QuantizePlan};
 use std::path::PathBuf;
 
@@ -32,7 +33,7 @@ pub struct QuantizeArgs {
     lut: LutDType,
     /// cpu | cuda | cuda:N.
     #[arg(long, default_value = "cpu")]
-    device: String,
+    device: DeviceSpec,
     /// Checkpoint written after every epoch: the float weights with every
     /// clustered layer's centroids and config (input of `idkm export`).
     #[arg(long, short, default_value = "idkm-clustered.safetensors")]
@@ -40,7 +41,7 @@ pub struct QuantizeArgs {
 }
 
 pub fn run(a: QuantizeArgs) -> Result<()> {
-    let device = device(&a.device)?;
+    let device = a.device.open()?;
     let split = a.data.load()?;
     let loaded = a.model.load(&split, a.optim.seed, &device)?;
     let model = loaded.model;
@@ -56,15 +57,39 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
             Clustering::new(&model, &plan).context("planning the clustering")?
         }
     };
-    a.budget.check(&model, Some(&clustering), &split, &a.optim)?;
-    println!("{} on {} ({} train / {} test)", model.arch(), split.name, split.train.len(), split.test.len());
-    clustering.prepare(&model).context("initialising the clustering")?;
+    a.budget
+        .check(&model, Some(&clustering), &split, &a.optim)?;
+    println!(
+        "{} on {} ({} train / {} test)",
+        model.arch(),
+        split.name,
+        split.train.len(),
+        split.test.len()
+    );
+    clustering
+        .prepare(&model)
+        .context("initialising the clustering")?;
     for (name, layer) in clustering.layers() {
         let c = layer.config();
-        let rule = if c.tau.is_some() { "given".to_string() } else { format!("{} x its hard-quantization error", c.tau_scale) };
+        let rule = if c.tau.is_some() {
+            "given".to_string()
+        } else {
+            format!("{} x its hard-quantization error", c.tau_scale)
+        };
         let tau = layer.tau().map_or("-".into(), |t| format!("{t:.3e}"));
-        println!("  {name}: {} bits, d = {}, {}, {} forward, tau {tau} ({rule})", c.bits, c.cluster_dim, c.method, c.forward);
+        println!(
+            "  {name}: {} bits, d = {}, {}, {} forward, tau {tau} ({rule})",
+            c.bits, c.cluster_dim, c.method, c.forward
+        );
     }
-    fit(&model, Some(&clustering), &split, &a.optim, a.lut, &a.output, &device)?;
+    fit(
+        &model,
+        Some(&clustering),
+        &split,
+        &a.optim,
+        a.lut,
+        &a.output,
+        &device,
+    )?;
     Ok(())
 }

@@ -1,8 +1,9 @@
 //! `idkm train`: float training from scratch or from a checkpoint.
 
-use super::common::{device, BudgetArgs, DataArgs, ModelArgs, OptimArgs};
+use super::common::{BudgetArgs, DataArgs, ModelArgs, OptimArgs};
 use super::fit::fit;
 use anyhow::{bail, Result};
+use idkm::device::DeviceSpec;
 use idkm::quantize::LutDType;
 use std::path::PathBuf;
 
@@ -18,14 +19,14 @@ pub struct TrainArgs {
     budget: BudgetArgs,
     /// cpu | cuda | cuda:N.
     #[arg(long, default_value = "cpu")]
-    device: String,
+    device: DeviceSpec,
     /// Checkpoint written after every epoch (safetensors).
     #[arg(long, short, default_value = "idkm-float.safetensors")]
     output: PathBuf,
 }
 
 pub fn run(a: TrainArgs) -> Result<()> {
-    let device = device(&a.device)?;
+    let device = a.device.open()?;
     let split = a.data.load()?;
     let loaded = a.model.load(&split, a.optim.seed, &device)?;
     if loaded.clustering.is_some() {
@@ -41,6 +42,14 @@ pub fn run(a: TrainArgs) -> Result<()> {
         split.test.len(),
         model.parameter_count()
     );
-    fit(&model, None, &split, &a.optim, LutDType::F32, &a.output, &device)?;
+    fit(
+        &model,
+        None,
+        &split,
+        &a.optim,
+        LutDType::F32,
+        &a.output,
+        &device,
+    )?;
     Ok(())
 }

@@ -65,17 +65,33 @@ pub fn implicit_backward<T: Real>(
     let jt = |u: &[f64]| pass::adjoint_matvec(w, c, &f, &inv_mass, u, geo);
     let (u, adjoint) = match cfg.method {
         Method::IdkmJfb | Method::Dkm => (h, Adjoint::JacobianFree),
-        Method::Idkm if matches!(cfg.solver.resolve(h.len()), Solver::Dense) && factor.is_some() => {
+        Method::Idkm
+            if matches!(cfg.solver.resolve(h.len()), Solver::Dense) && factor.is_some() =>
+        {
             let factor = factor.expect("checked");
-            tracing::debug!(layer = name, distance = factor.distance, "adjoint: the forward solve's factorisation");
-            (factor.factor.adjoint(&h), Adjoint::Reused { distance: factor.distance })
+            tracing::debug!(
+                layer = name,
+                distance = factor.distance,
+                "adjoint: the forward solve's factorisation"
+            );
+            (
+                factor.factor.adjoint(&h),
+                Adjoint::Reused {
+                    distance: factor.distance,
+                },
+            )
         }
         Method::Idkm => {
             let (u, report) = match cfg.solver.resolve(h.len()) {
-                Solver::Cg => symmetrised_cg(&moments.mass, &inv_mass, d, jt, &h, cfg.tol, cfg.max_steps),
-                Solver::Dense | Solver::Auto => {
-                    solve::dense(&binned::adjoint_matrix(w, c, &f, &inv_mass, geo), &h, cfg.tol, 1)
+                Solver::Cg => {
+                    symmetrised_cg(&moments.mass, &inv_mass, d, jt, &h, cfg.tol, cfg.max_steps)
                 }
+                Solver::Dense | Solver::Auto => solve::dense(
+                    &binned::adjoint_matrix(w, c, &f, &inv_mass, geo),
+                    &h,
+                    cfg.tol,
+                    1,
+                ),
                 Solver::Gmres => {
                     let apply = |u: &[f64]| {
                         let jtu = jt(u);
@@ -130,7 +146,12 @@ pub fn symmetrised_cg(
 /// whether to use the solver's `u` (`true`) or the JFB adjoint `u = h`.
 pub(crate) fn fallback(report: SolveReport, tol: f64, name: &str) -> (Adjoint, bool) {
     if report.converged {
-        tracing::debug!(layer = name, steps = report.steps, residual = report.rel_residual, "adjoint solved");
+        tracing::debug!(
+            layer = name,
+            steps = report.steps,
+            residual = report.rel_residual,
+            "adjoint solved"
+        );
         (Adjoint::Solved(report), true)
     } else if report.rel_residual < 1.0 {
         tracing::warn!(

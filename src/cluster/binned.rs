@@ -1,3 +1,4 @@
+// Over 800 lines with its unit tests (about 240): the binned passes share one bin layout.
 //! k-means steps and the dense adjoint on scalar weights grouped into narrow
 //! bins.
 //!
@@ -146,9 +147,19 @@ impl Slots {
     /// outwards by up to a, the weight is within a of it. A bin of width
     /// `w` then holds weights whose attention changes at a rate of
     /// `2 spread / tau` at most.
-    fn new(lo: f64, hi: f64, c: &[f64], allowed: &[f64], geo: &Geometry, cutoff: f64, max_slots: usize) -> Option<Self> {
+    fn new(
+        lo: f64,
+        hi: f64,
+        c: &[f64],
+        allowed: &[f64],
+        geo: &Geometry,
+        cutoff: f64,
+        max_slots: usize,
+    ) -> Option<Self> {
         let k = c.len();
-        let start: Vec<f64> = std::iter::once(lo).chain(c.iter().map(|x| x.clamp(lo, hi))).collect();
+        let start: Vec<f64> = std::iter::once(lo)
+            .chain(c.iter().map(|x| x.clamp(lo, hi)))
+            .collect();
         let end = |j: usize| start.get(j + 1).copied().unwrap_or(hi);
         let spread = |distance: f64| 2.0 * (distance.powi(2) + cutoff * geo.tau).sqrt();
         let (mut offset, mut density) = (vec![0usize; k + 2], vec![0f64; k + 1]);
@@ -166,14 +177,25 @@ impl Slots {
             offset[j + 1] = offset[j] + slots as usize;
         }
         let cells = CELLS_PER_INTERVAL * (k + 1);
-        let scale = if hi > lo { cells as f64 / (hi - lo) } else { 0.0 };
+        let scale = if hi > lo {
+            cells as f64 / (hi - lo)
+        } else {
+            0.0
+        };
         let cell_interval = (0..cells)
             .map(|cell| {
                 let at = lo + cell as f64 / scale.max(f64::MIN_POSITIVE);
                 (start.partition_point(|&s| s <= at).max(1) - 1) as u32
             })
             .collect();
-        Some(Self { start, offset, density, lo, scale, cell_interval })
+        Some(Self {
+            start,
+            offset,
+            density,
+            lo,
+            scale,
+            cell_interval,
+        })
     }
 
     /// The slot of the weight `x` (within the range).
@@ -219,15 +241,24 @@ impl<T: Real> Bins<T> {
         // Sized exactly: with many slots, growth by doubling would hold up
         // to twice the bins' memory.
         let filled = tally.iter().filter(|t| t.count > 0.0).count();
-        let (mut mean, mut deviation, mut count) =
-            (Vec::with_capacity(filled), Vec::with_capacity(filled), Vec::with_capacity(filled));
+        let (mut mean, mut deviation, mut count) = (
+            Vec::with_capacity(filled),
+            Vec::with_capacity(filled),
+            Vec::with_capacity(filled),
+        );
         for t in tally.iter().filter(|t| t.count > 0.0) {
             let m = t.sum / t.count;
             mean.push(T::of(m));
             deviation.push(T::of((t.squares / t.count - m * m).max(0.0).sqrt()));
             count.push(T::of(t.count));
         }
-        Some(Self { mean, count, deviation, built_for: sorted, allowed_move })
+        Some(Self {
+            mean,
+            count,
+            deviation,
+            built_for: sorted,
+            allowed_move,
+        })
     }
 
     /// Each bin as two points, its mean less and plus its deviation, that
@@ -238,7 +269,10 @@ impl<T: Real> Bins<T> {
     /// where one point a bin is exact to first order.
     pub fn two_point(&self) -> (Vec<T>, Vec<T>) {
         let half = T::of(0.5);
-        let mut points = (Vec::with_capacity(2 * self.len()), Vec::with_capacity(2 * self.len()));
+        let mut points = (
+            Vec::with_capacity(2 * self.len()),
+            Vec::with_capacity(2 * self.len()),
+        );
         for ((&m, &n), &s) in self.mean.iter().zip(&self.count).zip(&self.deviation) {
             if s > T::zero() {
                 points.0.extend([m - s, m + s]);
@@ -266,7 +300,11 @@ impl<T: Real> Bins<T> {
     pub fn serve<W: Real>(&self, c: &[W]) -> bool {
         let mut sorted: Vec<f64> = c.iter().map(|x| x.wide()).collect();
         sorted.sort_by(f64::total_cmp);
-        sorted.iter().zip(&self.built_for).zip(&self.allowed_move).all(|((x, b), m)| (x - b).abs() <= *m)
+        sorted
+            .iter()
+            .zip(&self.built_for)
+            .zip(&self.allowed_move)
+            .all(|((x, b), m)| (x - b).abs() <= *m)
     }
 }
 
@@ -282,8 +320,16 @@ fn range<W: Real>(x: &[W]) -> (f64, f64) {
             *h = if v > *h { v } else { *h };
         }
     }
-    let lo = lo.iter().chain(rest).map(|v| v.wide()).fold(f64::INFINITY, f64::min);
-    let hi = hi.iter().chain(rest).map(|v| v.wide()).fold(f64::NEG_INFINITY, f64::max);
+    let lo = lo
+        .iter()
+        .chain(rest)
+        .map(|v| v.wide())
+        .fold(f64::INFINITY, f64::min);
+    let hi = hi
+        .iter()
+        .chain(rest)
+        .map(|v| v.wide())
+        .fold(f64::NEG_INFINITY, f64::max);
     (lo, hi)
 }
 
@@ -316,7 +362,12 @@ fn binnable(geo: &Geometry) -> bool {
 /// The bins for the centroids `c`, when they pay (see [`binnable`]): at
 /// most [`FEW_SLOTS`] slots or [`MIN_WEIGHTS_PER_SLOT`] weights a slot,
 /// and at least `weights_per_bin` weights a bin.
-pub fn bins_for<W: Real, T: Real>(w: &[W], c: &[W], geo: &Geometry, weights_per_bin: usize) -> Option<Bins<T>> {
+pub fn bins_for<W: Real, T: Real>(
+    w: &[W],
+    c: &[W],
+    geo: &Geometry,
+    weights_per_bin: usize,
+) -> Option<Bins<T>> {
     if !binnable(geo) {
         return None;
     }
@@ -350,12 +401,26 @@ impl<T> PlainRun<T> {
 /// bins until one moves no centroid more than `tol` or one step is left,
 /// then on the weights until the same test or `max_iter` steps in all.
 /// The shift is the last step's, always one on the weights.
-pub fn fixed_point<T: Real>(w: &[T], c0: &[T], geo: &Geometry, max_iter: usize, tol: f64) -> PlainRun<T> {
+pub fn fixed_point<T: Real>(
+    w: &[T],
+    c0: &[T],
+    geo: &Geometry,
+    max_iter: usize,
+    tol: f64,
+) -> PlainRun<T> {
     let on_weights = |c: &[T], max_iter: usize, bin_steps: usize| {
         let (c, weight_steps, shift) = pass::fixed_point(w, c, geo, max_iter, tol);
-        PlainRun { c, bin_steps, weight_steps, shift }
+        PlainRun {
+            c,
+            bin_steps,
+            weight_steps,
+            shift,
+        }
     };
-    let Some(mut bins) = (max_iter >= 2).then(|| bins_for(w, c0, geo, STEP_WEIGHTS_PER_BIN)).flatten() else {
+    let Some(mut bins) = (max_iter >= 2)
+        .then(|| bins_for(w, c0, geo, STEP_WEIGHTS_PER_BIN))
+        .flatten()
+    else {
         return on_weights(c0, max_iter, 0);
     };
     let (mut c, mut next) = (c0.to_vec(), c0.to_vec());
@@ -375,7 +440,13 @@ pub fn fixed_point<T: Real>(w: &[T], c0: &[T], geo: &Geometry, max_iter: usize, 
         }
     }
     let run = on_weights(&c, max_iter - steps, steps);
-    tracing::trace!(bins = bins.len(), builds, binned = steps, full = run.weight_steps, "k-means steps");
+    tracing::trace!(
+        bins = bins.len(),
+        builds,
+        binned = steps,
+        full = run.weight_steps,
+        "k-means steps"
+    );
     run
 }
 
@@ -388,7 +459,13 @@ pub fn fixed_point<T: Real>(w: &[T], c0: &[T], geo: &Geometry, max_iter: usize, 
 /// in f32 the bins' fewer, heavier terms round further from the exact
 /// matrix than the weights' do (3e-7 of its norm against 2e-7 at 8 bits,
 /// 800 000 weights), in f64 they are within 1e-9 of it.
-pub fn adjoint_matrix<T: Real>(w: &[T], c: &[T], f: &[T], inv_mass: &[f64], geo: &Geometry) -> Vec<f64> {
+pub fn adjoint_matrix<T: Real>(
+    w: &[T],
+    c: &[T],
+    f: &[T],
+    inv_mass: &[f64],
+    geo: &Geometry,
+) -> Vec<f64> {
     let wide = |x: &[T]| x.iter().map(|v| v.wide()).collect::<Vec<f64>>();
     match bins_for::<T, f64>(w, c, geo, ADJOINT_WEIGHTS_PER_BIN) {
         Some(bins) => {
@@ -448,7 +525,13 @@ impl<'a, T: Real> BinnedMap<'a, T> {
     /// when bins do not pay (see [`bins_for`]).
     pub fn new(w: &'a [T], c: &[T], geo: Geometry) -> Option<Self> {
         let bins = Binning::new(w, c, &geo)?;
-        Some(Self { w, geo, bins: Some(bins), passes: (0, 0), builds: 1 })
+        Some(Self {
+            w,
+            geo,
+            bins: Some(bins),
+            passes: (0, 0),
+            builds: 1,
+        })
     }
 
     /// Times the bins were built.
@@ -480,15 +563,23 @@ impl<T: Real> KmeansMap for BinnedMap<'_, T> {
         let geo = self.geo;
         let (moments, energy) = match self.bins_at(&narrow) {
             Some(Binning::Fine(b)) => pass::counted_reduce_energy(&b.mean, &b.count, c, &geo),
-            Some(Binning::Steps(b)) => pass::counted_reduce_energy(&b.mean, &b.count, &narrow, &geo),
+            Some(Binning::Steps(b)) => {
+                pass::counted_reduce_energy(&b.mean, &b.count, &narrow, &geo)
+            }
             None => {
                 self.passes.0 += 1;
                 let (moments, energy) = pass::counted_reduce_energy(self.w, &[], &narrow, &geo);
-                return Ok(Evaluation { moments, energy: Some(energy) });
+                return Ok(Evaluation {
+                    moments,
+                    energy: Some(energy),
+                });
             }
         };
         self.passes.1 += 1;
-        Ok(Evaluation { moments, energy: Some(energy) })
+        Ok(Evaluation {
+            moments,
+            energy: Some(energy),
+        })
     }
 
     fn matrix(&mut self, c: &[f64], f: &[f64], inv_mass: &[f64]) -> Result<Vec<f64>> {
@@ -497,15 +588,30 @@ impl<T: Real> KmeansMap for BinnedMap<'_, T> {
         if let Some(Binning::Fine(b)) = self.bins_at(&narrow_c) {
             let (points, count) = b.two_point();
             self.passes.1 += 1;
-            return Ok(pass::counted_adjoint_matrix(&points, &count, c, f, inv_mass, &geo));
+            return Ok(pass::counted_adjoint_matrix(
+                &points, &count, c, f, inv_mass, &geo,
+            ));
         }
         self.passes.0 += 1;
-        Ok(pass::adjoint_matrix(self.w, &narrow_c, &narrow::<T>(f), inv_mass, &geo))
+        Ok(pass::adjoint_matrix(
+            self.w,
+            &narrow_c,
+            &narrow::<T>(f),
+            inv_mass,
+            &geo,
+        ))
     }
 
     fn matvec(&mut self, c: &[f64], f: &[f64], inv_mass: &[f64], u: &[f64]) -> Result<Vec<f64>> {
         self.passes.0 += 1;
-        Ok(pass::adjoint_matvec(self.w, &narrow::<T>(c), &narrow::<T>(f), inv_mass, u, &self.geo))
+        Ok(pass::adjoint_matvec(
+            self.w,
+            &narrow::<T>(c),
+            &narrow::<T>(f),
+            inv_mass,
+            u,
+            &self.geo,
+        ))
     }
 
     fn passes(&self) -> (usize, usize) {
@@ -525,9 +631,13 @@ mod tests {
     /// `n` standard normal values (Box-Muller over a fixed linear
     /// congruential sequence) times `std`.
     fn normal(n: usize, std: f64, seed: u64) -> Vec<f64> {
-        let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let mut state = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         let mut uniform = move || {
-            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((state >> 11) as f64 + 0.5) / (1u64 << 53) as f64
         };
         (0..n)
@@ -539,14 +649,21 @@ mod tests {
     }
 
     fn geometry(k: usize, tau: f64, distance: Distance) -> Geometry {
-        Geometry { k, d: 1, tau, distance }
+        Geometry {
+            k,
+            d: 1,
+            tau,
+            distance,
+        }
     }
 
     /// `k` centroids at the quantiles of `w`, ascending.
     fn quantiles<T: Real>(w: &[T], k: usize) -> Vec<T> {
         let mut sorted = w.to_vec();
         sorted.sort_by(|a, b| a.partial_cmp(b).expect("finite"));
-        (0..k).map(|j| sorted[(2 * j + 1) * w.len() / (2 * k)]).collect()
+        (0..k)
+            .map(|j| sorted[(2 * j + 1) * w.len() / (2 * k)])
+            .collect()
     }
 
     #[test]
@@ -554,11 +671,20 @@ mod tests {
         let geo = geometry(64, 1e-3, Distance::Squared);
         let x = normal(500, 0.05, 1);
         let count: Vec<f64> = (0..x.len()).map(|i| (1 + i % 7) as f64).collect();
-        let repeated: Vec<f64> = x.iter().zip(&count).flat_map(|(&x, &n)| std::iter::repeat_n(x, n as usize)).collect();
+        let repeated: Vec<f64> = x
+            .iter()
+            .zip(&count)
+            .flat_map(|(&x, &n)| std::iter::repeat_n(x, n as usize))
+            .collect();
         let c = quantiles(&x, geo.k);
         let counted = counted_reduce(&x, &count, &c, &geo);
         let full = pass::soft_assign_reduce(&repeated, &c, &geo);
-        for (a, b) in counted.mass.iter().chain(&counted.weighted).zip(full.mass.iter().chain(&full.weighted)) {
+        for (a, b) in counted
+            .mass
+            .iter()
+            .chain(&counted.weighted)
+            .zip(full.mass.iter().chain(&full.weighted))
+        {
             assert!((a - b).abs() <= 1e-12 * b.abs().max(1.0), "{a} vs {b}");
         }
     }
@@ -571,11 +697,19 @@ mod tests {
         let bins = Bins::new(&w, &c, &geo, 5000).expect("fits");
         assert!(bins.mean.windows(2).all(|p| p[0] < p[1]));
         assert_eq!(bins.count.iter().sum::<f32>(), 10_000.0);
-        let sum: f64 = bins.mean.iter().zip(&bins.count).map(|(&m, &n)| f64::from(m) * f64::from(n)).sum();
+        let sum: f64 = bins
+            .mean
+            .iter()
+            .zip(&bins.count)
+            .map(|(&m, &n)| f64::from(m) * f64::from(n))
+            .sum();
         let want: f64 = w.iter().map(|&x| f64::from(x)).sum();
         assert!((sum - want).abs() < 1e-6, "{sum} vs {want}");
         let squares: f64 = (0..bins.len())
-            .map(|b| f64::from(bins.count[b]) * (f64::from(bins.mean[b]).powi(2) + f64::from(bins.deviation[b]).powi(2)))
+            .map(|b| {
+                f64::from(bins.count[b])
+                    * (f64::from(bins.mean[b]).powi(2) + f64::from(bins.deviation[b]).powi(2))
+            })
             .sum();
         let want: f64 = w.iter().map(|&x| f64::from(x).powi(2)).sum();
         assert!((squares - want).abs() < 1e-6 * want, "{squares} vs {want}");
@@ -588,8 +722,14 @@ mod tests {
         let (points, counts) = bins.two_point();
         let [n, sum, sq] = moments(&points, &counts);
         assert_eq!(n, 10_000.0);
-        assert!((sum - moments(&bins.mean, &bins.count)[1]).abs() < 1e-6, "two points: sum {sum}");
-        assert!((sq - squares).abs() < 1e-6 * squares, "two points: squares {sq} vs {squares}");
+        assert!(
+            (sum - moments(&bins.mean, &bins.count)[1]).abs() < 1e-6,
+            "two points: sum {sum}"
+        );
+        assert!(
+            (sq - squares).abs() < 1e-6 * squares,
+            "two points: squares {sq} vs {squares}"
+        );
         assert!(bins.serve(&c));
         let moved: Vec<f32> = c.iter().map(|x| x + 0.05).collect();
         assert!(!bins.serve(&moved));
@@ -607,15 +747,23 @@ mod tests {
             geometry(16, 1e-4, Distance::Squared),
         ] {
             let c0 = quantiles(&w, geo.k);
-            let bins = bins_for::<_, f32>(&w, &c0, &geo, STEP_WEIGHTS_PER_BIN).expect("the steps run on bins");
+            let bins = bins_for::<_, f32>(&w, &c0, &geo, STEP_WEIGHTS_PER_BIN)
+                .expect("the steps run on bins");
             let run = fixed_point(&w, &c0, &geo, 10, 0.0);
             let (c, steps, shift) = (run.c.clone(), run.steps(), run.shift);
             let (want, want_steps, want_shift) = pass::fixed_point(&w, &c0, &geo, 10, 0.0);
-            let err = c.iter().zip(&want).map(|(a, b)| f64::from((a - b).abs())).fold(0.0, f64::max);
+            let err = c
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| f64::from((a - b).abs()))
+                .fold(0.0, f64::max);
             eprintln!("{geo:?}: {} bins, max |c - c_full| = {err:.2e}, shift {shift:.3e} vs {want_shift:.3e}", bins.len());
             assert_eq!((steps, want_steps), (10, 10));
             assert!(err <= 1e-6 * std, "{geo:?}: centroids differ by {err:e}");
-            assert!((shift - want_shift).abs() <= 1e-6 * std, "{geo:?}: shift {shift:e} vs {want_shift:e}");
+            assert!(
+                (shift - want_shift).abs() <= 1e-6 * std,
+                "{geo:?}: shift {shift:e} vs {want_shift:e}"
+            );
         }
     }
 
@@ -628,7 +776,9 @@ mod tests {
     #[test]
     fn binned_adjoint_matrix_matches_full_matrix() {
         let norm = |x: &[f64]| x.iter().map(|v| v * v).sum::<f64>().sqrt();
-        let rel = |x: &[f64], y: &[f64]| norm(&x.iter().zip(y).map(|(a, b)| a - b).collect::<Vec<_>>()) / norm(y);
+        let rel = |x: &[f64], y: &[f64]| {
+            norm(&x.iter().zip(y).map(|(a, b)| a - b).collect::<Vec<_>>()) / norm(y)
+        };
         let wide = |x: &[f32]| x.iter().map(|&v| f64::from(v)).collect::<Vec<f64>>();
         let w: Vec<f32> = normal(800_000, 0.02, 5).iter().map(|&x| x as f32).collect();
         let g: Vec<f32> = normal(800_000, 1.0, 6).iter().map(|&x| x as f32).collect();
@@ -643,26 +793,52 @@ mod tests {
             let mut f = c.clone();
             moments.update(&c, &mut f, 1);
             let (c64, f64_) = (wide(&c), wide(&f));
-            assert!(bins_for::<_, f64>(&w, &c, &geo, ADJOINT_WEIGHTS_PER_BIN).is_some(), "{geo:?}: not binned");
+            assert!(
+                bins_for::<_, f64>(&w, &c, &geo, ADJOINT_WEIGHTS_PER_BIN).is_some(),
+                "{geo:?}: not binned"
+            );
             let (_, h) = pass::cotangent_reduce(&w, &c, &g, &geo);
             let (_, h64) = pass::cotangent_reduce(&w64, &c64, &g64, &geo);
             let exact = pass::adjoint_matrix(&w64, &c64, &f64_, &inv_mass, &geo);
             let u_exact = solve::dense(&exact, &h64, 1e-12, 1).0;
             let mut grad_exact = vec![0f64; w.len()];
-            pass::weight_grad(&w64, &c64, &f64_, &g64, &inv_mass, &u_exact, &geo, &mut grad_exact);
+            pass::weight_grad(
+                &w64,
+                &c64,
+                &f64_,
+                &g64,
+                &inv_mass,
+                &u_exact,
+                &geo,
+                &mut grad_exact,
+            );
             // Matrix, adjoint and gradient errors of a matrix on f32 weights.
             let errors = |jt: &[f64]| {
                 let u = solve::dense(jt, &h, 1e-12, 1).0;
                 let mut grad = vec![0f32; w.len()];
                 pass::weight_grad(&w, &c, &f, &g, &inv_mass, &u, &geo, &mut grad);
-                [rel(jt, &exact), rel(&u, &u_exact), rel(&wide(&grad), &grad_exact)]
+                [
+                    rel(jt, &exact),
+                    rel(&u, &u_exact),
+                    rel(&wide(&grad), &grad_exact),
+                ]
             };
             let binned = errors(&adjoint_matrix(&w, &c, &f, &inv_mass, &geo));
             let full = errors(&pass::adjoint_matrix(&w, &c, &f, &inv_mass, &geo));
             let show = |e: [f64; 3]| e.map(|x| format!("{x:.2e}")).join(", ");
-            eprintln!("{geo:?}: errors of J, u, dL/dW: on bins {}; on the weights {}", show(binned), show(full));
-            for (what, (b, f)) in ["matrix", "adjoint", "gradient"].iter().zip(binned.iter().zip(&full)) {
-                assert!(b <= f, "{geo:?}: {what} on bins off by {b:e}, on the weights by {f:e}");
+            eprintln!(
+                "{geo:?}: errors of J, u, dL/dW: on bins {}; on the weights {}",
+                show(binned),
+                show(full)
+            );
+            for (what, (b, f)) in ["matrix", "adjoint", "gradient"]
+                .iter()
+                .zip(binned.iter().zip(&full))
+            {
+                assert!(
+                    b <= f,
+                    "{geo:?}: {what} on bins off by {b:e}, on the weights by {f:e}"
+                );
             }
         }
     }
@@ -674,9 +850,19 @@ mod tests {
         let c0 = quantiles(&w, geo.k);
         assert!(bins_for::<_, f32>(&w[..20_000], &c0, &geo, STEP_WEIGHTS_PER_BIN).is_none());
         let plain = |run: PlainRun<f32>| (run.c.clone(), run.steps(), run.shift);
-        assert_eq!(plain(fixed_point(&w[..20_000], &c0, &geo, 10, 0.0)), pass::fixed_point(&w[..20_000], &c0, &geo, 10, 0.0));
-        assert_eq!(plain(fixed_point(&w, &c0, &geo, 1, 0.0)), pass::fixed_point(&w, &c0, &geo, 1, 0.0));
-        let euclidean = Geometry { distance: Distance::Euclidean, tau: 1e-3, ..geo };
+        assert_eq!(
+            plain(fixed_point(&w[..20_000], &c0, &geo, 10, 0.0)),
+            pass::fixed_point(&w[..20_000], &c0, &geo, 10, 0.0)
+        );
+        assert_eq!(
+            plain(fixed_point(&w, &c0, &geo, 1, 0.0)),
+            pass::fixed_point(&w, &c0, &geo, 1, 0.0)
+        );
+        let euclidean = Geometry {
+            distance: Distance::Euclidean,
+            tau: 1e-3,
+            ..geo
+        };
         assert!(bins_for::<_, f32>(&w, &c0, &euclidean, STEP_WEIGHTS_PER_BIN).is_none());
     }
 }

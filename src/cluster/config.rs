@@ -205,24 +205,38 @@ impl KmeansConfig {
             return bad(format!("bits must be in 1..=8, got {}", self.bits));
         }
         if ![1, 2, 4, 8].contains(&self.cluster_dim) {
-            return bad(format!("cluster dimension must be 1, 2, 4 or 8, got {}", self.cluster_dim));
+            return bad(format!(
+                "cluster dimension must be 1, 2, 4 or 8, got {}",
+                self.cluster_dim
+            ));
         }
         if let Some(tau) = self.tau {
             if !(tau > 0.0 && tau.is_finite()) {
-                return bad(format!("temperature tau must be positive and finite, got {tau}"));
+                return bad(format!(
+                    "temperature tau must be positive and finite, got {tau}"
+                ));
             }
         }
         if !(self.tau_scale > 0.0 && self.tau_scale.is_finite()) {
-            return bad(format!("temperature scale must be positive and finite, got {}", self.tau_scale));
+            return bad(format!(
+                "temperature scale must be positive and finite, got {}",
+                self.tau_scale
+            ));
         }
         if self.max_iter == 0 {
             return bad("max_iter must be at least 1".into());
         }
         if !(self.tol >= 0.0 && self.tol.is_finite()) {
-            return bad(format!("tolerance must be non-negative and finite, got {}", self.tol));
+            return bad(format!(
+                "tolerance must be non-negative and finite, got {}",
+                self.tol
+            ));
         }
         if !(self.solver_tol > 0.0 && self.solver_tol < 1.0) {
-            return bad(format!("solver tolerance must be in (0, 1), got {}", self.solver_tol));
+            return bad(format!(
+                "solver tolerance must be in (0, 1), got {}",
+                self.solver_tol
+            ));
         }
         if self.solver_max_steps == 0 {
             return bad("solver_max_steps must be at least 1".into());
@@ -277,10 +291,26 @@ impl KmeansConfig {
     /// they existed lack (their layers then keep their absolute `tau` and
     /// plain steps).
     pub fn from_json(value: &serde_json::Value) -> Result<Self> {
-        let field = |key: &str| value.get(key).ok_or_else(|| Error::Config(format!("clustering config lacks `{key}`")));
-        let number = |key: &str| field(key)?.as_f64().ok_or_else(|| Error::Config(format!("`{key}` is not a number")));
-        let count = |key: &str| field(key)?.as_u64().ok_or_else(|| Error::Config(format!("`{key}` is not a whole number")));
-        let name = |key: &str| field(key)?.as_str().ok_or_else(|| Error::Config(format!("`{key}` is not a string")));
+        let field = |key: &str| {
+            value
+                .get(key)
+                .ok_or_else(|| Error::Config(format!("clustering config lacks `{key}`")))
+        };
+        let number = |key: &str| {
+            field(key)?
+                .as_f64()
+                .ok_or_else(|| Error::Config(format!("`{key}` is not a number")))
+        };
+        let count = |key: &str| {
+            field(key)?
+                .as_u64()
+                .ok_or_else(|| Error::Config(format!("`{key}` is not a whole number")))
+        };
+        let name = |key: &str| {
+            field(key)?
+                .as_str()
+                .ok_or_else(|| Error::Config(format!("`{key}` is not a string")))
+        };
         let config = Self {
             bits: count("bits")? as u32,
             cluster_dim: count("cluster_dim")? as usize,
@@ -319,11 +349,11 @@ macro_rules! cli_names {
             fn from_str(s: &str) -> Result<Self> {
                 match s.to_ascii_lowercase().as_str() {
                     $($name => Ok(Self::$variant),)+
-                    _ => Err(Error::Config(format!(
-                        concat!("unknown ", $what, " `{}` (expected one of: {})"),
-                        s,
-                        [$($name),+].join(", ")
-                    ))),
+                    _ => Err(Error::UnknownName {
+                        what: $what,
+                        got: s.to_string(),
+                        expected: [$($name),+].join(", "),
+                    }),
                 }
             }
         }
@@ -341,6 +371,7 @@ cli_names!(Method, "method", Dkm => "dkm", Idkm => "idkm", IdkmJfb => "idkm-jfb"
 cli_names!(Solver, "solver", Cg => "cg", Gmres => "gmres", Neumann => "neumann", Dense => "dense", Auto => "auto");
 cli_names!(Init, "initialisation", Auto => "auto", KmeansPlusPlus => "kmeans++", Optimal1d => "optimal-1d");
 cli_names!(Forward, "forward solver", Newton => "newton", Plain => "plain");
+crate::names::serde_by_name!(Distance, Method, Solver, Init, Forward);
 
 #[cfg(test)]
 mod tests {
@@ -351,18 +382,58 @@ mod tests {
         let ok = KmeansConfig::default();
         assert!(ok.validate().is_ok());
         for bad in [
-            KmeansConfig { bits: 0, ..ok.clone() },
-            KmeansConfig { bits: 9, ..ok.clone() },
-            KmeansConfig { cluster_dim: 3, ..ok.clone() },
-            KmeansConfig { tau: Some(0.0), ..ok.clone() },
-            KmeansConfig { tau: Some(-1.0), ..ok.clone() },
-            KmeansConfig { tau: Some(f64::NAN), ..ok.clone() },
-            KmeansConfig { tau_scale: 0.0, ..ok.clone() },
-            KmeansConfig { tau_scale: f64::INFINITY, ..ok.clone() },
-            KmeansConfig { max_iter: 0, ..ok.clone() },
-            KmeansConfig { distance: Distance::Euclidean, solver: Solver::Cg, ..ok.clone() },
-            KmeansConfig { init: Init::Optimal1d, cluster_dim: 2, ..ok.clone() },
-            KmeansConfig { solver: Solver::Dense, bits: 7, cluster_dim: 4, ..ok.clone() },
+            KmeansConfig {
+                bits: 0,
+                ..ok.clone()
+            },
+            KmeansConfig {
+                bits: 9,
+                ..ok.clone()
+            },
+            KmeansConfig {
+                cluster_dim: 3,
+                ..ok.clone()
+            },
+            KmeansConfig {
+                tau: Some(0.0),
+                ..ok.clone()
+            },
+            KmeansConfig {
+                tau: Some(-1.0),
+                ..ok.clone()
+            },
+            KmeansConfig {
+                tau: Some(f64::NAN),
+                ..ok.clone()
+            },
+            KmeansConfig {
+                tau_scale: 0.0,
+                ..ok.clone()
+            },
+            KmeansConfig {
+                tau_scale: f64::INFINITY,
+                ..ok.clone()
+            },
+            KmeansConfig {
+                max_iter: 0,
+                ..ok.clone()
+            },
+            KmeansConfig {
+                distance: Distance::Euclidean,
+                solver: Solver::Cg,
+                ..ok.clone()
+            },
+            KmeansConfig {
+                init: Init::Optimal1d,
+                cluster_dim: 2,
+                ..ok.clone()
+            },
+            KmeansConfig {
+                solver: Solver::Dense,
+                bits: 7,
+                cluster_dim: 4,
+                ..ok.clone()
+            },
         ] {
             assert!(matches!(bad.validate(), Err(Error::Config(_))), "{bad:?}");
         }
@@ -370,17 +441,41 @@ mod tests {
 
     #[test]
     fn json_round_trip() {
-        let config = KmeansConfig { bits: 3, method: Method::IdkmJfb, init: Init::Optimal1d, tau: Some(0.25), ..Default::default() };
+        let config = KmeansConfig {
+            bits: 3,
+            method: Method::IdkmJfb,
+            init: Init::Optimal1d,
+            tau: Some(0.25),
+            ..Default::default()
+        };
         assert_eq!(KmeansConfig::from_json(&config.to_json()).unwrap(), config);
-        let derived = KmeansConfig { tau_scale: 0.3, forward: Forward::Plain, ..Default::default() };
-        assert_eq!(KmeansConfig::from_json(&derived.to_json()).unwrap(), derived);
+        let derived = KmeansConfig {
+            tau_scale: 0.3,
+            forward: Forward::Plain,
+            ..Default::default()
+        };
+        assert_eq!(
+            KmeansConfig::from_json(&derived.to_json()).unwrap(),
+            derived
+        );
         // A checkpoint from before the derived temperature: absolute tau, plain steps.
         let mut old = config.to_json();
-        old.as_object_mut().unwrap().retain(|key, _| key != "tau_scale" && key != "forward");
-        assert_eq!(KmeansConfig::from_json(&old).unwrap(), KmeansConfig { forward: Forward::Plain, ..config });
+        old.as_object_mut()
+            .unwrap()
+            .retain(|key, _| key != "tau_scale" && key != "forward");
+        assert_eq!(
+            KmeansConfig::from_json(&old).unwrap(),
+            KmeansConfig {
+                forward: Forward::Plain,
+                ..config
+            }
+        );
         let mut json = config.to_json();
         json.as_object_mut().unwrap().remove("tau");
-        assert!(KmeansConfig::from_json(&json).unwrap_err().to_string().contains("tau"));
+        assert!(KmeansConfig::from_json(&json)
+            .unwrap_err()
+            .to_string()
+            .contains("tau"));
     }
 
     #[test]

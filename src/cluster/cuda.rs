@@ -1,3 +1,4 @@
+// Over 800 lines: every launcher shares the PTX modules, the device buffers and the checks of one Problem.
 //! Host-side launchers of the CUDA kernels in `kernels/` (feature `cuda`).
 //!
 //! Each launcher is the device twin of one CPU pass in [`super::streaming`]
@@ -37,7 +38,9 @@ use super::solve::{self, SolveReport};
 use super::streaming::{Geometry, Moments};
 use crate::error::Error;
 use candle_core::backend::{BackendDevice, BackendStorage};
-use candle_core::cuda_backend::cudarc::driver::{sys, CudaFunction, CudaSlice, CudaView, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{
+    sys, CudaFunction, CudaSlice, CudaView, LaunchConfig, PushKernelArg,
+};
 use candle_core::cuda_backend::{CudaDevice, WrapErr};
 use candle_core::{bail, CudaStorage, DType, Layout, Result};
 
@@ -80,16 +83,40 @@ fn func(dev: &CudaDevice, module: Module, name: &str) -> Result<CudaFunction> {
         Module::SoftAssign => ("idkm_soft_assign", SOFT_ASSIGN_PTX),
         Module::Adjoint => ("idkm_adjoint", ADJOINT_PTX),
     };
-    Ok(dev.get_or_load_custom_func(name, module_name, ptx)?.into_cuda_function())
+    Ok(dev
+        .get_or_load_custom_func(name, module_name, ptx)?
+        .into_cuda_function())
 }
 
 fn launch_cfg(grid: usize, block: u32) -> LaunchConfig {
-    LaunchConfig { grid_dim: (grid as u32, 1, 1), block_dim: (block, 1, 1), shared_mem_bytes: 0 }
+    LaunchConfig {
+        grid_dim: (grid as u32, 1, 1),
+        block_dim: (block, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Launches the kernel `f` on `dev.cuda_stream()`, the stream of candle's
+/// own work, with `grid` blocks of `block` threads and the arguments in the
+/// kernel's parameter order.
+macro_rules! launch {
+    ($dev:expr, $f:expr, ($grid:expr, $block:expr), $($arg:expr),+ $(,)?) => {{
+        let stream = $dev.cuda_stream();
+        let mut builder = stream.launch_builder($f);
+        $(builder.arg($arg);)+
+        // SAFETY: the arguments are the kernel's parameters in number, type
+        // and order (kernels/*.cu), and every launcher checks its buffers'
+        // lengths against what the kernel reads and writes.
+        unsafe { builder.launch(launch_cfg($grid, $block)) }.w()?;
+    }};
 }
 
 /// Allocates `len` elements without initialising them (every launcher
 /// writes all of its output).
-fn alloc<T: candle_core::cuda_backend::cudarc::driver::DeviceRepr>(dev: &CudaDevice, len: usize) -> Result<CudaSlice<T>> {
+fn alloc<T: candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
+    dev: &CudaDevice,
+    len: usize,
+) -> Result<CudaSlice<T>> {
     // SAFETY: callers only read what a kernel has written first.
     unsafe { dev.alloc::<T>(len.max(1)) }
 }
@@ -107,7 +134,11 @@ pub fn view_f32<'a>(
     storage: &'a CudaStorage,
     layout: &Layout,
 ) -> Result<CudaView<'a, f32>> {
-    let of = if tensor.is_empty() { String::new() } else { format!(" of `{tensor}`") };
+    let of = if tensor.is_empty() {
+        String::new()
+    } else {
+        format!(" of `{tensor}`")
+    };
     let dtype = storage.dtype();
     if dtype != DType::F32 {
         bail!(
@@ -149,7 +180,10 @@ impl Problem {
         }
         let p = Self::shape(m, geo.k, d)?;
         if !geo.tau.is_finite() || geo.tau <= 0.0 {
-            bail!("clustering on CUDA: tau must be positive and finite, got {}", geo.tau);
+            bail!(
+                "clustering on CUDA: tau must be positive and finite, got {}",
+                geo.tau
+            );
         }
         Ok(Self {
             inv_tau: (1.0 / geo.tau) as f32,
@@ -167,9 +201,18 @@ impl Problem {
             bail!("clustering on CUDA: {k} centroids (the kernels take 1 to {KMAX})");
         }
         if m > i32::MAX as usize {
-            bail!("clustering on CUDA: {m} weight vectors (the kernels take at most {})", i32::MAX);
+            bail!(
+                "clustering on CUDA: {m} weight vectors (the kernels take at most {})",
+                i32::MAX
+            );
         }
-        Ok(Self { m, k, d, inv_tau: 1.0, euclidean: 0 })
+        Ok(Self {
+            m,
+            k,
+            d,
+            inv_tau: 1.0,
+            euclidean: 0,
+        })
     }
 
     /// `name` with the `_f32_dD` suffix of its instantiation for this d.
@@ -224,39 +267,45 @@ pub fn check_finite(dev: &CudaDevice, w: &CudaView<f32>, tensor: &str) -> Result
     }
     let mut first = dev.clone_htod(&[u64::MAX])?;
     let f = func(dev, Module::SoftAssign, "first_non_finite_f32")?;
-    let stream = dev.cuda_stream();
     let n64 = n as u64;
     let grid = n.div_ceil(BLOCK as usize).clamp(1, MAX_REDUCE_BLOCKS);
-    {
-        let mut b = stream.launch_builder(&f);
-        b.arg(w);
-        b.arg(&n64);
-        b.arg(&mut first);
-        unsafe { b.launch(launch_cfg(grid, BLOCK)) }.w()?;
-    }
+    launch!(dev, &f, (grid, BLOCK), w, &n64, &mut first);
     let index = dev.clone_dtoh(&first)?[0];
     if index == u64::MAX {
         return Ok(());
     }
     let index = index as usize;
     let value = dev.clone_dtoh(&w.slice(index..index + 1))?[0];
-    Err(Error::NonFinite { tensor: tensor.to_string(), index, value: value as f64 }.into())
+    Err(Error::NonFinite {
+        tensor: tensor.to_string(),
+        index,
+        value: value as f64,
+    }
+    .into())
 }
 
 // ----------------------------------------------------------------------------
-// Forward passes (streaming.rs: soft_assign_reduce, Moments, soft_assign_output, hard_assign)
+// Forward passes (streaming/forward.rs: soft_assign_reduce, Moments, soft_assign_output, hard_assign)
 
 /// `reduce_partials`: `out[x] = sum_b partials[b * len + x]`, blocks in order.
-fn reduce_partials(dev: &CudaDevice, partials: &CudaSlice<f64>, blocks: usize, len: usize, out: &mut CudaSlice<f64>) -> Result<()> {
+fn reduce_partials(
+    dev: &CudaDevice,
+    partials: &CudaSlice<f64>,
+    blocks: usize,
+    len: usize,
+    out: &mut CudaSlice<f64>,
+) -> Result<()> {
     let f = func(dev, Module::SoftAssign, "reduce_partials")?;
-    let stream = dev.cuda_stream();
     let (nb, n) = (blocks as i32, len as i32);
-    let mut b = stream.launch_builder(&f);
-    b.arg(partials);
-    b.arg(&nb);
-    b.arg(&n);
-    b.arg(out);
-    unsafe { b.launch(launch_cfg(len.div_ceil(BLOCK as usize), BLOCK)) }.w()?;
+    launch!(
+        dev,
+        &f,
+        (len.div_ceil(BLOCK as usize), BLOCK),
+        partials,
+        &nb,
+        &n,
+        out
+    );
     Ok(())
 }
 
@@ -270,7 +319,10 @@ impl Partials {
     /// Room for a pass of `p` whose blocks each write `len` sums.
     pub fn new(dev: &CudaDevice, p: &Problem, len: usize) -> Result<Self> {
         let blocks = p.reduce_blocks();
-        Ok(Self { buf: alloc(dev, blocks * len)?, blocks })
+        Ok(Self {
+            buf: alloc(dev, blocks * len)?,
+            blocks,
+        })
     }
 }
 
@@ -290,19 +342,19 @@ pub fn soft_assign_reduce(
     p.check("the sums", sums.len(), len)?;
     p.check("the partial sums", scratch.buf.len(), scratch.blocks * len)?;
     let f = func(dev, Module::SoftAssign, &p.kernel("soft_assign_reduce"))?;
-    let stream = dev.cuda_stream();
     let (m, k) = (p.m_i32(), p.k_i32());
-    {
-        let mut b = stream.launch_builder(&f);
-        b.arg(w);
-        b.arg(c);
-        b.arg(&m);
-        b.arg(&k);
-        b.arg(&p.inv_tau);
-        b.arg(&p.euclidean);
-        b.arg(&mut scratch.buf);
-        unsafe { b.launch(launch_cfg(scratch.blocks, BLOCK)) }.w()?;
-    }
+    launch!(
+        dev,
+        &f,
+        (scratch.blocks, BLOCK),
+        w,
+        c,
+        &m,
+        &k,
+        &p.inv_tau,
+        &p.euclidean,
+        &mut scratch.buf
+    );
     reduce_partials(dev, &scratch.buf, scratch.blocks, len, sums)
 }
 
@@ -324,33 +376,42 @@ pub fn kmeans_update(
     p.check("the centroids", c.len(), p.n())?;
     p.check("the updated centroids", next.len(), p.n())?;
     let f = func(dev, Module::SoftAssign, "kmeans_update")?;
-    let stream = dev.cuda_stream();
     let (k, d) = (p.k_i32(), p.d as i32);
-    let mut b = stream.launch_builder(&f);
-    b.arg(sums);
-    b.arg(c);
-    b.arg(&k);
-    b.arg(&d);
-    b.arg(&tol);
-    b.arg(next);
-    b.arg(shift);
-    b.arg(converged);
-    unsafe { b.launch(launch_cfg(1, BLOCK)) }.w()?;
+    launch!(
+        dev,
+        &f,
+        (1, BLOCK),
+        sums,
+        c,
+        &k,
+        &d,
+        &tol,
+        next,
+        shift,
+        converged
+    );
     Ok(())
 }
 
 /// `1/S_j`, or 0 for a dead centroid (`Moments::inverse_mass`), from the
 /// first k values of `sums`.
-pub fn inverse_mass(dev: &CudaDevice, p: &Problem, sums: &CudaSlice<f64>, inv_mass: &mut CudaSlice<f64>) -> Result<()> {
+pub fn inverse_mass(
+    dev: &CudaDevice,
+    p: &Problem,
+    sums: &CudaSlice<f64>,
+    inv_mass: &mut CudaSlice<f64>,
+) -> Result<()> {
     p.check("the inverse masses", inv_mass.len(), p.k)?;
     let f = func(dev, Module::SoftAssign, "inverse_mass")?;
-    let stream = dev.cuda_stream();
     let k = p.k_i32();
-    let mut b = stream.launch_builder(&f);
-    b.arg(sums);
-    b.arg(&k);
-    b.arg(inv_mass);
-    unsafe { b.launch(launch_cfg(p.k.div_ceil(BLOCK as usize), BLOCK)) }.w()?;
+    launch!(
+        dev,
+        &f,
+        (p.k.div_ceil(BLOCK as usize), BLOCK),
+        sums,
+        &k,
+        inv_mass
+    );
     Ok(())
 }
 
@@ -366,17 +427,19 @@ pub fn soft_assign_output(
     p.check("the centroids", c.len(), p.n())?;
     p.check("the output", out.len(), p.m * p.d)?;
     let f = func(dev, Module::SoftAssign, &p.kernel("soft_assign_output"))?;
-    let stream = dev.cuda_stream();
     let (m, k) = (p.m_i32(), p.k_i32());
-    let mut b = stream.launch_builder(&f);
-    b.arg(w);
-    b.arg(c);
-    b.arg(&m);
-    b.arg(&k);
-    b.arg(&p.inv_tau);
-    b.arg(&p.euclidean);
-    b.arg(out);
-    unsafe { b.launch(launch_cfg(p.row_blocks(), BLOCK)) }.w()?;
+    launch!(
+        dev,
+        &f,
+        (p.row_blocks(), BLOCK),
+        w,
+        c,
+        &m,
+        &k,
+        &p.inv_tau,
+        &p.euclidean,
+        out
+    );
     Ok(())
 }
 
@@ -395,15 +458,17 @@ pub fn hard_assign(
         return Ok(());
     }
     let f = func(dev, Module::SoftAssign, &p.kernel("hard_assign"))?;
-    let stream = dev.cuda_stream();
     let (m, k) = (p.m_i32(), p.k_i32());
-    let mut b = stream.launch_builder(&f);
-    b.arg(w);
-    b.arg(c);
-    b.arg(&m);
-    b.arg(&k);
-    b.arg(out);
-    unsafe { b.launch(launch_cfg(p.m.div_ceil(BLOCK as usize).clamp(1, MAX_ROW_BLOCKS), BLOCK)) }.w()?;
+    launch!(
+        dev,
+        &f,
+        (p.m.div_ceil(BLOCK as usize).clamp(1, MAX_ROW_BLOCKS), BLOCK),
+        w,
+        c,
+        &m,
+        &k,
+        out
+    );
     Ok(())
 }
 
@@ -429,7 +494,16 @@ pub fn fixed_point(
     let (mut shift, mut steps) = (f64::INFINITY, 0);
     while steps < max_iter {
         soft_assign_reduce(dev, p, w, &c.as_view(), &mut scratch, &mut sums)?;
-        kmeans_update(dev, p, &sums, &c.as_view(), tol, &mut next, &mut shift_dev, &mut converged)?;
+        kmeans_update(
+            dev,
+            p,
+            &sums,
+            &c.as_view(),
+            tol,
+            &mut next,
+            &mut shift_dev,
+            &mut converged,
+        )?;
         std::mem::swap(&mut c, &mut next);
         steps += 1;
         // The one value read per step: the convergence test (as the twin, in f64).
@@ -470,11 +544,24 @@ impl KmeansMap for DeviceMap<'_> {
 
     fn evaluate(&mut self, c: &[f64]) -> crate::error::Result<Evaluation> {
         let c = self.upload_f32(c)?;
-        soft_assign_reduce(self.dev, self.p, self.w, &c.as_view(), &mut self.scratch, &mut self.sums)?;
+        soft_assign_reduce(
+            self.dev,
+            self.p,
+            self.w,
+            &c.as_view(),
+            &mut self.scratch,
+            &mut self.sums,
+        )?;
         self.passes += 1;
         let sums = self.dev.clone_dtoh(&self.sums)?;
         let (mass, weighted) = sums.split_at(self.p.k);
-        Ok(Evaluation { moments: Moments { mass: mass.to_vec(), weighted: weighted.to_vec() }, energy: None })
+        Ok(Evaluation {
+            moments: Moments {
+                mass: mass.to_vec(),
+                weighted: weighted.to_vec(),
+            },
+            energy: None,
+        })
     }
 
     fn matrix(&mut self, c: &[f64], f: &[f64], inv_mass: &[f64]) -> crate::error::Result<Vec<f64>> {
@@ -489,7 +576,17 @@ impl KmeansMap for DeviceMap<'_> {
         for q in 0..n {
             unit[q] = 1.0;
             self.dev.memcpy_htod(&unit, &mut u)?;
-            adjoint_matvec(self.dev, self.p, self.w, &c.as_view(), &f.as_view(), &inv_mass, &u, &mut scratch, &mut out)?;
+            adjoint_matvec(
+                self.dev,
+                self.p,
+                self.w,
+                &c.as_view(),
+                &f.as_view(),
+                &inv_mass,
+                &u,
+                &mut scratch,
+                &mut out,
+            )?;
             for (r, x) in self.dev.clone_dtoh(&out)?.into_iter().enumerate() {
                 columns[r * n + q] = x;
             }
@@ -499,14 +596,30 @@ impl KmeansMap for DeviceMap<'_> {
         Ok(columns)
     }
 
-    fn matvec(&mut self, c: &[f64], f: &[f64], inv_mass: &[f64], u: &[f64]) -> crate::error::Result<Vec<f64>> {
+    fn matvec(
+        &mut self,
+        c: &[f64],
+        f: &[f64],
+        inv_mass: &[f64],
+        u: &[f64],
+    ) -> crate::error::Result<Vec<f64>> {
         let n = self.p.n();
         let (c, f) = (self.upload_f32(c)?, self.upload_f32(f)?);
         let inv_mass = self.dev.clone_htod(inv_mass)?;
         let u = self.dev.clone_htod(u)?;
         let mut scratch = Partials::new(self.dev, self.p, n)?;
         let mut out = alloc::<f64>(self.dev, n)?;
-        adjoint_matvec(self.dev, self.p, self.w, &c.as_view(), &f.as_view(), &inv_mass, &u, &mut scratch, &mut out)?;
+        adjoint_matvec(
+            self.dev,
+            self.p,
+            self.w,
+            &c.as_view(),
+            &f.as_view(),
+            &inv_mass,
+            &u,
+            &mut scratch,
+            &mut out,
+        )?;
         self.passes += 1;
         Ok(self.dev.clone_dtoh(&out)?)
     }
@@ -534,14 +647,21 @@ pub fn newton_fixed_point(
     let start: Vec<f64> = dev.clone_dtoh(c0)?.iter().map(|&x| f64::from(x)).collect();
     let bounds = super::forward::bounds(&dev.clone_dtoh(w)?, p.d);
     let len = p.k * (p.d + 1);
-    let mut map = DeviceMap { dev, p, w, scratch: Partials::new(dev, p, len)?, sums: alloc::<f64>(dev, len)?, passes: 0 };
+    let mut map = DeviceMap {
+        dev,
+        p,
+        w,
+        scratch: Partials::new(dev, p, len)?,
+        sums: alloc::<f64>(dev, len)?,
+        passes: 0,
+    };
     let solution = newton::solve(&mut map, &start, bounds, settings, None, false)?;
     let c: Vec<f32> = solution.c.iter().map(|&x| x as f32).collect();
     Ok((dev.clone_htod(&c)?, solution.report))
 }
 
 // ----------------------------------------------------------------------------
-// Backward passes (streaming.rs: centroid_cotangent, adjoint_matvec, weight_grad)
+// Backward passes (streaming/backward.rs: centroid_cotangent, adjoint_matvec, weight_grad)
 
 /// `h = G_C^T g` (k x d doubles): `streaming::centroid_cotangent`.
 pub fn centroid_cotangent(
@@ -557,22 +677,26 @@ pub fn centroid_cotangent(
     p.check("the centroids", c.len(), p.n())?;
     p.check("the upstream gradient", g.len(), p.m * p.d)?;
     p.check("the cotangent", h.len(), p.n())?;
-    p.check("the partial sums", scratch.buf.len(), scratch.blocks * p.n())?;
+    p.check(
+        "the partial sums",
+        scratch.buf.len(),
+        scratch.blocks * p.n(),
+    )?;
     let f = func(dev, Module::Adjoint, &p.kernel("centroid_cotangent"))?;
-    let stream = dev.cuda_stream();
     let (m, k) = (p.m_i32(), p.k_i32());
-    {
-        let mut b = stream.launch_builder(&f);
-        b.arg(w);
-        b.arg(c);
-        b.arg(g);
-        b.arg(&m);
-        b.arg(&k);
-        b.arg(&p.inv_tau);
-        b.arg(&p.euclidean);
-        b.arg(&mut scratch.buf);
-        unsafe { b.launch(launch_cfg(scratch.blocks, BLOCK)) }.w()?;
-    }
+    launch!(
+        dev,
+        &f,
+        (scratch.blocks, BLOCK),
+        w,
+        c,
+        g,
+        &m,
+        &k,
+        &p.inv_tau,
+        &p.euclidean,
+        &mut scratch.buf
+    );
     reduce_partials(dev, &scratch.buf, scratch.blocks, p.n(), h)
 }
 
@@ -595,24 +719,28 @@ pub fn adjoint_matvec(
     p.check("the inverse masses", inv_mass.len(), p.k)?;
     p.check("the adjoint vector", u.len(), p.n())?;
     p.check("the product", out.len(), p.n())?;
-    p.check("the partial sums", scratch.buf.len(), scratch.blocks * p.n())?;
+    p.check(
+        "the partial sums",
+        scratch.buf.len(),
+        scratch.blocks * p.n(),
+    )?;
     let kernel = func(dev, Module::Adjoint, &p.kernel("adjoint_matvec"))?;
-    let stream = dev.cuda_stream();
     let (m, k) = (p.m_i32(), p.k_i32());
-    {
-        let mut b = stream.launch_builder(&kernel);
-        b.arg(w);
-        b.arg(c);
-        b.arg(f);
-        b.arg(inv_mass);
-        b.arg(u);
-        b.arg(&m);
-        b.arg(&k);
-        b.arg(&p.inv_tau);
-        b.arg(&p.euclidean);
-        b.arg(&mut scratch.buf);
-        unsafe { b.launch(launch_cfg(scratch.blocks, BLOCK)) }.w()?;
-    }
+    launch!(
+        dev,
+        &kernel,
+        (scratch.blocks, BLOCK),
+        w,
+        c,
+        f,
+        inv_mass,
+        u,
+        &m,
+        &k,
+        &p.inv_tau,
+        &p.euclidean,
+        &mut scratch.buf
+    );
     reduce_partials(dev, &scratch.buf, scratch.blocks, p.n(), out)
 }
 
@@ -638,21 +766,23 @@ pub fn weight_grad(
     p.check("the adjoint vector", u.len(), p.n())?;
     p.check("the gradient", out.len(), p.m * p.d)?;
     let kernel = func(dev, Module::Adjoint, &p.kernel("weight_grad"))?;
-    let stream = dev.cuda_stream();
     let (m, k) = (p.m_i32(), p.k_i32());
-    let mut b = stream.launch_builder(&kernel);
-    b.arg(w);
-    b.arg(c);
-    b.arg(f);
-    b.arg(g);
-    b.arg(inv_mass);
-    b.arg(u);
-    b.arg(&m);
-    b.arg(&k);
-    b.arg(&p.inv_tau);
-    b.arg(&p.euclidean);
-    b.arg(out);
-    unsafe { b.launch(launch_cfg(p.row_blocks(), BLOCK)) }.w()?;
+    launch!(
+        dev,
+        &kernel,
+        (p.row_blocks(), BLOCK),
+        w,
+        c,
+        f,
+        g,
+        inv_mass,
+        u,
+        &m,
+        &k,
+        &p.inv_tau,
+        &p.euclidean,
+        out
+    );
     Ok(())
 }
 
@@ -673,7 +803,12 @@ pub struct AtFixedPoint {
 impl AtFixedPoint {
     /// One `soft_assign_reduce` pass at `c`, then `inverse_mass` and the
     /// k-means update (backward.rs: `moments`, `inv_mass`, `f`).
-    pub fn new(dev: &CudaDevice, p: &Problem, w: &CudaView<f32>, c: &CudaView<f32>) -> Result<Self> {
+    pub fn new(
+        dev: &CudaDevice,
+        p: &Problem,
+        w: &CudaView<f32>,
+        c: &CudaView<f32>,
+    ) -> Result<Self> {
         let len = p.k * (p.d + 1);
         let mut sums = alloc::<f64>(dev, len)?;
         let mut scratch = Partials::new(dev, p, len)?;
@@ -719,75 +854,82 @@ pub fn conjugate_gradient(
         func(dev, Module::Adjoint, "cg_update")?,
         func(dev, Module::Adjoint, "cg_finish")?,
     );
-    let stream = dev.cuda_stream();
-    {
-        let mut b = stream.launch_builder(&init);
-        b.arg(h);
-        b.arg(&n_i32);
-        b.arg(&max_steps_i32);
-        b.arg(&mut x);
-        b.arg(&mut r);
-        b.arg(&mut dir);
-        b.arg(&mut x_best);
-        b.arg(&mut state);
-        unsafe { b.launch(launch_cfg(1, CG_BLOCK)) }.w()?;
-    }
+    launch!(
+        dev,
+        &init,
+        (1, CG_BLOCK),
+        h,
+        &n_i32,
+        &max_steps_i32,
+        &mut x,
+        &mut r,
+        &mut dir,
+        &mut x_best,
+        &mut state
+    );
     let one = 1i32;
     let mut launched = 0;
     let mut host_state = dev.clone_dtoh(&state)?;
     while host_state[CG_STATUS] == 0.0 && launched < max_steps {
         for _ in 0..CG_CHECK_EVERY.min(max_steps - launched) {
-            {
-                let mut b = stream.launch_builder(&matvec);
-                b.arg(w);
-                b.arg(c);
-                b.arg(&at.f);
-                b.arg(&at.sums);
-                b.arg(&at.inv_mass);
-                b.arg(&dir);
-                b.arg(&state);
-                b.arg(&m);
-                b.arg(&k);
-                b.arg(&p.inv_tau);
-                b.arg(&p.euclidean);
-                b.arg(&mut scratch.buf);
-                unsafe { b.launch(launch_cfg(scratch.blocks, BLOCK)) }.w()?;
-            }
+            launch!(
+                dev,
+                &matvec,
+                (scratch.blocks, BLOCK),
+                w,
+                c,
+                &at.f,
+                &at.sums,
+                &at.inv_mass,
+                &dir,
+                &state,
+                &m,
+                &k,
+                &p.inv_tau,
+                &p.euclidean,
+                &mut scratch.buf
+            );
             reduce_partials(dev, &scratch.buf, scratch.blocks, n, &mut jt)?;
-            {
-                let mut b = stream.launch_builder(&update);
-                b.arg(&jt);
-                b.arg(&one);
-                b.arg(&at.sums);
-                b.arg(&at.inv_mass);
-                b.arg(&k);
-                b.arg(&d);
-                b.arg(&tol);
-                b.arg(&max_steps_i32);
-                b.arg(&mut x);
-                b.arg(&mut r);
-                b.arg(&mut dir);
-                b.arg(&mut x_best);
-                b.arg(&mut state);
-                unsafe { b.launch(launch_cfg(1, CG_BLOCK)) }.w()?;
-            }
+            launch!(
+                dev,
+                &update,
+                (1, CG_BLOCK),
+                &jt,
+                &one,
+                &at.sums,
+                &at.inv_mass,
+                &k,
+                &d,
+                &tol,
+                &max_steps_i32,
+                &mut x,
+                &mut r,
+                &mut dir,
+                &mut x_best,
+                &mut state
+            );
             launched += 1;
         }
         host_state = dev.clone_dtoh(&state)?;
     }
     let mut u = alloc::<f64>(dev, n)?;
-    {
-        let mut b = stream.launch_builder(&finish);
-        b.arg(&at.sums);
-        b.arg(&at.inv_mass);
-        b.arg(&x_best);
-        b.arg(&k);
-        b.arg(&d);
-        b.arg(&mut u);
-        unsafe { b.launch(launch_cfg(1, CG_BLOCK)) }.w()?;
-    }
+    launch!(
+        dev,
+        &finish,
+        (1, CG_BLOCK),
+        &at.sums,
+        &at.inv_mass,
+        &x_best,
+        &k,
+        &d,
+        &mut u
+    );
     let rel = host_state[CG_BEST_REL];
-    let report = SolveReport { steps: host_state[CG_STEPS] as usize, rel_residual: rel, converged: rel <= tol };
+    let report = SolveReport {
+        steps: host_state[CG_STEPS] as usize,
+        rel_residual: rel,
+        converged: rel <= tol,
+    };
     Ok((u, report))
 }
 
@@ -821,7 +963,17 @@ fn host_solve(
         }
         let mut run = || -> Result<Vec<f64>> {
             dev.memcpy_htod(u, &mut u_dev)?;
-            adjoint_matvec(dev, p, w, c, &f, &at.inv_mass, &u_dev, &mut scratch, &mut out)?;
+            adjoint_matvec(
+                dev,
+                p,
+                w,
+                c,
+                &f,
+                &at.inv_mass,
+                &u_dev,
+                &mut scratch,
+                &mut out,
+            )?;
             dev.clone_dtoh(&out)
         };
         match run() {
@@ -896,7 +1048,17 @@ pub fn implicit_backward(
         }
     };
     let mut out = alloc::<f32>(dev, p.m * p.d)?;
-    weight_grad(dev, p, w, c, &at.f.as_view(), g, &at.inv_mass, u.as_ref().unwrap_or(&h), &mut out)?;
+    weight_grad(
+        dev,
+        p,
+        w,
+        c,
+        &at.f.as_view(),
+        g,
+        &at.inv_mass,
+        u.as_ref().unwrap_or(&h),
+        &mut out,
+    )?;
     Ok((out, adjoint))
 }
 
@@ -912,12 +1074,20 @@ pub fn pool_memory(dev: &CudaDevice) -> Result<(u64, u64)> {
     let (mut used, mut high) = (0u64, 0u64);
     // SAFETY: `pool` is the device's pool; each attribute is a u64 (cuuint64_t).
     unsafe {
-        sys::cuMemPoolGetAttribute(pool, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT, &mut used as *mut u64 as *mut _)
-            .result()
-            .w()?;
-        sys::cuMemPoolGetAttribute(pool, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH, &mut high as *mut u64 as *mut _)
-            .result()
-            .w()?;
+        sys::cuMemPoolGetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT,
+            &mut used as *mut u64 as *mut _,
+        )
+        .result()
+        .w()?;
+        sys::cuMemPoolGetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+            &mut high as *mut u64 as *mut _,
+        )
+        .result()
+        .w()?;
     }
     Ok((used, high))
 }
@@ -930,9 +1100,13 @@ pub fn reset_pool_peak(dev: &CudaDevice) -> Result<()> {
     let mut zero = 0u64;
     // SAFETY: setting USED_MEM_HIGH takes a u64, and only 0 (reset) is allowed.
     unsafe {
-        sys::cuMemPoolSetAttribute(pool, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH, &mut zero as *mut u64 as *mut _)
-            .result()
-            .w()?;
+        sys::cuMemPoolSetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+            &mut zero as *mut u64 as *mut _,
+        )
+        .result()
+        .w()?;
     }
     Ok(())
 }
@@ -945,6 +1119,10 @@ fn pool(dev: &CudaDevice) -> Result<sys::CUmemoryPool> {
     }
     let mut pool = std::ptr::null_mut();
     // SAFETY: plain driver query for the device of this context.
-    unsafe { sys::cuDeviceGetMemPool(&mut pool, ctx.cu_device()).result().w()? };
+    unsafe {
+        sys::cuDeviceGetMemPool(&mut pool, ctx.cu_device())
+            .result()
+            .w()?
+    };
     Ok(pool)
 }

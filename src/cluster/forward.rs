@@ -35,19 +35,35 @@ impl<T: Real> KmeansMap for WeightsMap<'_, T> {
         let c: Vec<T> = c.iter().map(|&x| T::of(x)).collect();
         self.passes += 1;
         let (moments, energy) = pass::counted_reduce_energy(self.w, &[], &c, &self.geo);
-        Ok(Evaluation { moments, energy: Some(energy) })
+        Ok(Evaluation {
+            moments,
+            energy: Some(energy),
+        })
     }
 
     fn matrix(&mut self, c: &[f64], f: &[f64], inv_mass: &[f64]) -> Result<Vec<f64>> {
         let narrow = |x: &[f64]| x.iter().map(|&v| T::of(v)).collect::<Vec<T>>();
         self.passes += 1;
-        Ok(pass::adjoint_matrix(self.w, &narrow(c), &narrow(f), inv_mass, &self.geo))
+        Ok(pass::adjoint_matrix(
+            self.w,
+            &narrow(c),
+            &narrow(f),
+            inv_mass,
+            &self.geo,
+        ))
     }
 
     fn matvec(&mut self, c: &[f64], f: &[f64], inv_mass: &[f64], u: &[f64]) -> Result<Vec<f64>> {
         let narrow = |x: &[f64]| x.iter().map(|&v| T::of(v)).collect::<Vec<T>>();
         self.passes += 1;
-        Ok(pass::adjoint_matvec(self.w, &narrow(c), &narrow(f), inv_mass, u, &self.geo))
+        Ok(pass::adjoint_matvec(
+            self.w,
+            &narrow(c),
+            &narrow(f),
+            inv_mass,
+            u,
+            &self.geo,
+        ))
     }
 
     fn passes(&self) -> (usize, usize) {
@@ -63,9 +79,12 @@ impl<T: Real> KmeansMap for WeightsMap<'_, T> {
 pub fn bounds<T: Real>(w: &[T], d: usize) -> Vec<(f64, f64)> {
     (0..d)
         .map(|e| {
-            w.iter().skip(e).step_by(d).fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), x| {
-                (lo.min(x.wide()), hi.max(x.wide()))
-            })
+            w.iter()
+                .skip(e)
+                .step_by(d)
+                .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), x| {
+                    (lo.min(x.wide()), hi.max(x.wide()))
+                })
         })
         .collect()
 }
@@ -86,17 +105,36 @@ pub fn newton_fixed_point<T: Real>(
     warm: Option<&Factor>,
     settle: bool,
 ) -> Result<Solution> {
-    let settings = Settings { k: geo.k, d: geo.d, distance: geo.distance, tol, spread, max_iter };
+    let settings = Settings {
+        k: geo.k,
+        d: geo.d,
+        distance: geo.distance,
+        tol,
+        spread,
+        max_iter,
+    };
     let start: Vec<f64> = c0.iter().map(|x| x.wide()).collect();
     let range = bounds(w, geo.d);
     let mut solution = match BinnedMap::new(w, c0, *geo) {
         Some(mut binned) => {
             let mut solution = newton::solve(&mut binned, &start, range, settings, warm, settle)?;
             tracing::trace!(builds = binned.builds(), "bins of the forward solve");
-            newton::refine(&mut WeightsMap::new(w, *geo), &mut solution, settings, REFINE_STEPS)?;
+            newton::refine(
+                &mut WeightsMap::new(w, *geo),
+                &mut solution,
+                settings,
+                REFINE_STEPS,
+            )?;
             solution
         }
-        None => newton::solve(&mut WeightsMap::new(w, *geo), &start, range, settings, warm, settle)?,
+        None => newton::solve(
+            &mut WeightsMap::new(w, *geo),
+            &start,
+            range,
+            settings,
+            warm,
+            settle,
+        )?,
     };
     solution.report.tau = geo.tau;
     Ok(solution)
@@ -115,7 +153,9 @@ pub fn checksum<T: Real>(w: &[T]) -> f64 {
             chunk
                 .iter()
                 .enumerate()
-                .map(|(i, x)| x.wide() * (1.0 + ((b * CHUNK + i).wrapping_mul(2_654_435_761) % 1021) as f64))
+                .map(|(i, x)| {
+                    x.wide() * (1.0 + ((b * CHUNK + i).wrapping_mul(2_654_435_761) % 1021) as f64)
+                })
                 .sum::<f64>()
         })
         .collect();
@@ -157,7 +197,8 @@ impl ForwardFactor {
     /// The factor, as the first matrix of a solve that starts from `c0`
     /// (the centroids this one belongs to), whatever the weights now.
     pub fn warm_start<T: Real>(&self, c0: &[T]) -> Option<&Factor> {
-        let same = self.centroids.len() == c0.len() && self.centroids.iter().zip(c0).all(|(a, b)| *a == b.wide());
+        let same = self.centroids.len() == c0.len()
+            && self.centroids.iter().zip(c0).all(|(a, b)| *a == b.wide());
         same.then_some(&self.factor)
     }
 }

@@ -20,7 +20,10 @@ fn sample(m: usize, rng: &mut StdRng) -> Vec<usize> {
 }
 
 fn dist2<T: Real>(a: &[T], b: &[T]) -> f64 {
-    a.iter().zip(b).map(|(&x, &y)| (x.wide() - y.wide()).powi(2)).sum()
+    a.iter()
+        .zip(b)
+        .map(|(&x, &y)| (x.wide() - y.wide()).powi(2))
+        .sum()
 }
 
 /// k-means++ seeding of `k` centroids from `w` (m x d), deterministic for a seed.
@@ -61,7 +64,10 @@ pub fn kmeans_plus_plus<T: Real>(w: &[T], d: usize, k: usize, seed: u64) -> Vec<
         }
     }
     if duplicated {
-        tracing::warn!(k, "fewer distinct weight vectors than centroids: some centroids start as duplicates");
+        tracing::warn!(
+            k,
+            "fewer distinct weight vectors than centroids: some centroids start as duplicates"
+        );
     }
     c
 }
@@ -74,7 +80,9 @@ fn histogram(sorted: &[f64], bins: usize) -> Vec<(f64, f64, f64)> {
     let n = sorted.len();
     let (lo, hi) = (sorted[0], sorted[n - 1]);
     let mut starts: Vec<usize> = (0..bins).map(|b| b * n / bins).collect();
-    starts.extend((1..bins).map(|b| sorted.partition_point(|&x| x < lo + (hi - lo) * b as f64 / bins as f64)));
+    starts.extend(
+        (1..bins).map(|b| sorted.partition_point(|&x| x < lo + (hi - lo) * b as f64 / bins as f64)),
+    );
     starts.sort_unstable();
     starts.dedup();
     starts.push(n);
@@ -83,7 +91,11 @@ fn histogram(sorted: &[f64], bins: usize) -> Vec<(f64, f64, f64)> {
         .filter(|edge| edge[1] > edge[0])
         .map(|edge| {
             let part = &sorted[edge[0]..edge[1]];
-            (part.len() as f64, part.iter().sum(), part.iter().map(|x| x * x).sum())
+            (
+                part.len() as f64,
+                part.iter().sum(),
+                part.iter().map(|x| x * x).sum(),
+            )
         })
         .collect()
 }
@@ -96,7 +108,10 @@ fn histogram(sorted: &[f64], bins: usize) -> Vec<(f64, f64, f64)> {
 /// conquer in O(bins log bins). Centroids are the group means, ascending.
 pub fn optimal_1d<T: Real>(w: &[T], k: usize, seed: u64) -> Vec<T> {
     let mut rng = StdRng::seed_from_u64(seed);
-    let mut sorted: Vec<f64> = sample(w.len(), &mut rng).into_iter().map(|i| w[i].wide()).collect();
+    let mut sorted: Vec<f64> = sample(w.len(), &mut rng)
+        .into_iter()
+        .map(|i| w[i].wide())
+        .collect();
     sorted.sort_unstable_by(f64::total_cmp);
     let bins = histogram(&sorted, 1024);
     let nb = bins.len();
@@ -104,7 +119,11 @@ pub fn optimal_1d<T: Real>(w: &[T], k: usize, seed: u64) -> Vec<T> {
         // No more groups than centroids: one centroid a group, the rest duplicates.
         let mut c: Vec<T> = bins.iter().map(|&(n, s, _)| T::of(s / n)).collect();
         if nb < k {
-            tracing::warn!(k, groups = nb, "fewer distinct weights than centroids: some centroids start as duplicates");
+            tracing::warn!(
+                k,
+                groups = nb,
+                "fewer distinct weights than centroids: some centroids start as duplicates"
+            );
         }
         c.resize(k, c[nb - 1]);
         return c;
@@ -116,17 +135,32 @@ pub fn optimal_1d<T: Real>(w: &[T], k: usize, seed: u64) -> Vec<T> {
     }
     // Sum of squared deviations of bins lo..hi (exclusive) around their mean.
     let cost = |lo: usize, hi: usize| {
-        let (n, s, q) = (pre[hi].0 - pre[lo].0, pre[hi].1 - pre[lo].1, pre[hi].2 - pre[lo].2);
-        if n > 0.0 { (q - s * s / n).max(0.0) } else { 0.0 }
+        let (n, s, q) = (
+            pre[hi].0 - pre[lo].0,
+            pre[hi].1 - pre[lo].1,
+            pre[hi].2 - pre[lo].2,
+        );
+        if n > 0.0 {
+            (q - s * s / n).max(0.0)
+        } else {
+            0.0
+        }
     };
     // best[b]: cost of the first b bins in j + 1 groups (two rows kept);
     // cut[j][b]: start of the last group (all rows, as u16: nb <= 2048).
-    let mut best: Vec<f64> = (0..=nb).map(|b| if b == 0 { f64::INFINITY } else { cost(0, b) }).collect();
+    let mut best: Vec<f64> = (0..=nb)
+        .map(|b| if b == 0 { f64::INFINITY } else { cost(0, b) })
+        .collect();
     let mut next = vec![f64::INFINITY; nb + 1];
     let mut cut = vec![vec![0u16; nb + 1]; k];
-    for j in 1..k {
+    for (j, cut_j) in cut.iter_mut().enumerate().skip(1) {
         next.fill(f64::INFINITY);
-        let fill = Layer { prev: &best, cost: &cost, best: &mut next, cut: &mut cut[j] };
+        let fill = Layer {
+            prev: &best,
+            cost: &cost,
+            best: &mut next,
+            cut: cut_j,
+        };
         fill.solve(j + 1, nb, j, nb);
         std::mem::swap(&mut best, &mut next);
     }
@@ -187,7 +221,10 @@ fn lloyd<T: Real>(w: &[T], d: usize, rows: &[usize], c: &mut [T], steps: usize) 
         for (slot, &i) in assigned.iter_mut().zip(rows) {
             let row = &w[i * d..(i + 1) * d];
             let nearest = (0..k)
-                .min_by(|&a, &b| dist2(row, &c[a * d..(a + 1) * d]).total_cmp(&dist2(row, &c[b * d..(b + 1) * d])))
+                .min_by(|&a, &b| {
+                    dist2(row, &c[a * d..(a + 1) * d])
+                        .total_cmp(&dist2(row, &c[b * d..(b + 1) * d]))
+                })
                 .unwrap_or(0);
             changed |= *slot != nearest;
             *slot = nearest;
@@ -244,7 +281,12 @@ mod tests {
     /// (few enough values that every value is its own bin).
     #[test]
     fn optimal_1d_matches_exhaustive_dynamic_programming() {
-        let w: Vec<f64> = (0..300).map(|i: i32| { let x = (i as f64 * 0.7137).sin() * 3.0; x * x * x }).collect();
+        let w: Vec<f64> = (0..300)
+            .map(|i: i32| {
+                let x = (i as f64 * 0.7137).sin() * 3.0;
+                x * x * x
+            })
+            .collect();
         let k = 6;
         let c = optimal_1d(&w, k, 0);
         let mut sorted = w.clone();
@@ -259,23 +301,51 @@ mod tests {
         best[0][0] = 0.0;
         for j in 1..=k {
             for b in j..=n {
-                best[j][b] = (j - 1..b).map(|lo| best[j - 1][lo] + cost(lo, b)).fold(f64::INFINITY, f64::min);
+                best[j][b] = (j - 1..b)
+                    .map(|lo| best[j - 1][lo] + cost(lo, b))
+                    .fold(f64::INFINITY, f64::min);
             }
         }
-        let mse = |c: &[f64]| w.iter().map(|x| c.iter().map(|c| (x - c).powi(2)).fold(f64::INFINITY, f64::min)).sum::<f64>();
+        let mse = |c: &[f64]| {
+            w.iter()
+                .map(|x| {
+                    c.iter()
+                        .map(|c| (x - c).powi(2))
+                        .fold(f64::INFINITY, f64::min)
+                })
+                .sum::<f64>()
+        };
         assert!(c.windows(2).all(|p| p[0] < p[1]), "{c:?}");
-        assert!((mse(&c) - best[k][n]).abs() <= 1e-9 * best[k][n], "{} vs {}", mse(&c), best[k][n]);
+        assert!(
+            (mse(&c) - best[k][n]).abs() <= 1e-9 * best[k][n],
+            "{} vs {}",
+            mse(&c),
+            best[k][n]
+        );
     }
 
     #[test]
     fn lloyd_refinement_lowers_the_error_of_kmeans_plus_plus() {
-        let w: Vec<f32> = (0..4000).map(|i| ((i * 7919) % 4001) as f32 / 4001.0 + if i % 2 == 0 { 0.0 } else { 3.0 }).collect();
+        let w: Vec<f32> = (0..4000)
+            .map(|i| ((i * 7919) % 4001) as f32 / 4001.0 + if i % 2 == 0 { 0.0 } else { 3.0 })
+            .collect();
         let mse = |c: &[f32]| -> f64 {
-            w.chunks(2).map(|r| c.chunks(2).map(|c| dist2(r, c)).fold(f64::INFINITY, f64::min)).sum()
+            w.chunks(2)
+                .map(|r| {
+                    c.chunks(2)
+                        .map(|c| dist2(r, c))
+                        .fold(f64::INFINITY, f64::min)
+                })
+                .sum()
         };
         let seeded = kmeans_plus_plus(&w, 2, 8, 1);
         let refined = kmeans_plus_plus_refined(&w, 2, 8, 1);
-        assert!(mse(&refined) < mse(&seeded), "{} vs {}", mse(&refined), mse(&seeded));
+        assert!(
+            mse(&refined) < mse(&seeded),
+            "{} vs {}",
+            mse(&refined),
+            mse(&seeded)
+        );
     }
 
     #[test]

@@ -95,7 +95,11 @@ pub struct ForwardStats {
 
 impl ForwardStats {
     fn add(&mut self, r: &ForwardReport) {
-        self.min_distinct = if self.solves == 0 { r.distinct } else { self.min_distinct.min(r.distinct) };
+        self.min_distinct = if self.solves == 0 {
+            r.distinct
+        } else {
+            self.min_distinct.min(r.distinct)
+        };
         self.solves += 1;
         self.iterations += r.iterations;
         self.max_iterations = self.max_iterations.max(r.iterations);
@@ -134,8 +138,17 @@ impl ClusteredWeight {
     /// A clustered weight named `name` (used in errors and logs).
     pub fn new(name: impl Into<String>, config: KmeansConfig) -> Result<Self> {
         config.validate()?;
-        let state = State { tau: config.tau, ..State::default() };
-        Ok(Self { name: name.into(), config, state: Mutex::new(state), adjoint: Arc::default(), factor: Arc::default() })
+        let state = State {
+            tau: config.tau,
+            ..State::default()
+        };
+        Ok(Self {
+            name: name.into(),
+            config,
+            state: Mutex::new(state),
+            adjoint: Arc::default(),
+            factor: Arc::default(),
+        })
     }
 
     /// The configuration.
@@ -159,7 +172,10 @@ impl ClusteredWeight {
     /// configuration fixes one.
     pub fn set_tau(&self, tau: f64) -> Result<()> {
         if !(tau > 0.0 && tau.is_finite()) {
-            return Err(Error::Config(format!("temperature of `{}` must be positive and finite, got {tau}", self.name)));
+            return Err(Error::Config(format!(
+                "temperature of `{}` must be positive and finite, got {tau}",
+                self.name
+            )));
         }
         if self.config.tau.is_none() {
             self.state.lock().expect("state lock").tau = Some(tau);
@@ -169,8 +185,15 @@ impl ClusteredWeight {
 
     /// The geometry at the resolved temperature (see [`Self::start`]).
     fn geometry(&self) -> Result<Geometry> {
-        let tau = self.tau().ok_or_else(|| Error::Config(format!("the temperature of `{}` is not set yet", self.name)))?;
-        Ok(Geometry { k: self.config.k(), d: self.config.cluster_dim, tau, distance: self.config.distance })
+        let tau = self.tau().ok_or_else(|| {
+            Error::Config(format!("the temperature of `{}` is not set yet", self.name))
+        })?;
+        Ok(Geometry {
+            k: self.config.k(),
+            d: self.config.cluster_dim,
+            tau,
+            distance: self.config.distance,
+        })
     }
 
     /// Derives the temperature from the weights `host` (m x d, on the CPU)
@@ -183,13 +206,18 @@ impl ClusteredWeight {
         let d = self.config.cluster_dim;
         let mse = temperature::hard_mse(host, c, d);
         let scale = self.config.tau_scale;
-        let tau = temperature::from_error(mse, d, self.config.distance, scale).unwrap_or_else(|| {
-            // Every weight sits on a centroid: any temperature serves; one
-            // from the weights' range keeps the logits moderate.
-            let (lo, hi) = host.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), x| (lo.min(x.wide()), hi.max(x.wide())));
-            let cell = ((hi - lo) / self.config.k() as f64).max(f64::EPSILON);
-            scale * cell * cell
-        });
+        let tau =
+            temperature::from_error(mse, d, self.config.distance, scale).unwrap_or_else(|| {
+                // Every weight sits on a centroid: any temperature serves; one
+                // from the weights' range keeps the logits moderate.
+                let (lo, hi) = host
+                    .iter()
+                    .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), x| {
+                        (lo.min(x.wide()), hi.max(x.wide()))
+                    });
+                let cell = ((hi - lo) / self.config.k() as f64).max(f64::EPSILON);
+                scale * cell * cell
+            });
         tracing::info!(layer = %self.name, tau, hard_error = mse, scale, "temperature from the weights");
         self.state.lock().expect("state lock").tau = Some(tau);
         Ok(())
@@ -206,10 +234,19 @@ impl ClusteredWeight {
             });
         }
         if numel % d != 0 {
-            return Err(Error::NotDivisible { tensor: self.name.clone(), numel, dim: d });
+            return Err(Error::NotDivisible {
+                tensor: self.name.clone(),
+                numel,
+                dim: d,
+            });
         }
         if numel / d < k {
-            return Err(Error::TooFewVectors { tensor: self.name.clone(), vectors: numel / d, dim: d, k });
+            return Err(Error::TooFewVectors {
+                tensor: self.name.clone(),
+                vectors: numel / d,
+                dim: d,
+                k,
+            });
         }
         Ok(w.flatten_all()?.reshape((numel / d, d))?)
     }
@@ -232,15 +269,26 @@ impl ClusteredWeight {
         let last = self.state.lock().expect("state lock").centroids.clone();
         let last = last.filter(|c| c.dims() == [k, d]);
         if let Some(c) = &last {
-            if self.tau().is_some() && c.dtype() == vectors.dtype() && c.device().same_device(vectors.device()) {
+            if self.tau().is_some()
+                && c.dtype() == vectors.dtype()
+                && c.device().same_device(vectors.device())
+            {
                 return Ok(c.clone());
             }
         }
         // Initialisation (and the temperature) runs once per layer, on the host.
         let host = vectors.detach().to_device(&Device::Cpu)?;
         let c = match host.dtype() {
-            DType::F64 => self.initial(&host.flatten_all()?.to_vec1::<f64>()?, last.as_ref(), vectors.device())?,
-            _ => self.initial(&host.flatten_all()?.to_vec1::<f32>()?, last.as_ref(), vectors.device())?,
+            DType::F64 => self.initial(
+                &host.flatten_all()?.to_vec1::<f64>()?,
+                last.as_ref(),
+                vectors.device(),
+            )?,
+            _ => self.initial(
+                &host.flatten_all()?.to_vec1::<f32>()?,
+                last.as_ref(),
+                vectors.device(),
+            )?,
         };
         Ok(c.to_dtype(vectors.dtype())?)
     }
@@ -249,11 +297,19 @@ impl ClusteredWeight {
     /// known), after checking the weights, and the temperature.
     fn initial<T: Real>(&self, w: &[T], last: Option<&Tensor>, device: &Device) -> Result<Tensor> {
         if let Some(index) = w.iter().position(|x| !x.is_finite()) {
-            return Err(Error::NonFinite { tensor: self.name.clone(), index, value: w[index].wide() });
+            return Err(Error::NonFinite {
+                tensor: self.name.clone(),
+                index,
+                value: w[index].wide(),
+            });
         }
         let (k, d, seed) = (self.config.k(), self.config.cluster_dim, self.config.seed);
         let c: Vec<T> = match last {
-            Some(c) => c.to_device(&Device::Cpu)?.to_dtype(T::DTYPE)?.flatten_all()?.to_vec1::<T>()?,
+            Some(c) => c
+                .to_device(&Device::Cpu)?
+                .to_dtype(T::DTYPE)?
+                .flatten_all()?
+                .to_vec1::<T>()?,
             None => match self.config.init.resolve(d) {
                 Init::Optimal1d => init::optimal_1d(w, k, seed),
                 _ => init::kmeans_plus_plus_refined(w, d, k, seed),
@@ -286,8 +342,17 @@ impl ClusteredWeight {
         let m = v.dim(0)? as f64;
         let flat = v.flatten_all()?;
         let squares = flat.unsqueeze(0)?.matmul(&flat.unsqueeze(1)?)?;
-        let squares = squares.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?[0];
-        let mean: Vec<f64> = v.sum(0)?.to_dtype(DType::F64)?.to_vec1::<f64>()?.iter().map(|s| s / m).collect();
+        let squares = squares
+            .to_dtype(DType::F64)?
+            .flatten_all()?
+            .to_vec1::<f64>()?[0];
+        let mean: Vec<f64> = v
+            .sum(0)?
+            .to_dtype(DType::F64)?
+            .to_vec1::<f64>()?
+            .iter()
+            .map(|s| s / m)
+            .collect();
         let variance = squares / m - mean.iter().map(|x| x * x).sum::<f64>();
         Ok(variance.max(0.0).sqrt())
     }
@@ -306,7 +371,12 @@ impl ClusteredWeight {
             report: Mutex::default(),
             factor: self.factor.clone(),
             settle: self.config.method == Method::Idkm
-                && matches!(self.config.solver.resolve(self.config.k() * self.config.cluster_dim), Solver::Dense),
+                && matches!(
+                    self.config
+                        .solver
+                        .resolve(self.config.k() * self.config.cluster_dim),
+                    Solver::Dense
+                ),
         };
         let c = vectors.detach().apply_op2_no_bwd(&c0, &op)?;
         let report = *op.report.lock().expect("report lock");
@@ -368,7 +438,13 @@ impl ClusteredWeight {
                 let c0 = self.start(&vectors)?;
                 let spread = Self::spread(&vectors)?;
                 let geo = self.geometry()?;
-                let (out, c, steps) = reference::dkm(&vectors, &c0, &geo, self.config.max_iter, self.config.tol * spread)?;
+                let (out, c, steps) = reference::dkm(
+                    &vectors,
+                    &c0,
+                    &geo,
+                    self.config.max_iter,
+                    self.config.tol * spread,
+                )?;
                 let host: Vec<f64> = c.detach().to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
                 let report = ForwardReport {
                     iterations: steps,
@@ -412,7 +488,10 @@ impl ClusteredWeight {
         if self.tau().is_none() {
             self.start(&vectors)?;
         }
-        let g = grad.detach().reshape(vectors.shape())?.to_dtype(vectors.dtype())?;
+        let g = grad
+            .detach()
+            .reshape(vectors.shape())?
+            .to_dtype(vectors.dtype())?;
         let gw = match self.config.method {
             Method::Dkm => {
                 let var = candle_core::Var::from_tensor(&vectors)?;
@@ -422,7 +501,8 @@ impl ClusteredWeight {
                     None => self.start(&vectors)?,
                 };
                 let tol = self.config.tol * Self::spread(&vectors)?;
-                let (out, _, _) = reference::dkm(&var, &c0, &self.geometry()?, self.config.max_iter, tol)?;
+                let (out, _, _) =
+                    reference::dkm(&var, &c0, &self.geometry()?, self.config.max_iter, tol)?;
                 let grads = (out * g)?.sum_all()?.backward()?;
                 grads.get(&var).cloned().unwrap_or(var.zeros_like()?)
             }
@@ -431,7 +511,11 @@ impl ClusteredWeight {
                     Some(c) if c.dims() == [self.config.k(), self.config.cluster_dim] => c,
                     _ => self.fixed_point(&vectors)?,
                 };
-                vectors.apply_op3_no_bwd(&c, &g.contiguous()?, &ImplicitGrad(self.soft_assign()?))?
+                vectors.apply_op3_no_bwd(
+                    &c,
+                    &g.contiguous()?,
+                    &ImplicitGrad(self.soft_assign()?),
+                )?
             }
         };
         Ok(gw.reshape(w.shape())?)
@@ -497,7 +581,9 @@ impl ClusteredWeight {
             Some(c) if c.dims() == [self.config.k(), self.config.cluster_dim] => c,
             _ => self.fixed_point(&vectors)?,
         };
-        let indices = vectors.contiguous()?.apply_op2_no_bwd(&c.contiguous()?, &HardAssign)?;
+        let indices = vectors
+            .contiguous()?
+            .apply_op2_no_bwd(&c.contiguous()?, &HardAssign)?;
         Ok((indices, c))
     }
 

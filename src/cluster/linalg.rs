@@ -93,7 +93,8 @@ impl Lu {
         let mut lu = a.to_vec();
         let mut perm: Vec<usize> = (0..n).collect();
         for col in 0..n {
-            let piv = (col..n).max_by(|&x, &y| lu[x * n + col].abs().total_cmp(&lu[y * n + col].abs()))?;
+            let piv = (col..n)
+                .max_by(|&x, &y| lu[x * n + col].abs().total_cmp(&lu[y * n + col].abs()))?;
             if lu[piv * n + col].is_nan() || lu[piv * n + col].abs() <= 1e-14 * scale {
                 return None;
             }
@@ -161,7 +162,9 @@ const POWER_STEPS: usize = 60;
 /// a report needs.
 pub fn condition(a: &[f64], lu: &Lu) -> f64 {
     let n = lu.n;
-    let start: Vec<f64> = (0..n).map(|i| 1.0 + (i as f64 * 0.618_033_988_75).fract()).collect();
+    let start: Vec<f64> = (0..n)
+        .map(|i| 1.0 + (i as f64 * 0.618_033_988_75).fract())
+        .collect();
     let largest = power(&start, |x| matvec_transposed(a, &matvec(a, x)));
     let smallest = power(&start, |x| lu.solve(&lu.solve_transposed(x)));
     (largest * smallest).sqrt()
@@ -171,7 +174,9 @@ pub fn condition(a: &[f64], lu: &Lu) -> f64 {
 /// of `||a^s x||` over the last half of [`POWER_STEPS`] power steps from a
 /// fixed start (which also covers a complex pair of dominant eigenvalues).
 pub fn spectral_radius(a: &[f64], n: usize) -> f64 {
-    let mut x: Vec<f64> = (0..n).map(|i| 1.0 + (i as f64 * 0.618_033_988_75).fract()).collect();
+    let mut x: Vec<f64> = (0..n)
+        .map(|i| 1.0 + (i as f64 * 0.618_033_988_75).fract())
+        .collect();
     let mut log_growth = 0.0;
     for step in 0..POWER_STEPS {
         let size = norm(&x);
@@ -219,7 +224,10 @@ mod tests {
         let x = [1.0, -2.0, 0.5];
         let b = matvec(&a, &x);
         let got = Cholesky::new(&a, n).unwrap().solve(&b);
-        assert!(got.iter().zip(x).all(|(g, x)| (g - x).abs() < 1e-12), "{got:?}");
+        assert!(
+            got.iter().zip(x).all(|(g, x)| (g - x).abs() < 1e-12),
+            "{got:?}"
+        );
         let indefinite = [1.0, 2.0, 2.0, 1.0];
         assert!(Cholesky::new(&indefinite, 2).is_none());
     }
@@ -232,7 +240,10 @@ mod tests {
         let got = lu.solve(&matvec(&a, &x));
         let got_t = lu.solve_transposed(&matvec_transposed(&a, &x));
         for i in 0..3 {
-            assert!((got[i] - x[i]).abs() < 1e-12 && (got_t[i] - x[i]).abs() < 1e-12, "{got:?} {got_t:?}");
+            assert!(
+                (got[i] - x[i]).abs() < 1e-12 && (got_t[i] - x[i]).abs() < 1e-12,
+                "{got:?} {got_t:?}"
+            );
         }
         assert!(Lu::new(&[1.0, 2.0, 2.0, 4.0], 2).is_none());
     }

@@ -34,5 +34,5 @@ pub mod streaming;
 pub mod temperature;
 
 pub use config::{Distance, Forward, Init, KmeansConfig, Method, Solver};
-pub use newton::ForwardReport;
 pub use layer::ClusteredWeight;
+pub use newton::ForwardReport;

@@ -1,3 +1,4 @@
+// Over 800 lines with its unit tests (about 100): one safeguarded solver on one evaluator trait.
 //! The forward solve: Newton's method for the soft k-means fixed point
 //! `C* = F(C*)`, safeguarded, on any evaluator of the k-means map.
 //!
@@ -173,11 +174,20 @@ impl Factor {
     fn step(&self, r: &[f64], mass: &[f64]) -> Vec<f64> {
         match self {
             Factor::Symmetric { chol, dead, .. } => {
-                let rhs: Vec<f64> = r.iter().zip(mass).zip(dead).map(|((r, s), &x)| if x { 0.0 } else { r * s }).collect();
+                let rhs: Vec<f64> = r
+                    .iter()
+                    .zip(mass)
+                    .zip(dead)
+                    .map(|((r, s), &x)| if x { 0.0 } else { r * s })
+                    .collect();
                 chol.solve(&rhs)
             }
             Factor::General { lu, dead } => {
-                let rhs: Vec<f64> = r.iter().zip(dead).map(|(&r, &x)| if x { 0.0 } else { r }).collect();
+                let rhs: Vec<f64> = r
+                    .iter()
+                    .zip(dead)
+                    .map(|(&r, &x)| if x { 0.0 } else { r })
+                    .collect();
                 lu.solve(&rhs)
             }
         }
@@ -187,7 +197,9 @@ impl Factor {
     /// symmetric form, `B v = h` and `u = D v`; a dead centroid's `u` is its `h`.
     pub fn adjoint(&self, h: &[f64]) -> Vec<f64> {
         match self {
-            Factor::Symmetric { chol, mass, .. } => chol.solve(h).iter().zip(mass).map(|(v, s)| v * s).collect(),
+            Factor::Symmetric { chol, mass, .. } => {
+                chol.solve(h).iter().zip(mass).map(|(v, s)| v * s).collect()
+            }
             Factor::General { lu, .. } => lu.solve_transposed(h),
         }
     }
@@ -223,11 +235,26 @@ impl Point {
     fn new(c: Vec<f64>, eval: Evaluation, dead: &[bool], d: usize) -> Self {
         let mut f = c.clone();
         eval.moments.update(&c, &mut f, d);
-        let r: Vec<f64> = f.iter().zip(&c).zip(dead).map(|((f, c), &x)| if x { 0.0 } else { f - c }).collect();
-        let mass: Vec<f64> =
-            eval.moments.mass.iter().flat_map(|&s| std::iter::repeat_n(if s > DEAD_MASS { s } else { 1.0 }, d)).collect();
+        let r: Vec<f64> = f
+            .iter()
+            .zip(&c)
+            .zip(dead)
+            .map(|((f, c), &x)| if x { 0.0 } else { f - c })
+            .collect();
+        let mass: Vec<f64> = eval
+            .moments
+            .mass
+            .iter()
+            .flat_map(|&s| std::iter::repeat_n(if s > DEAD_MASS { s } else { 1.0 }, d))
+            .collect();
         let merit = linalg::norm(&r.iter().zip(&mass).map(|(r, s)| r * s).collect::<Vec<_>>());
-        Self { c, eval, r, mass, merit }
+        Self {
+            c,
+            eval,
+            r,
+            mass,
+            merit,
+        }
     }
 
     fn f(&self) -> Vec<f64> {
@@ -244,7 +271,17 @@ fn max_norm(x: &[f64], d: usize) -> f64 {
 pub fn distinct(c: &[f64], d: usize, threshold: f64) -> usize {
     let rows: Vec<&[f64]> = c.chunks_exact(d).collect();
     let merged = (1..rows.len())
-        .filter(|&j| rows[..j].iter().any(|other| linalg::norm(&other.iter().zip(rows[j]).map(|(a, b)| a - b).collect::<Vec<_>>()) <= threshold))
+        .filter(|&j| {
+            rows[..j].iter().any(|other| {
+                linalg::norm(
+                    &other
+                        .iter()
+                        .zip(rows[j])
+                        .map(|(a, b)| a - b)
+                        .collect::<Vec<_>>(),
+                ) <= threshold
+            })
+        })
         .count();
     rows.len() - merged
 }
@@ -286,7 +323,8 @@ impl<M: KmeansMap> Solver<'_, M> {
                 a[i * n + j] = if self.dead[i] || self.dead[j] {
                     f64::from(u8::from(i == j))
                 } else if symmetric {
-                    f64::from(u8::from(i == j)) * p.mass[i] - 0.5 * (raw[i * n + j] + raw[j * n + i])
+                    f64::from(u8::from(i == j)) * p.mass[i]
+                        - 0.5 * (raw[i * n + j] + raw[j * n + i])
                 } else {
                     // J = (J^T)^T.
                     f64::from(u8::from(i == j)) - raw[j * n + i]
@@ -294,7 +332,11 @@ impl<M: KmeansMap> Solver<'_, M> {
             }
         }
         if !symmetric {
-            let j: Vec<f64> = a.iter().enumerate().map(|(i, &x)| f64::from(u8::from(i / n == i % n)) - x).collect();
+            let j: Vec<f64> = a
+                .iter()
+                .enumerate()
+                .map(|(i, &x)| f64::from(u8::from(i / n == i % n)) - x)
+                .collect();
             if linalg::spectral_radius(&j, n) >= 1.0 {
                 return Ok((None, f64::INFINITY, a));
             }
@@ -311,17 +353,30 @@ impl<M: KmeansMap> Solver<'_, M> {
                 s
             };
             let factor = if symmetric {
-                Cholesky::new(&shifted, n).map(|chol| Factor::Symmetric { chol, mass: p.mass.clone(), dead: self.dead.clone() })
+                Cholesky::new(&shifted, n).map(|chol| Factor::Symmetric {
+                    chol,
+                    mass: p.mass.clone(),
+                    dead: self.dead.clone(),
+                })
             } else {
-                Lu::new(&shifted, n).map(|lu| Factor::General { lu, dead: self.dead.clone() })
+                Lu::new(&shifted, n).map(|lu| Factor::General {
+                    lu,
+                    dead: self.dead.clone(),
+                })
             };
             if let Some(factor) = factor {
                 return Ok((Some(factor), shift, a));
             }
-            shift = if shift == 0.0 { FIRST_SHIFT } else { shift * 4.0 };
+            shift = if shift == 0.0 {
+                FIRST_SHIFT
+            } else {
+                shift * 4.0
+            };
             if shift > 1e12 {
                 // Not reachable for a matrix with finite entries; a NaN would end here.
-                return Err(crate::error::Error::Config("k-means Newton solve: the curvature matrix is not finite".into()));
+                return Err(crate::error::Error::Numerical(
+                    "k-means Newton solve: the curvature matrix is not finite".into(),
+                ));
             }
         }
     }
@@ -339,13 +394,22 @@ impl<M: KmeansMap> Solver<'_, M> {
             && (d != 1
                 || c.windows(2).zip(from.windows(2)).all(|(new, old)| {
                     let (gap, was) = (new[1] - new[0], old[1] - old[0]);
-                    if was > 0.0 { gap >= MIN_GAP_RATIO * was } else { gap >= 0.0 }
+                    if was > 0.0 {
+                        gap >= MIN_GAP_RATIO * was
+                    } else {
+                        gap >= 0.0
+                    }
                 }))
     }
 
     /// Whether `next` keeps every live centroid of `p` alive.
     fn keeps_mass(&self, p: &Point, next: &Point) -> bool {
-        p.eval.moments.mass.iter().zip(&next.eval.moments.mass).all(|(&was, &now)| was < MIN_MASS || now >= MIN_MASS)
+        p.eval
+            .moments
+            .mass
+            .iter()
+            .zip(&next.eval.moments.mass)
+            .all(|(&was, &now)| was < MIN_MASS || now >= MIN_MASS)
     }
 
     /// Whether `next` is an acceptable result of the step `delta` (scaled
@@ -361,7 +425,13 @@ impl<M: KmeansMap> Solver<'_, M> {
         match energy {
             Some((e0, e1)) => {
                 // dE/dalpha = -2 (D r) . delta.
-                let slope = -2.0 * p.r.iter().zip(&p.mass).zip(delta).map(|((r, s), d)| r * s * d).sum::<f64>();
+                let slope = -2.0
+                    * p.r
+                        .iter()
+                        .zip(&p.mass)
+                        .zip(delta)
+                        .map(|((r, s), d)| r * s * d)
+                        .sum::<f64>();
                 e1 <= e0 + ARMIJO * alpha * slope || (unshifted && next.merit < p.merit)
             }
             None => next.merit < (1.0 - ARMIJO * alpha) * p.merit,
@@ -377,7 +447,11 @@ impl<M: KmeansMap> Solver<'_, M> {
             let n = p.c.len();
             // I - J from the unshifted matrix: D^-1 B for the symmetric form.
             let i_minus_j: Vec<f64> = match factor {
-                Factor::Symmetric { mass, .. } => a.iter().enumerate().map(|(i, &x)| x / mass[i / n]).collect(),
+                Factor::Symmetric { mass, .. } => a
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &x)| x / mass[i / n])
+                    .collect(),
                 Factor::General { .. } => a.to_vec(),
             };
             self.report.cond = Lu::new(&i_minus_j, n).map(|lu| linalg::condition(&i_minus_j, &lu));
@@ -420,11 +494,23 @@ pub fn solve<M: KmeansMap>(
 ) -> Result<Solution> {
     let (n, d) = (settings.k * settings.d, settings.d);
     let spread = settings.spread.max(f64::MIN_POSITIVE);
-    let mut solver = Solver { map, s: settings, bounds, dead: vec![false; n], report: ForwardReport::default() };
+    let mut solver = Solver {
+        map,
+        s: settings,
+        bounds,
+        dead: vec![false; n],
+        report: ForwardReport::default(),
+    };
     let mut c = c0.to_vec();
     solver.map.round(&mut c);
     let mut p = solver.evaluate(c)?;
-    solver.dead = p.eval.moments.mass.iter().flat_map(|&s| std::iter::repeat_n(s <= DEAD_MASS, d)).collect();
+    solver.dead = p
+        .eval
+        .moments
+        .mass
+        .iter()
+        .flat_map(|&s| std::iter::repeat_n(s <= DEAD_MASS, d))
+        .collect();
     p = Point::new(p.c, p.eval, &solver.dead, d);
     if n > DENSE_MAX_UNKNOWNS {
         return solve_krylov(solver, p);
@@ -432,9 +518,12 @@ pub fn solve<M: KmeansMap>(
     let warm_dead = |f: &Factor| match f {
         Factor::Symmetric { dead, .. } | Factor::General { dead, .. } => dead.len() == n,
     };
-    let mut current: Option<Assembled> = warm
-        .filter(|f| warm_dead(f))
-        .map(|factor| Assembled { factor: factor.clone(), at: None, shift: 0.0, matrix: None });
+    let mut current: Option<Assembled> = warm.filter(|f| warm_dead(f)).map(|factor| Assembled {
+        factor: factor.clone(),
+        at: None,
+        shift: 0.0,
+        matrix: None,
+    });
     let mut previous_step = f64::INFINITY;
     let mut chord_failed = false;
     while solver.report.iterations < settings.max_iter {
@@ -446,10 +535,15 @@ pub fn solve<M: KmeansMap>(
             .as_ref()
             .filter(|cur| cur.at.as_ref() != Some(&p.c) && cur.shift == 0.0 && !chord_failed)
             .map(|cur| cur.factor.step(&p.r, &p.mass));
-        let keep = chord_step
-            .as_ref()
-            .is_some_and(|step| first_warm || (previous_step.is_finite() && max_norm(step, d) <= CHORD_RATE * previous_step));
-        if !keep && current.as_ref().is_none_or(|cur| cur.at.as_ref() != Some(&p.c)) {
+        let keep = chord_step.as_ref().is_some_and(|step| {
+            first_warm
+                || (previous_step.is_finite() && max_norm(step, d) <= CHORD_RATE * previous_step)
+        });
+        if !keep
+            && current
+                .as_ref()
+                .is_none_or(|cur| cur.at.as_ref() != Some(&p.c))
+        {
             chord_failed = false;
             let (factor, shift, matrix) = solver.factor(&p)?;
             let Some(factor) = factor else {
@@ -463,7 +557,12 @@ pub fn solve<M: KmeansMap>(
                 p = solver.evaluate(f)?;
                 continue;
             };
-            current = Some(Assembled { factor, at: Some(p.c.clone()), shift, matrix: Some(matrix) });
+            current = Some(Assembled {
+                factor,
+                at: Some(p.c.clone()),
+                shift,
+                matrix: Some(matrix),
+            });
         }
         let cur = current.as_ref().expect("a matrix");
         let fresh = cur.at.as_ref() == Some(&p.c);
@@ -488,9 +587,10 @@ pub fn solve<M: KmeansMap>(
         // of the centroid, or full steps stopped shrinking where rounding
         // limits them.
         let eps = solver.map.epsilon();
-        let within = delta.chunks_exact(d).zip(p.c.chunks_exact(d)).all(|(step, c)| {
-            linalg::norm(step) <= settings.tol.max(2.0 * eps * linalg::norm(c))
-        });
+        let within = delta
+            .chunks_exact(d)
+            .zip(p.c.chunks_exact(d))
+            .all(|(step, c)| linalg::norm(step) <= settings.tol.max(2.0 * eps * linalg::norm(c)));
         let stalled = size > 0.5 * previous_step && size <= STALLED * eps * spread;
         solver.report.distance = size / spread;
         if unshifted && (within || stalled) {
@@ -502,7 +602,12 @@ pub fn solve<M: KmeansMap>(
             solver.report.converged = true;
             let cur = current.take().expect("a matrix");
             let far = match &cur.at {
-                Some(at) => max_norm(&at.iter().zip(&c).map(|(a, b)| a - b).collect::<Vec<_>>(), d) > settings.tol,
+                Some(at) => {
+                    max_norm(
+                        &at.iter().zip(&c).map(|(a, b)| a - b).collect::<Vec<_>>(),
+                        d,
+                    ) > settings.tol
+                }
                 None => true,
             };
             if settle && far {
@@ -513,12 +618,22 @@ pub fn solve<M: KmeansMap>(
                 solver.report.stable = Some(stable);
                 solver.finish(&q, factor.as_ref().map(|f| (f, matrix.as_slice())));
                 let factor = factor.filter(|_| stable);
-                return Ok(Solution { factor_at: q.c.clone(), c: q.c, report: solver.report, factor });
+                return Ok(Solution {
+                    factor_at: q.c.clone(),
+                    c: q.c,
+                    report: solver.report,
+                    factor,
+                });
             }
             solver.finish(&p, cur.matrix.as_deref().map(|m| (&cur.factor, m)));
             let factor_at = cur.at.unwrap_or_default();
             let factor = Some(cur.factor).filter(|_| !factor_at.is_empty());
-            return Ok(Solution { c, report: solver.report, factor, factor_at });
+            return Ok(Solution {
+                c,
+                report: solver.report,
+                factor,
+                factor_at,
+            });
         }
         previous_step = if unshifted { size } else { f64::INFINITY };
         // Line search: full step, then halvings; then a new matrix (after a
@@ -558,12 +673,26 @@ pub fn solve<M: KmeansMap>(
         };
     }
     let stable = solver.report.stable != Some(false);
-    solver.finish(&p, current.as_ref().and_then(|cur| cur.matrix.as_deref().map(|m| (&cur.factor, m))));
+    solver.finish(
+        &p,
+        current
+            .as_ref()
+            .and_then(|cur| cur.matrix.as_deref().map(|m| (&cur.factor, m))),
+    );
     let (factor, factor_at) = match current {
-        Some(Assembled { factor, at: Some(at), .. }) if stable => (Some(factor), at),
+        Some(Assembled {
+            factor,
+            at: Some(at),
+            ..
+        }) if stable => (Some(factor), at),
         _ => (None, Vec::new()),
     };
-    Ok(Solution { c: p.c, report: solver.report, factor, factor_at })
+    Ok(Solution {
+        c: p.c,
+        report: solver.report,
+        factor,
+        factor_at,
+    })
 }
 
 /// Most conjugate-gradient steps (passes) of one Newton step in
@@ -603,10 +732,23 @@ fn solve_krylov<M: KmeansMap>(mut solver: Solver<'_, M>, mut p: Point) -> Result
                         .zip(&p.mass)
                         .zip(mx)
                         .zip(&solver.dead)
-                        .map(|(((x, m), mx), &dead)| if dead { *x } else { (1.0 + shift) * m * x - mx })
+                        .map(
+                            |(((x, m), mx), &dead)| {
+                                if dead {
+                                    *x
+                                } else {
+                                    (1.0 + shift) * m * x - mx
+                                }
+                            },
+                        )
                         .collect()
                 };
-                let (x, report) = super::solve::conjugate_gradient(&mut apply, &rhs, forcing, KRYLOV_STEPS.min(n));
+                let (x, report) = super::solve::conjugate_gradient(
+                    &mut apply,
+                    &rhs,
+                    forcing,
+                    KRYLOV_STEPS.min(n),
+                );
                 if let Some(e) = failure {
                     return Err(e);
                 }
@@ -616,7 +758,11 @@ fn solve_krylov<M: KmeansMap>(mut solver: Solver<'_, M>, mut p: Point) -> Result
                     }
                     break (x, shift == 0.0);
                 }
-                shift = if shift == 0.0 { FIRST_SHIFT } else { shift * 4.0 };
+                shift = if shift == 0.0 {
+                    FIRST_SHIFT
+                } else {
+                    shift * 4.0
+                };
                 if shift > 1e3 {
                     break (p.r.clone(), false);
                 }
@@ -628,13 +774,21 @@ fn solve_krylov<M: KmeansMap>(mut solver: Solver<'_, M>, mut p: Point) -> Result
         let size = max_norm(&delta, d);
         solver.report.distance = size / spread;
         let eps = solver.map.epsilon();
-        let within = delta.chunks_exact(d).zip(p.c.chunks_exact(d)).all(|(step, c)| linalg::norm(step) <= s.tol.max(2.0 * eps * linalg::norm(c)));
+        let within = delta
+            .chunks_exact(d)
+            .zip(p.c.chunks_exact(d))
+            .all(|(step, c)| linalg::norm(step) <= s.tol.max(2.0 * eps * linalg::norm(c)));
         if curved && within {
             let mut c: Vec<f64> = p.c.iter().zip(&delta).map(|(c, x)| c + x).collect();
             solver.map.round(&mut c);
             solver.report.converged = true;
             solver.finish(&p, None);
-            return Ok(Solution { c, report: solver.report, factor: None, factor_at: Vec::new() });
+            return Ok(Solution {
+                c,
+                report: solver.report,
+                factor: None,
+                factor_at: Vec::new(),
+            });
         }
         let mut next = None;
         let mut alpha = 1.0;
@@ -662,7 +816,12 @@ fn solve_krylov<M: KmeansMap>(mut solver: Solver<'_, M>, mut p: Point) -> Result
         };
     }
     solver.finish(&p, None);
-    Ok(Solution { c: p.c, report: solver.report, factor: None, factor_at: Vec::new() })
+    Ok(Solution {
+        c: p.c,
+        report: solver.report,
+        factor: None,
+        factor_at: Vec::new(),
+    })
 }
 
 /// Corrects `solution`, found on an approximation of the map (bins), on
@@ -670,8 +829,15 @@ fn solve_krylov<M: KmeansMap>(mut solver: Solver<'_, M>, mut p: Point) -> Result
 /// factor from one exact pass each, until the step is at most `tol` or
 /// `steps` passes were spent. The report's residual and distance become
 /// the exact pass's.
-pub fn refine<M: KmeansMap>(map: &mut M, solution: &mut Solution, settings: Settings, steps: usize) -> Result<()> {
-    let Some(factor) = &solution.factor else { return Ok(()) };
+pub fn refine<M: KmeansMap>(
+    map: &mut M,
+    solution: &mut Solution,
+    settings: Settings,
+    steps: usize,
+) -> Result<()> {
+    let Some(factor) = &solution.factor else {
+        return Ok(());
+    };
     let d = settings.d;
     let spread = settings.spread.max(f64::MIN_POSITIVE);
     let dead: Vec<bool> = match factor {
@@ -681,8 +847,10 @@ pub fn refine<M: KmeansMap>(map: &mut M, solution: &mut Solution, settings: Sett
     for _ in 0..steps {
         let eval = map.evaluate(&solution.c)?;
         let (weights, bins) = map.passes();
-        (solution.report.weight_passes, solution.report.bin_passes) =
-            (solution.report.weight_passes + weights - passes.0, solution.report.bin_passes + bins - passes.1);
+        (solution.report.weight_passes, solution.report.bin_passes) = (
+            solution.report.weight_passes + weights - passes.0,
+            solution.report.bin_passes + bins - passes.1,
+        );
         passes = (weights, bins);
         let p = Point::new(solution.c.clone(), eval, &dead, d);
         let delta = factor.step(&p.r, &p.mass);
@@ -690,9 +858,10 @@ pub fn refine<M: KmeansMap>(map: &mut M, solution: &mut Solution, settings: Sett
         solution.report.residual = max_norm(&p.r, d) / spread;
         solution.report.distance = size / spread;
         let eps = map.epsilon();
-        let within = delta.chunks_exact(d).zip(p.c.chunks_exact(d)).all(|(step, c)| {
-            linalg::norm(step) <= settings.tol.max(2.0 * eps * linalg::norm(c))
-        });
+        let within = delta
+            .chunks_exact(d)
+            .zip(p.c.chunks_exact(d))
+            .all(|(step, c)| linalg::norm(step) <= settings.tol.max(2.0 * eps * linalg::norm(c)));
         let mut c: Vec<f64> = p.c.iter().zip(&delta).map(|(c, x)| c + x).collect();
         map.round(&mut c);
         solution.c = c;
@@ -719,12 +888,21 @@ mod tests {
         fn round(&self, _: &mut [f64]) {}
         fn evaluate(&mut self, c: &[f64]) -> Result<Evaluation> {
             let (moments, energy) = pass::counted_reduce_energy(self.w, &[], c, &self.geo);
-            Ok(Evaluation { moments, energy: Some(energy) })
+            Ok(Evaluation {
+                moments,
+                energy: Some(energy),
+            })
         }
         fn matrix(&mut self, c: &[f64], f: &[f64], inv_mass: &[f64]) -> Result<Vec<f64>> {
             Ok(pass::adjoint_matrix(self.w, c, f, inv_mass, &self.geo))
         }
-        fn matvec(&mut self, c: &[f64], f: &[f64], inv_mass: &[f64], u: &[f64]) -> Result<Vec<f64>> {
+        fn matvec(
+            &mut self,
+            c: &[f64],
+            f: &[f64],
+            inv_mass: &[f64],
+            u: &[f64],
+        ) -> Result<Vec<f64>> {
             Ok(pass::adjoint_matvec(self.w, c, f, inv_mass, u, &self.geo))
         }
         fn passes(&self) -> (usize, usize) {
@@ -736,18 +914,43 @@ mod tests {
     }
 
     fn settings(k: usize) -> Settings {
-        Settings { k, d: 1, distance: Distance::Squared, tol: 1e-12, spread: 1.0, max_iter: 50 }
+        Settings {
+            k,
+            d: 1,
+            distance: Distance::Squared,
+            tol: 1e-12,
+            spread: 1.0,
+            max_iter: 50,
+        }
     }
 
     #[test]
     fn converges_quadratically_to_a_stable_fixed_point() {
         // Three clumps; a start between them.
-        let w: Vec<f64> = (0..3000).map(|i| [-1.0, 0.2, 1.5][i % 3] + 0.3 * ((i as f64) * 0.61).sin()).collect();
-        let geo = Geometry { k: 3, d: 1, tau: 0.05, distance: Distance::Squared };
+        let w: Vec<f64> = (0..3000)
+            .map(|i| [-1.0, 0.2, 1.5][i % 3] + 0.3 * ((i as f64) * 0.61).sin())
+            .collect();
+        let geo = Geometry {
+            k: 3,
+            d: 1,
+            tau: 0.05,
+            distance: Distance::Squared,
+        };
         let mut map = Plain { w: &w, geo };
-        let sol = solve(&mut map, &[-0.5, 0.1, 0.9], vec![(-2.0, 2.0)], settings(3), None, true).unwrap();
+        let sol = solve(
+            &mut map,
+            &[-0.5, 0.1, 0.9],
+            vec![(-2.0, 2.0)],
+            settings(3),
+            None,
+            true,
+        )
+        .unwrap();
         let r = sol.report;
-        assert!(r.converged && r.stable == Some(true) && r.distinct == 3, "{r:?}");
+        assert!(
+            r.converged && r.stable == Some(true) && r.distinct == 3,
+            "{r:?}"
+        );
         assert!(r.iterations <= 8, "{r:?}");
         // A fixed point: one more k-means step does not move it.
         let m = pass::soft_assign_reduce(&w, &sol.c, &geo);

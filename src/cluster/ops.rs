@@ -109,23 +109,47 @@ impl FixedPoint {
             Forward::Plain => {
                 let run = binned::fixed_point(w, c0, &self.geo, self.max_iter, self.tol);
                 let c: Vec<f64> = run.c.iter().map(|x| x.wide()).collect();
-                let report = plain_report(&c, run.steps(), run.shift, (run.weight_steps, run.bin_steps), self);
+                let report = plain_report(
+                    &c,
+                    run.steps(),
+                    run.shift,
+                    (run.weight_steps, run.bin_steps),
+                    self,
+                );
                 (run.c, report, None)
             }
             Forward::Newton => {
                 let previous = self.factor.lock().expect("factor lock").take();
                 let warm = previous.as_ref().and_then(|f| f.warm_start(c0));
-                let solution =
-                    forward::newton_fixed_point(w, c0, &self.geo, self.max_iter, self.tol, self.spread, warm, self.settle)?;
+                let solution = forward::newton_fixed_point(
+                    w,
+                    c0,
+                    &self.geo,
+                    self.max_iter,
+                    self.tol,
+                    self.spread,
+                    warm,
+                    self.settle,
+                )?;
                 let spread = self.spread.max(f64::MIN_POSITIVE);
-                let distance = solution.c.iter().zip(&solution.factor_at).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max) / spread;
+                let distance = solution
+                    .c
+                    .iter()
+                    .zip(&solution.factor_at)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0.0, f64::max)
+                    / spread;
                 let factor = solution.factor.map(|factor| ForwardFactor {
                     centroids: solution.c.clone(),
                     checksum: forward::checksum(w),
                     factor,
                     distance,
                 });
-                (solution.c.iter().map(|&x| T::of(x)).collect(), solution.report, factor)
+                (
+                    solution.c.iter().map(|&x| T::of(x)).collect(),
+                    solution.report,
+                    factor,
+                )
             }
         };
         *self.report.lock().expect("report lock") = Some(report);
@@ -136,7 +160,13 @@ impl FixedPoint {
 
 /// The report of plain steps: `steps` of them, the last moving a centroid
 /// by `shift`, `passes` over the weights and over bins.
-fn plain_report(c: &[f64], steps: usize, shift: f64, passes: (usize, usize), op: &FixedPoint) -> ForwardReport {
+fn plain_report(
+    c: &[f64],
+    steps: usize,
+    shift: f64,
+    passes: (usize, usize),
+    op: &FixedPoint,
+) -> ForwardReport {
     let spread = op.spread.max(f64::MIN_POSITIVE);
     ForwardReport {
         iterations: steps,
@@ -156,7 +186,13 @@ impl CustomOp2 for FixedPoint {
         "kmeans-fixed-point"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let shape = l2.shape().clone();
         let out = with_float!(self.name(), (s1, l1, w), (s2, l2, c), {
             self.run(w, c).map(storage)
@@ -165,7 +201,13 @@ impl CustomOp2 for FixedPoint {
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(&self, s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout) -> Result<(CudaStorage, Shape)> {
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
         let dev = s1.device();
         let (m, d) = l1.shape().dims2()?;
         let w = cuda::view_f32(self.name(), &self.tensor, "weights", s1, l1)?;
@@ -174,7 +216,8 @@ impl CustomOp2 for FixedPoint {
         cuda::check_finite(dev, &w, &self.tensor)?;
         let (c, report) = match self.forward {
             Forward::Plain => {
-                let (c, steps, shift) = cuda::fixed_point(dev, &p, &w, &c0, self.max_iter, self.tol)?;
+                let (c, steps, shift) =
+                    cuda::fixed_point(dev, &p, &w, &c0, self.max_iter, self.tol)?;
                 let host: Vec<f64> = dev.clone_dtoh(&c)?.iter().map(|&x| f64::from(x)).collect();
                 (c, plain_report(&host, steps, shift, (steps, 0), self))
             }
@@ -190,8 +233,14 @@ impl CustomOp2 for FixedPoint {
                 cuda::newton_fixed_point(dev, &p, &w, &c0, settings)?
             }
         };
-        *self.report.lock().expect("report lock") = Some(ForwardReport { tau: self.geo.tau, ..report });
-        Ok((CudaStorage::wrap_cuda_slice(c, dev.clone()), l2.shape().clone()))
+        *self.report.lock().expect("report lock") = Some(ForwardReport {
+            tau: self.geo.tau,
+            ..report
+        });
+        Ok((
+            CudaStorage::wrap_cuda_slice(c, dev.clone()),
+            l2.shape().clone(),
+        ))
     }
 }
 
@@ -218,7 +267,13 @@ impl CustomOp2 for SoftAssign {
         "kmeans-soft-assign"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let shape = l1.shape().clone();
         let out = with_float!(self.name(), (s1, l1, w), (s2, l2, c), {
             let mut out = vec![Real::of(0.0); w.len()];
@@ -229,7 +284,13 @@ impl CustomOp2 for SoftAssign {
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(&self, s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout) -> Result<(CudaStorage, Shape)> {
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
         let dev = s1.device();
         let (m, d) = l1.shape().dims2()?;
         let w = cuda::view_f32(self.name(), &self.tensor, "weights", s1, l1)?;
@@ -238,10 +299,19 @@ impl CustomOp2 for SoftAssign {
         // SAFETY: soft_assign_output writes every element.
         let mut out = unsafe { dev.alloc::<f32>(m * d) }?;
         cuda::soft_assign_output(dev, &p, &w, &c, &mut out)?;
-        Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), l1.shape().clone()))
+        Ok((
+            CudaStorage::wrap_cuda_slice(out, dev.clone()),
+            l1.shape().clone(),
+        ))
     }
 
-    fn bwd(&self, w: &Tensor, c: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        w: &Tensor,
+        c: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
         let gw = w.apply_op3_no_bwd(c, &grad, &ImplicitGrad(self.clone()))?;
         Ok((Some(gw), None))
@@ -270,17 +340,43 @@ impl CustomOp3 for ImplicitGrad {
         let factor = op.factor.lock().expect("factor lock").clone();
         let out = match (s1, s2, s3) {
             (CpuStorage::F32(w), CpuStorage::F32(c), CpuStorage::F32(g)) => {
-                let (w, c, g) = (contiguous(w, l1, self.name())?, contiguous(c, l2, self.name())?, contiguous(g, l3, self.name())?);
+                let (w, c, g) = (
+                    contiguous(w, l1, self.name())?,
+                    contiguous(c, l2, self.name())?,
+                    contiguous(g, l3, self.name())?,
+                );
                 let mut out = vec![0f32; w.len()];
                 let factor = factor.as_ref().filter(|f| f.serves(w, c));
-                run(implicit_backward(w, c, g, &op.geo, &op.backward, factor, &op.tensor, &mut out));
+                run(implicit_backward(
+                    w,
+                    c,
+                    g,
+                    &op.geo,
+                    &op.backward,
+                    factor,
+                    &op.tensor,
+                    &mut out,
+                ));
                 storage(out)
             }
             (CpuStorage::F64(w), CpuStorage::F64(c), CpuStorage::F64(g)) => {
-                let (w, c, g) = (contiguous(w, l1, self.name())?, contiguous(c, l2, self.name())?, contiguous(g, l3, self.name())?);
+                let (w, c, g) = (
+                    contiguous(w, l1, self.name())?,
+                    contiguous(c, l2, self.name())?,
+                    contiguous(g, l3, self.name())?,
+                );
                 let mut out = vec![0f64; w.len()];
                 let factor = factor.as_ref().filter(|f| f.serves(w, c));
-                run(implicit_backward(w, c, g, &op.geo, &op.backward, factor, &op.tensor, &mut out));
+                run(implicit_backward(
+                    w,
+                    c,
+                    g,
+                    &op.geo,
+                    &op.backward,
+                    factor,
+                    &op.tensor,
+                    &mut out,
+                ));
                 storage(out)
             }
             (s, _, _) => return Err(unsupported(self.name(), s)),
@@ -305,9 +401,13 @@ impl CustomOp3 for ImplicitGrad {
         let c = cuda::view_f32(self.name(), &op.tensor, "centroids", s2, l2)?;
         let g = cuda::view_f32(self.name(), &op.tensor, "upstream gradient", s3, l3)?;
         let p = cuda::Problem::new(m, d, &op.geo)?;
-        let (out, adjoint) = cuda::implicit_backward(dev, &p, &w, &c, &g, &op.backward, &op.tensor)?;
+        let (out, adjoint) =
+            cuda::implicit_backward(dev, &p, &w, &c, &g, &op.backward, &op.tensor)?;
         *op.adjoint.lock().expect("adjoint lock") = Some(adjoint);
-        Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), l1.shape().clone()))
+        Ok((
+            CudaStorage::wrap_cuda_slice(out, dev.clone()),
+            l1.shape().clone(),
+        ))
     }
 }
 
@@ -319,7 +419,13 @@ impl CustomOp2 for HardAssign {
         "kmeans-hard-assign"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let (m, d) = l1.shape().dims2()?;
         let out = with_float!(self.name(), (s1, l1, w), (s2, l2, c), {
             let mut out = vec![0u32; m];
@@ -330,12 +436,21 @@ impl CustomOp2 for HardAssign {
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(&self, s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout) -> Result<(CudaStorage, Shape)> {
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
         let dev = s1.device();
         let (m, d) = l1.shape().dims2()?;
         let (k, dc) = l2.shape().dims2()?;
         if dc != d {
-            candle_core::bail!("{}: weights of dimension {d} and centroids of dimension {dc}", self.name());
+            candle_core::bail!(
+                "{}: weights of dimension {d} and centroids of dimension {dc}",
+                self.name()
+            );
         }
         let w = cuda::view_f32(self.name(), "", "weights", s1, l1)?;
         let c = cuda::view_f32(self.name(), "", "centroids", s2, l2)?;
@@ -343,6 +458,9 @@ impl CustomOp2 for HardAssign {
         // SAFETY: hard_assign writes every element.
         let mut out = unsafe { dev.alloc::<u32>(m.max(1)) }?;
         cuda::hard_assign(dev, &p, &w, &c, &mut out)?;
-        Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), Shape::from(m)))
+        Ok((
+            CudaStorage::wrap_cuda_slice(out, dev.clone()),
+            Shape::from(m),
+        ))
     }
 }

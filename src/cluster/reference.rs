@@ -20,7 +20,10 @@ pub fn attention(w: &Tensor, c: &Tensor, geo: &Geometry) -> Result<Tensor> {
         // The tiny offset keeps the derivative of the root finite at zero distance.
         Distance::Euclidean => (sq + 1e-30)?.sqrt()?,
     };
-    Ok(candle_nn::ops::softmax(&(dist * (-1.0 / geo.tau))?, D::Minus1)?)
+    Ok(candle_nn::ops::softmax(
+        &(dist * (-1.0 / geo.tau))?,
+        D::Minus1,
+    )?)
 }
 
 /// One k-means step `F(C, W)_j = sum_i a_ij w_i / sum_i a_ij` (k x d).
@@ -75,7 +78,7 @@ fn vjp(x: &Var, y: &Tensor, v: &Tensor) -> Result<Tensor> {
     grads
         .get(x.as_tensor())
         .cloned()
-        .ok_or_else(|| Error::Config("reference: no gradient reached the input".into()))
+        .ok_or_else(|| Error::Numerical("reference: no gradient reached the input".into()))
 }
 
 /// The implicit gradient `dL/dW = G_W^T g + F_W^T u` at a fixed point `c_star`
@@ -95,10 +98,14 @@ pub fn implicit_grad(
     // Direct term and the centroid cotangent h from one backward pass.
     let out = soft_output(wv.as_tensor(), cv.as_tensor(), geo)?;
     let grads = (&out * g)?.sum_all()?.backward()?;
-    let direct = grads.get(wv.as_tensor()).cloned().unwrap_or(wv.zeros_like()?);
-    let h = flat_f64(grads.get(cv.as_tensor()).ok_or_else(|| {
-        Error::Config("reference: no gradient reached the centroids".into())
-    })?)?;
+    let direct = grads
+        .get(wv.as_tensor())
+        .cloned()
+        .unwrap_or(wv.zeros_like()?);
+    let h =
+        flat_f64(grads.get(cv.as_tensor()).ok_or_else(|| {
+            Error::Numerical("reference: no gradient reached the centroids".into())
+        })?)?;
     let u = match adjoint {
         Adjoint::JacobianFree => h,
         Adjoint::Exact => {
@@ -130,6 +137,7 @@ fn flat_f64(t: &Tensor) -> Result<Vec<f64>> {
 /// Gaussian elimination with partial pivoting.
 fn dense_solve(a: Vec<Vec<f64>>, b: Vec<f64>) -> Result<Vec<f64>> {
     let n = b.len();
-    let lu = super::linalg::Lu::new(&a.concat(), n).ok_or_else(|| Error::Config("reference: singular adjoint system".into()))?;
+    let lu = super::linalg::Lu::new(&a.concat(), n)
+        .ok_or_else(|| Error::Numerical("reference: singular adjoint system".into()))?;
     Ok(lu.solve(&b))
 }

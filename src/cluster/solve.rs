@@ -25,7 +25,14 @@ fn axpy(y: &mut [f64], alpha: f64, x: &[f64]) {
 }
 
 fn trivial(n: usize) -> (Vec<f64>, SolveReport) {
-    (vec![0.0; n], SolveReport { steps: 0, rel_residual: 0.0, converged: true })
+    (
+        vec![0.0; n],
+        SolveReport {
+            steps: 0,
+            rel_residual: 0.0,
+            converged: true,
+        },
+    )
 }
 
 /// Conjugate gradient for a symmetric positive definite `apply` (`x -> A x`).
@@ -51,7 +58,11 @@ pub fn conjugate_gradient(
         let pap = dot(&p, &ap);
         if pap.is_nan() || pap <= 0.0 {
             // Not positive definite along p (a repelling fixed point) or a breakdown.
-            tracing::debug!(steps, pap, "conjugate gradient: non-positive curvature, stopping");
+            tracing::debug!(
+                steps,
+                pap,
+                "conjugate gradient: non-positive curvature, stopping"
+            );
             break;
         }
         let alpha = rs / pap;
@@ -70,7 +81,14 @@ pub fn conjugate_gradient(
         rs = rs_next;
     }
     let (x, rel) = best;
-    (x, SolveReport { steps, rel_residual: rel, converged: rel <= tol })
+    (
+        x,
+        SolveReport {
+            steps,
+            rel_residual: rel,
+            converged: rel <= tol,
+        },
+    )
 }
 
 /// Restarted GMRES for a general `apply` (`x -> A x`), restart length `restart`.
@@ -118,7 +136,11 @@ pub fn gmres(
                 h[i + 1] = -sn * a + cs * b;
             }
             let denom = h[jj].hypot(h[jj + 1]);
-            let (cs, sn) = if denom == 0.0 { (1.0, 0.0) } else { (h[jj] / denom, h[jj + 1] / denom) };
+            let (cs, sn) = if denom == 0.0 {
+                (1.0, 0.0)
+            } else {
+                (h[jj] / denom, h[jj + 1] / denom)
+            };
             h[jj] = denom;
             h[jj + 1] = 0.0;
             rot.push((cs, sn));
@@ -136,7 +158,11 @@ pub fn gmres(
         let mut y = vec![0.0; m];
         for i in (0..m).rev() {
             let s: f64 = (i + 1..m).map(|l| hcols[l][i] * y[l]).sum();
-            y[i] = if hcols[i][i] != 0.0 { (g[i] - s) / hcols[i][i] } else { 0.0 };
+            y[i] = if hcols[i][i] != 0.0 {
+                (g[i] - s) / hcols[i][i]
+            } else {
+                0.0
+            };
         }
         for (yi, q) in y.iter().zip(&basis) {
             axpy(&mut x, *yi, q);
@@ -149,7 +175,14 @@ pub fn gmres(
             rel = norm(&r) / bnorm;
         }
     }
-    (x, SolveReport { steps, rel_residual: rel, converged: rel <= tol })
+    (
+        x,
+        SolveReport {
+            steps,
+            rel_residual: rel,
+            converged: rel <= tol,
+        },
+    )
 }
 
 /// Fixed-point (Neumann series) iteration `u <- h + J^T u` with
@@ -172,7 +205,13 @@ pub fn neumann(
         steps += 1;
         axpy(&mut next, 1.0, h);
         // Residual of u: h - (u - J^T u) = next - u.
-        let rel = next.iter().zip(&u).map(|(a, b)| (a - b).powi(2)).sum::<f64>().sqrt() / hnorm;
+        let rel = next
+            .iter()
+            .zip(&u)
+            .map(|(a, b)| (a - b).powi(2))
+            .sum::<f64>()
+            .sqrt()
+            / hnorm;
         if rel < best.1 {
             best = (u.clone(), rel);
         }
@@ -182,7 +221,14 @@ pub fn neumann(
         }
     }
     let (u, rel) = best;
-    (u, SolveReport { steps, rel_residual: rel, converged: rel <= tol })
+    (
+        u,
+        SolveReport {
+            steps,
+            rel_residual: rel,
+            converged: rel <= tol,
+        },
+    )
 }
 
 /// The adjoint system `(I - J^T) u = h` solved directly, given `J^T` (n x n,
@@ -196,14 +242,37 @@ pub fn dense(jt: &[f64], h: &[f64], tol: f64, steps: usize) -> (Vec<f64>, SolveR
     if h_norm == 0.0 {
         return trivial(n);
     }
-    let a: Vec<f64> = jt.iter().enumerate().map(|(i, &x)| f64::from(u8::from(i / n == i % n)) - x).collect();
+    let a: Vec<f64> = jt
+        .iter()
+        .enumerate()
+        .map(|(i, &x)| f64::from(u8::from(i / n == i % n)) - x)
+        .collect();
     let Some(lu) = Lu::new(&a, n) else {
-        return (vec![0.0; n], SolveReport { steps, rel_residual: 1.0, converged: false });
+        return (
+            vec![0.0; n],
+            SolveReport {
+                steps,
+                rel_residual: 1.0,
+                converged: false,
+            },
+        );
     };
     let u = lu.solve(h);
-    let residual: Vec<f64> = jt.chunks_exact(n).zip(h).zip(&u).map(|((row, &hr), &ur)| hr - ur + dot(row, &u)).collect();
+    let residual: Vec<f64> = jt
+        .chunks_exact(n)
+        .zip(h)
+        .zip(&u)
+        .map(|((row, &hr), &ur)| hr - ur + dot(row, &u))
+        .collect();
     let rel_residual = norm(&residual) / h_norm;
-    (u, SolveReport { steps, rel_residual, converged: rel_residual <= tol })
+    (
+        u,
+        SolveReport {
+            steps,
+            rel_residual,
+            converged: rel_residual <= tol,
+        },
+    )
 }
 
 #[cfg(test)]
@@ -213,7 +282,11 @@ mod tests {
     /// A = I - J^T with a known small J; checks every solver against a direct solve.
     fn system() -> (Vec<Vec<f64>>, Vec<f64>, Vec<f64>) {
         // Symmetric positive definite A (3 x 3) and the solution of A x = b.
-        let a = vec![vec![4.0, 1.0, 0.5], vec![1.0, 3.0, 0.2], vec![0.5, 0.2, 2.0]];
+        let a = vec![
+            vec![4.0, 1.0, 0.5],
+            vec![1.0, 3.0, 0.2],
+            vec![0.5, 0.2, 2.0],
+        ];
         let x = vec![1.0, -2.0, 0.5];
         let b = a.iter().map(|row| dot(row, &x)).collect();
         (a, x, b)
@@ -239,10 +312,18 @@ mod tests {
     #[test]
     fn gmres_and_neumann_solve_nonsymmetric_system() {
         // J^T with spectral radius < 1, not symmetric.
-        let jt = vec![vec![0.2, 0.3, 0.0], vec![-0.1, 0.1, 0.4], vec![0.05, 0.0, 0.3]];
+        let jt = vec![
+            vec![0.2, 0.3, 0.0],
+            vec![-0.1, 0.1, 0.4],
+            vec![0.05, 0.0, 0.3],
+        ];
         let x = vec![0.3, 1.0, -1.5];
         let a: Vec<Vec<f64>> = (0..3)
-            .map(|i| (0..3).map(|j| f64::from(u8::from(i == j)) - jt[i][j]).collect())
+            .map(|i| {
+                (0..3)
+                    .map(|j| f64::from(u8::from(i == j)) - jt[i][j])
+                    .collect()
+            })
             .collect();
         let h = matvec(&a, &x);
         let (xg, rg) = gmres(|v| matvec(&a, v), &h, 1e-12, 100, 2);
@@ -262,4 +343,3 @@ mod tests {
         assert!(!report.converged && report.steps == 1 && report.rel_residual < 1.0);
     }
 }
-

@@ -43,16 +43,26 @@ pub fn hard_mse<T: Real>(w: &[T], c: &[T], d: usize) -> f64 {
         if sorted {
             let x = row[0].wide();
             let at = wide.partition_point(|&c| c < x);
-            let below = at.checked_sub(1).map_or(f64::INFINITY, |j| (x - wide[j]).powi(2));
+            let below = at
+                .checked_sub(1)
+                .map_or(f64::INFINITY, |j| (x - wide[j]).powi(2));
             let above = wide.get(at).map_or(f64::INFINITY, |&c| (x - c).powi(2));
             below.min(above)
         } else {
             wide.chunks_exact(d)
-                .map(|cj| row.iter().zip(cj).map(|(x, c)| (x.wide() - c).powi(2)).sum::<f64>())
+                .map(|cj| {
+                    row.iter()
+                        .zip(cj)
+                        .map(|(x, c)| (x.wide() - c).powi(2))
+                        .sum::<f64>()
+                })
                 .fold(f64::INFINITY, f64::min)
         }
     };
-    let total: f64 = w.par_chunks(CHUNK * d).map(|chunk| chunk.chunks_exact(d).map(nearest).sum::<f64>()).sum();
+    let total: f64 = w
+        .par_chunks(CHUNK * d)
+        .map(|chunk| chunk.chunks_exact(d).map(nearest).sum::<f64>())
+        .sum();
     total / m as f64
 }
 
@@ -75,15 +85,24 @@ mod tests {
 
     #[test]
     fn hard_error_by_bisection_matches_exhaustive_search() {
-        let w: Vec<f32> = (0..10_001).map(|i| ((i as f32) * 0.37).sin() * 0.1).collect();
+        let w: Vec<f32> = (0..10_001)
+            .map(|i| ((i as f32) * 0.37).sin() * 0.1)
+            .collect();
         let c = [-0.08f32, -0.02, 0.0, 0.03, 0.09];
         let exhaustive: f64 = w
             .iter()
-            .map(|&x| c.iter().map(|&c| (f64::from(x) - f64::from(c)).powi(2)).fold(f64::INFINITY, f64::min))
+            .map(|&x| {
+                c.iter()
+                    .map(|&c| (f64::from(x) - f64::from(c)).powi(2))
+                    .fold(f64::INFINITY, f64::min)
+            })
             .sum::<f64>()
             / w.len() as f64;
         let mse = hard_mse(&w, &c, 1);
-        assert!((mse - exhaustive).abs() <= 1e-12 * exhaustive, "{mse} vs {exhaustive}");
+        assert!(
+            (mse - exhaustive).abs() <= 1e-12 * exhaustive,
+            "{mse} vs {exhaustive}"
+        );
         // Unsorted centroids take the exhaustive path and agree.
         let shuffled = [0.03f32, -0.08, 0.09, 0.0, -0.02];
         assert!((hard_mse(&w, &shuffled, 1) - exhaustive).abs() <= 1e-12 * exhaustive);

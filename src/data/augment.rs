@@ -14,12 +14,18 @@ pub struct Augment {
 impl Augment {
     /// No augmentation (evaluation, MNIST).
     pub fn none() -> Self {
-        Self { pad_crop: 0, hflip: false }
+        Self {
+            pad_crop: 0,
+            hflip: false,
+        }
     }
 
     /// The usual CIFAR recipe: pad 4 and crop, random horizontal flip.
     pub fn cifar() -> Self {
-        Self { pad_crop: 4, hflip: true }
+        Self {
+            pad_crop: 4,
+            hflip: true,
+        }
     }
 
     /// Whether every image passes unchanged.
@@ -30,7 +36,13 @@ impl Augment {
     /// Draws the crop offset and flip for one image.
     pub(super) fn draw(&self, rng: &mut impl Rng) -> Transform {
         let pad = self.pad_crop as i64;
-        let mut offset = || if pad > 0 { rng.random_range(-pad..=pad) as isize } else { 0 };
+        let mut offset = || {
+            if pad > 0 {
+                rng.random_range(-pad..=pad) as isize
+            } else {
+                0
+            }
+        };
         let (dy, dx) = (offset(), offset());
         let flip = self.hflip && rng.random_bool(0.5);
         Transform { dy, dx, flip }
@@ -97,7 +109,10 @@ mod tests {
     #[test]
     fn shifts_fill_with_zeros() {
         assert_eq!(apply(0, 1, false), [2, 3, 0, 5, 6, 0, 12, 13, 0, 15, 16, 0]);
-        assert_eq!(apply(0, -1, false), [0, 1, 2, 0, 4, 5, 0, 11, 12, 0, 14, 15]);
+        assert_eq!(
+            apply(0, -1, false),
+            [0, 1, 2, 0, 4, 5, 0, 11, 12, 0, 14, 15]
+        );
         assert_eq!(apply(1, 0, false), [4, 5, 6, 0, 0, 0, 14, 15, 16, 0, 0, 0]);
         assert_eq!(apply(-1, 2, false), [0, 0, 0, 3, 0, 0, 0, 0, 0, 13, 0, 0]);
         assert_eq!(apply(0, 3, false), [0; 12]);
@@ -106,7 +121,10 @@ mod tests {
 
     #[test]
     fn flip_mirrors_after_crop() {
-        assert_eq!(apply(0, 0, true), [3, 2, 1, 6, 5, 4, 13, 12, 11, 16, 15, 14]);
+        assert_eq!(
+            apply(0, 0, true),
+            [3, 2, 1, 6, 5, 4, 13, 12, 11, 16, 15, 14]
+        );
         assert_eq!(apply(0, 1, true), [0, 3, 2, 0, 6, 5, 0, 13, 12, 0, 16, 15]);
     }
 
@@ -119,6 +137,13 @@ mod tests {
         let flips = draws.iter().filter(|t| t.flip).count();
         assert!((60..140).contains(&flips), "{flips} flips of 200");
         let none = Augment::none().draw(&mut rng);
-        assert_eq!(none, Transform { dy: 0, dx: 0, flip: false });
+        assert_eq!(
+            none,
+            Transform {
+                dy: 0,
+                dx: 0,
+                flip: false
+            }
+        );
     }
 }

@@ -51,7 +51,11 @@ impl<'a> Batcher<'a> {
     ) -> Self {
         let mut order: Vec<usize> = (0..data.len()).collect();
         if let Some((seed, epoch)) = shuffle {
-            order.shuffle(&mut StdRng::seed_from_u64(mix(&[seed, epoch, SHUFFLE_STREAM])));
+            order.shuffle(&mut StdRng::seed_from_u64(mix(&[
+                seed,
+                epoch,
+                SHUFFLE_STREAM,
+            ])));
         }
         Self {
             data,
@@ -74,7 +78,13 @@ impl<'a> Batcher<'a> {
     }
 
     /// Assembles batch `index` from the samples at `indices`.
-    fn batch(&self, index: usize, indices: &[usize], mean: &Tensor, std: &Tensor) -> Result<(Tensor, Tensor)> {
+    fn batch(
+        &self,
+        index: usize,
+        indices: &[usize],
+        mean: &Tensor,
+        std: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
         let (c, h, w) = (self.data.channels(), self.data.height(), self.data.width());
         let pixels = self.gather(index, indices, h, w)?;
         let images = Tensor::from_vec(pixels, (indices.len(), c, h, w), &Device::Cpu)?
@@ -93,10 +103,17 @@ impl<'a> Batcher<'a> {
         let Storage::Cpu(CpuStorage::U8(all)) = &*storage else {
             return Err(Error::Data("images must be u8 on the CPU".into()));
         };
-        let pixels = layout.contiguous_offsets().and_then(|(start, end)| all.get(start..end));
+        let pixels = layout
+            .contiguous_offsets()
+            .and_then(|(start, end)| all.get(start..end));
         let pixels = pixels.ok_or_else(|| Error::Data("images must be contiguous".into()))?;
         let mut out = vec![0u8; indices.len() * sample];
-        let mut rng = StdRng::seed_from_u64(mix(&[self.seed.0, self.seed.1, index as u64, AUGMENT_STREAM]));
+        let mut rng = StdRng::seed_from_u64(mix(&[
+            self.seed.0,
+            self.seed.1,
+            index as u64,
+            AUGMENT_STREAM,
+        ]));
         for (dst, &i) in out.chunks_exact_mut(sample).zip(indices) {
             let src = pixels
                 .get(i * sample..(i + 1) * sample)
@@ -121,7 +138,10 @@ impl Iterator for Batcher<'_> {
         };
         let index = self.next_batch;
         let start = index * self.batch_size;
-        let indices = self.order.get(start..)?.get(..self.batch_size.min(self.order.len() - start))?;
+        let indices = self
+            .order
+            .get(start..)?
+            .get(..self.batch_size.min(self.order.len() - start))?;
         if indices.is_empty() {
             return None;
         }
@@ -169,7 +189,9 @@ fn normaliser(
         });
     }
     if c * h * w == 0 {
-        return Err(Error::Data(format!("images of shape {c}x{h}x{w} are empty")));
+        return Err(Error::Data(format!(
+            "images of shape {c}x{h}x{w} are empty"
+        )));
     }
     if batch_size == 0 {
         return Err(Error::Data("batch size must be at least 1".into()));
@@ -182,7 +204,9 @@ fn normaliser(
         });
     }
     if let Some(s) = std.iter().find(|s| !(s.is_finite() && **s > 0.0)) {
-        return Err(Error::Data(format!("std must be positive and finite, got {s}")));
+        return Err(Error::Data(format!(
+            "std must be positive and finite, got {s}"
+        )));
     }
     let mean = Tensor::from_slice(mean, (1, c, 1, 1), device)?;
     let std = Tensor::from_slice(std, (1, c, 1, 1), device)?;

@@ -10,8 +10,13 @@ use crate::{Error, Result};
 /// Name of the directory the CIFAR-10 binary archive unpacks to.
 pub(super) const SUBDIR: &str = "cifar-10-batches-bin";
 /// The training batches.
-pub(super) const TRAIN_FILES: [&str; 5] =
-    ["data_batch_1.bin", "data_batch_2.bin", "data_batch_3.bin", "data_batch_4.bin", "data_batch_5.bin"];
+pub(super) const TRAIN_FILES: [&str; 5] = [
+    "data_batch_1.bin",
+    "data_batch_2.bin",
+    "data_batch_3.bin",
+    "data_batch_4.bin",
+    "data_batch_5.bin",
+];
 /// The test batch.
 const TEST_FILE: &str = "test_batch.bin";
 
@@ -29,7 +34,10 @@ const RECORD_BYTES: usize = 1 + IMAGE_BYTES;
 
 /// Whether `dir` holds any of the CIFAR-10 binary batch files.
 pub(super) fn is_present(dir: &Path) -> bool {
-    TRAIN_FILES.iter().chain([&TEST_FILE]).any(|f| dir.join(f).is_file())
+    TRAIN_FILES
+        .iter()
+        .chain([&TEST_FILE])
+        .any(|f| dir.join(f).is_file())
 }
 
 /// Reads the five training batches and the test batch in `dir`.
@@ -50,7 +58,10 @@ fn read_batches(dir: &Path, files: &[&str]) -> Result<Dataset> {
     let mut labels = Vec::new();
     for file in files {
         let path = dir.join(file);
-        let bytes = std::fs::read(&path).map_err(|source| Error::Io { path: path.clone(), source })?;
+        let bytes = std::fs::read(&path).map_err(|source| Error::Io {
+            path: path.clone(),
+            source,
+        })?;
         if bytes.is_empty() || bytes.len() % RECORD_BYTES != 0 {
             return Err(Error::Format {
                 path,

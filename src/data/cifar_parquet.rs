@@ -21,11 +21,20 @@ const IMAGE_BYTES: usize = SHAPE.0 * SHAPE.1 * SHAPE.2;
 /// The sorted `train-*.parquet` and `test-*.parquet` files of `dir`; `None` when there are
 /// none of either, an error when only one split is there.
 pub(super) fn find_files(dir: &Path) -> Result<Option<(Vec<PathBuf>, Vec<PathBuf>)>> {
-    let Ok(entries) = std::fs::read_dir(dir) else { return Ok(None) };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(None);
+    };
     let (mut train, mut test) = (Vec::new(), Vec::new());
     for entry in entries {
-        let path = entry.map_err(|source| Error::Io { path: dir.to_path_buf(), source })?.path();
-        let Some(name) = path.file_name().and_then(|n| n.to_str()) else { continue };
+        let path = entry
+            .map_err(|source| Error::Io {
+                path: dir.to_path_buf(),
+                source,
+            })?
+            .path();
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
         if !name.ends_with(".parquet") {
             continue;
         }
@@ -73,12 +82,16 @@ fn read_files(files: &[PathBuf]) -> Result<Dataset> {
         let (pngs, file_labels) = read_rows(path)?;
         let start = pixels.len();
         pixels.resize(start + pngs.len() * IMAGE_BYTES, 0u8);
-        pixels[start..].par_chunks_exact_mut(IMAGE_BYTES).zip(pngs.par_iter()).enumerate().try_for_each(
-            |(i, (out, png))| {
-                decode_png(png.data(), out)
-                    .map_err(|msg| Error::Format { path: path.clone(), msg: format!("row {i}: {msg}") })
-            },
-        )?;
+        pixels[start..]
+            .par_chunks_exact_mut(IMAGE_BYTES)
+            .zip(pngs.par_iter())
+            .enumerate()
+            .try_for_each(|(i, (out, png))| {
+                decode_png(png.data(), out).map_err(|msg| Error::Format {
+                    path: path.clone(),
+                    msg: format!("row {i}: {msg}"),
+                })
+            })?;
         labels.extend(file_labels);
     }
     let (c, h, w) = SHAPE;
@@ -88,12 +101,22 @@ fn read_files(files: &[PathBuf]) -> Result<Dataset> {
 
 /// The encoded images and the labels of one parquet file.
 fn read_rows(path: &Path) -> Result<(Vec<ByteArray>, Vec<u32>)> {
-    let format_err = |msg: String| Error::Format { path: path.to_path_buf(), msg };
-    let file = std::fs::File::open(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
-    let reader =
-        SerializedFileReader::new(file).map_err(|e| format_err(format!("not a readable parquet file: {e}")))?;
+    let format_err = |msg: String| Error::Format {
+        path: path.to_path_buf(),
+        msg,
+    };
+    let file = std::fs::File::open(path).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let reader = SerializedFileReader::new(file)
+        .map_err(|e| format_err(format!("not a readable parquet file: {e}")))?;
     let (mut pngs, mut labels) = (Vec::new(), Vec::new());
-    for (i, row) in reader.get_row_iter(None).map_err(|e| format_err(e.to_string()))?.enumerate() {
+    for (i, row) in reader
+        .get_row_iter(None)
+        .map_err(|e| format_err(e.to_string()))?
+        .enumerate()
+    {
         let row = row.map_err(|e| format_err(format!("row {i}: {e}")))?;
         let (png, label) = split_row(row).map_err(|msg| format_err(format!("row {i}: {msg}")))?;
         pngs.push(png);
@@ -108,17 +131,21 @@ fn split_row(row: Row) -> std::result::Result<(ByteArray, u32), String> {
     for (name, field) in row.into_columns() {
         match (name.as_str(), field) {
             ("img", Field::Group(img)) => {
-                png = img.into_columns().into_iter().find_map(|(name, field)| match field {
-                    Field::Bytes(bytes) if name == "bytes" => Some(bytes),
-                    _ => None,
-                })
+                png = img
+                    .into_columns()
+                    .into_iter()
+                    .find_map(|(name, field)| match field {
+                        Field::Bytes(bytes) if name == "bytes" => Some(bytes),
+                        _ => None,
+                    })
             }
             ("label", Field::Long(l)) => label = Some(l),
             ("label", Field::Int(l)) => label = Some(i64::from(l)),
             _ => {}
         }
     }
-    let png = png.ok_or("expected a struct column `img` with a non-null binary field `bytes` (PNG)")?;
+    let png =
+        png.ok_or("expected a struct column `img` with a non-null binary field `bytes` (PNG)")?;
     let label = label.ok_or("expected a non-null integer column `label`")?;
     match u32::try_from(label) {
         Ok(l) if (l as usize) < CLASSES => Ok((png, l)),
@@ -134,9 +161,14 @@ fn decode_png(bytes: &[u8], out: &mut [u8]) -> std::result::Result<(), String> {
     let mut reader = decoder.read_info().map_err(|e| format!("bad PNG: {e}"))?;
     let size = reader.output_buffer_size().ok_or("PNG too large")?;
     let mut buf = vec![0u8; size];
-    let frame = reader.next_frame(&mut buf).map_err(|e| format!("bad PNG: {e}"))?;
+    let frame = reader
+        .next_frame(&mut buf)
+        .map_err(|e| format!("bad PNG: {e}"))?;
     if (frame.height as usize, frame.width as usize) != (h, w) {
-        return Err(format!("image is {}x{} (height x width), expected {h}x{w}", frame.height, frame.width));
+        return Err(format!(
+            "image is {}x{} (height x width), expected {h}x{w}",
+            frame.height, frame.width
+        ));
     }
     let channels = frame.color_type.samples();
     // Gray (1, 2 samples) is replicated to RGB; alpha (2, 4 samples) is dropped.

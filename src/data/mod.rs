@@ -52,7 +52,10 @@ impl Dataset {
     /// The first `n` samples (all of them when there are fewer); shares the pixel storage.
     pub fn take(&self, n: usize) -> Result<Dataset> {
         let n = n.min(self.len());
-        Ok(Dataset { images: self.images.narrow(0, 0, n)?, labels: self.labels[..n].to_vec() })
+        Ok(Dataset {
+            images: self.images.narrow(0, 0, n)?,
+            labels: self.labels[..n].to_vec(),
+        })
     }
 
     /// Channels per image (`C`), 0 when `images` is not of rank 4.
@@ -98,7 +101,10 @@ pub struct DataSplit {
 /// The on-disk layouts [`load`] recognises, with the files to read.
 enum Format {
     CifarBinary(PathBuf),
-    CifarParquet { train: Vec<PathBuf>, test: Vec<PathBuf> },
+    CifarParquet {
+        train: Vec<PathBuf>,
+        test: Vec<PathBuf>,
+    },
     Idx(PathBuf),
 }
 
@@ -128,8 +134,15 @@ pub fn fashion_mnist_dir() -> Option<PathBuf> {
 
 fn detect(path: &Path) -> Result<Format> {
     if !path.is_dir() {
-        let msg = if path.exists() { "is not a directory" } else { "does not exist" };
-        return Err(Error::Format { path: path.to_path_buf(), msg: msg.into() });
+        let msg = if path.exists() {
+            "is not a directory"
+        } else {
+            "does not exist"
+        };
+        return Err(Error::Format {
+            path: path.to_path_buf(),
+            msg: msg.into(),
+        });
     }
     if cifar::is_present(path) {
         return Ok(Format::CifarBinary(path.to_path_buf()));

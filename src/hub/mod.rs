@@ -50,10 +50,19 @@ impl ModelSource {
             )));
         }
         let revision = revision.or(in_id).unwrap_or_else(|| "main".to_string());
-        if revision.is_empty() || revision.starts_with('/') || revision.split('/').any(|part| part == "..") {
-            return Err(Error::Hub(format!("`{revision}` is not a valid revision of {repo}")));
+        if revision.is_empty()
+            || revision.starts_with('/')
+            || revision.split('/').any(|part| part == "..")
+        {
+            return Err(Error::Hub(format!(
+                "`{revision}` is not a valid revision of {repo}"
+            )));
         }
-        Ok(Self::Hub { repo: repo.to_string(), revision, file })
+        Ok(Self::Hub {
+            repo: repo.to_string(),
+            revision,
+            file,
+        })
     }
 }
 
@@ -69,7 +78,9 @@ impl std::str::FromStr for ModelSource {
         if s.is_empty() {
             return Err(Error::Hub("empty model name".to_string()));
         }
-        let looks_like_file = [".safetensors", ".bin", ".pth", ".pt"].iter().any(|ext| s.ends_with(ext));
+        let looks_like_file = [".safetensors", ".bin", ".pth", ".pt"]
+            .iter()
+            .any(|ext| s.ends_with(ext));
         if Path::new(s).exists() || looks_like_file || !s.contains('/') {
             return Ok(Self::Local(PathBuf::from(s)));
         }
@@ -90,7 +101,8 @@ fn is_repo_id(s: &str) -> bool {
             && !p.starts_with(['-', '.'])
             && !p.contains("--")
             && !p.contains("..")
-            && p.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+            && p.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
     };
     matches!(s.split_once('/'), Some((owner, name)) if part_ok(owner) && part_ok(name))
 }
@@ -124,13 +136,18 @@ impl HubOptions {
     /// the home directory given.
     fn from_vars(var: impl Fn(&str) -> Option<String>, home: Option<PathBuf>) -> Result<Self> {
         let hf_home = var("HF_HOME").map(PathBuf::from).or_else(|| {
-            let cache = var("XDG_CACHE_HOME").map(PathBuf::from).or_else(|| home.map(|h| h.join(".cache")))?;
+            let cache = var("XDG_CACHE_HOME")
+                .map(PathBuf::from)
+                .or_else(|| home.map(|h| h.join(".cache")))?;
             Some(cache.join("huggingface"))
         });
-        let cache_dir = var("HF_HUB_CACHE").map(PathBuf::from).or_else(|| hf_home.as_ref().map(|h| h.join("hub")));
+        let cache_dir = var("HF_HUB_CACHE")
+            .map(PathBuf::from)
+            .or_else(|| hf_home.as_ref().map(|h| h.join("hub")));
         let Some(cache_dir) = cache_dir else {
             return Err(Error::Hub(
-                "no home directory to put the hub cache in; set HF_HOME or HF_HUB_CACHE".to_string(),
+                "no home directory to put the hub cache in; set HF_HOME or HF_HUB_CACHE"
+                    .to_string(),
             ));
         };
         let offline = var("HF_HUB_OFFLINE")
@@ -139,7 +156,12 @@ impl HubOptions {
             let file = std::fs::read_to_string(hf_home?.join("token")).ok()?;
             Some(file.trim().to_string()).filter(|t| !t.is_empty())
         });
-        Ok(Self { cache_dir, offline, endpoint: var("HF_ENDPOINT"), token })
+        Ok(Self {
+            cache_dir,
+            offline,
+            endpoint: var("HF_ENDPOINT"),
+            token,
+        })
     }
 }
 
@@ -164,7 +186,11 @@ pub fn resolve(source: &ModelSource) -> Result<PathBuf> {
 pub fn resolve_with(source: &ModelSource, options: &HubOptions) -> Result<PathBuf> {
     match source {
         ModelSource::Local(path) => local(path),
-        ModelSource::Hub { repo, revision, file } => hub_file(repo, revision, file.as_deref(), options),
+        ModelSource::Hub {
+            repo,
+            revision,
+            file,
+        } => hub_file(repo, revision, file.as_deref(), options),
     }
 }
 
@@ -178,15 +204,24 @@ fn local(path: &Path) -> Result<PathBuf> {
         std::io::ErrorKind::NotFound => {
             not_found("no such file or directory (a hub model is named owner/name)".to_string())
         }
-        _ => Error::Io { path: path.to_path_buf(), source: e },
+        _ => Error::Io {
+            path: path.to_path_buf(),
+            source: e,
+        },
     })?;
     if !meta.is_dir() {
         return Ok(path.to_path_buf());
     }
-    let files = list_files(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
+    let files = list_files(path).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
     match choose(&files) {
         Some(file) => Ok(path.join(file)),
-        None => Err(not_found(format!("the directory holds none of {}", tried(None)))),
+        None => Err(not_found(format!(
+            "the directory holds none of {}",
+            tried(None)
+        ))),
     }
 }
 
@@ -208,7 +243,13 @@ fn choose(files: &[String]) -> Option<&str> {
     CHECKPOINT_FILES
         .into_iter()
         .find(|c| files.iter().any(|f| f == c))
-        .or_else(|| files.iter().filter(|f| f.ends_with(".pth") && !f.contains('/')).min().map(String::as_str))
+        .or_else(|| {
+            files
+                .iter()
+                .filter(|f| f.ends_with(".pth") && !f.contains('/'))
+                .min()
+                .map(String::as_str)
+        })
 }
 
 /// The files looked for, for messages.
@@ -221,8 +262,19 @@ fn tried(file: Option<&str>) -> String {
 
 /// A hub file from the cache (without asking the hub) or, when it is not
 /// there and the hub may be asked, downloaded into it.
-fn hub_file(repo: &str, revision: &str, file: Option<&str>, options: &HubOptions) -> Result<PathBuf> {
-    let context = || format!("looked for {} in cache {}", tried(file), options.cache_dir.display());
+fn hub_file(
+    repo: &str,
+    revision: &str,
+    file: Option<&str>,
+    options: &HubOptions,
+) -> Result<PathBuf> {
+    let context = || {
+        format!(
+            "looked for {} in cache {}",
+            tried(file),
+            options.cache_dir.display()
+        )
+    };
     let missing = match cached(&options.cache_dir, repo, revision, file) {
         Ok(path) => return Ok(path),
         Err(missing) => missing,
@@ -234,12 +286,20 @@ fn hub_file(repo: &str, revision: &str, file: Option<&str>, options: &HubOptions
         )));
     }
     download::download(repo, revision, file, options).map_err(|failed| {
-        Error::Hub(format!("{repo}@{revision}: {failed}; and the cache has no copy: {missing}; {}", context()))
+        Error::Hub(format!(
+            "{repo}@{revision}: {failed}; and the cache has no copy: {missing}; {}",
+            context()
+        ))
     })
 }
 
 /// A repo file from the cache, or why it is not there.
-fn cached(cache: &Path, repo: &str, revision: &str, file: Option<&str>) -> std::result::Result<PathBuf, String> {
+fn cached(
+    cache: &Path,
+    repo: &str,
+    revision: &str,
+    file: Option<&str>,
+) -> std::result::Result<PathBuf, String> {
     let repo_dir = cache.join(Repo::model(repo.to_string()).folder_name());
     if !repo_dir.is_dir() {
         return Err(format!("{} does not exist", repo_dir.display()));
@@ -249,10 +309,15 @@ fn cached(cache: &Path, repo: &str, revision: &str, file: Option<&str>) -> std::
         Some(file) if snapshot.join(file).is_file() => Ok(snapshot.join(file)),
         Some(file) => Err(format!("{} has no {file}", snapshot.display())),
         None => {
-            let files = list_files(&snapshot).map_err(|e| format!("cannot list {}: {e}", snapshot.display()))?;
+            let files = list_files(&snapshot)
+                .map_err(|e| format!("cannot list {}: {e}", snapshot.display()))?;
             match choose(&files) {
                 Some(file) => Ok(snapshot.join(file)),
-                None => Err(format!("{} holds none of {}", snapshot.display(), tried(None))),
+                None => Err(format!(
+                    "{} holds none of {}",
+                    snapshot.display(),
+                    tried(None)
+                )),
             }
         }
     }
@@ -272,7 +337,10 @@ fn snapshot_dir(repo_dir: &Path, revision: &str) -> std::result::Result<PathBuf,
     if snapshot.is_dir() {
         Ok(snapshot)
     } else {
-        Err(format!("{} (commit of revision {revision}) does not exist", snapshot.display()))
+        Err(format!(
+            "{} (commit of revision {revision}) does not exist",
+            snapshot.display()
+        ))
     }
 }
 
@@ -282,20 +350,39 @@ mod tests {
     use std::collections::HashMap;
 
     fn options(vars: &[(&str, &str)], home: Option<&str>) -> Result<HubOptions> {
-        let vars: HashMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let vars: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         HubOptions::from_vars(|k| vars.get(k).cloned(), home.map(PathBuf::from))
     }
 
     #[test]
     fn cache_dir_follows_the_python_precedence() {
         let home = Some("/home/u");
-        assert_eq!(options(&[], home).unwrap().cache_dir, Path::new("/home/u/.cache/huggingface/hub"));
-        assert_eq!(options(&[("XDG_CACHE_HOME", "/xdg")], home).unwrap().cache_dir, Path::new("/xdg/huggingface/hub"));
-        assert_eq!(options(&[("HF_HOME", "/hf")], home).unwrap().cache_dir, Path::new("/hf/hub"));
+        assert_eq!(
+            options(&[], home).unwrap().cache_dir,
+            Path::new("/home/u/.cache/huggingface/hub")
+        );
+        assert_eq!(
+            options(&[("XDG_CACHE_HOME", "/xdg")], home)
+                .unwrap()
+                .cache_dir,
+            Path::new("/xdg/huggingface/hub")
+        );
+        assert_eq!(
+            options(&[("HF_HOME", "/hf")], home).unwrap().cache_dir,
+            Path::new("/hf/hub")
+        );
         let both = [("HF_HOME", "/hf"), ("HF_HUB_CACHE", "/cache")];
         assert_eq!(options(&both, home).unwrap().cache_dir, Path::new("/cache"));
         assert!(matches!(options(&[], None), Err(Error::Hub(_))));
-        assert_eq!(options(&[("HF_HUB_CACHE", "/cache")], None).unwrap().cache_dir, Path::new("/cache"));
+        assert_eq!(
+            options(&[("HF_HUB_CACHE", "/cache")], None)
+                .unwrap()
+                .cache_dir,
+            Path::new("/cache")
+        );
     }
 
     #[test]
@@ -303,24 +390,62 @@ mod tests {
         let o = options(&[], Some("/nonexistent-home")).unwrap();
         assert!(!o.offline && o.endpoint.is_none() && o.token.is_none());
         for value in ["1", "TRUE", "yes", "On"] {
-            assert!(options(&[("HF_HUB_OFFLINE", value)], Some("/h")).unwrap().offline, "{value}");
+            assert!(
+                options(&[("HF_HUB_OFFLINE", value)], Some("/h"))
+                    .unwrap()
+                    .offline,
+                "{value}"
+            );
         }
-        assert!(!options(&[("HF_HUB_OFFLINE", "0")], Some("/h")).unwrap().offline);
+        assert!(
+            !options(&[("HF_HUB_OFFLINE", "0")], Some("/h"))
+                .unwrap()
+                .offline
+        );
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("token"), "hf_file\n").unwrap();
         let home = dir.path().to_str().unwrap();
-        assert_eq!(options(&[("HF_HOME", home)], None).unwrap().token.as_deref(), Some("hf_file"));
-        let o = options(&[("HF_HOME", home), ("HF_TOKEN", "hf_env"), ("HF_ENDPOINT", "http://mirror")], None).unwrap();
-        assert_eq!((o.token.as_deref(), o.endpoint.as_deref()), (Some("hf_env"), Some("http://mirror")));
+        assert_eq!(
+            options(&[("HF_HOME", home)], None)
+                .unwrap()
+                .token
+                .as_deref(),
+            Some("hf_file")
+        );
+        let o = options(
+            &[
+                ("HF_HOME", home),
+                ("HF_TOKEN", "hf_env"),
+                ("HF_ENDPOINT", "http://mirror"),
+            ],
+            None,
+        )
+        .unwrap();
+        assert_eq!(
+            (o.token.as_deref(), o.endpoint.as_deref()),
+            (Some("hf_env"), Some("http://mirror"))
+        );
     }
 
     #[test]
     fn choose_prefers_safetensors_then_bin_then_pth() {
         let files = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        assert_eq!(choose(&files(&["pytorch_model.bin", "model.safetensors"])), Some("model.safetensors"));
-        assert_eq!(choose(&files(&["model.bin", "pytorch_model.bin"])), Some("pytorch_model.bin"));
-        assert_eq!(choose(&files(&["b.pth", "a.pth", "sub/0.pth"])), Some("a.pth"));
-        assert_eq!(choose(&files(&["onnx/model.safetensors", "README.md"])), None);
+        assert_eq!(
+            choose(&files(&["pytorch_model.bin", "model.safetensors"])),
+            Some("model.safetensors")
+        );
+        assert_eq!(
+            choose(&files(&["model.bin", "pytorch_model.bin"])),
+            Some("pytorch_model.bin")
+        );
+        assert_eq!(
+            choose(&files(&["b.pth", "a.pth", "sub/0.pth"])),
+            Some("a.pth")
+        );
+        assert_eq!(
+            choose(&files(&["onnx/model.safetensors", "README.md"])),
+            None
+        );
     }
 
     #[test]
@@ -328,7 +453,16 @@ mod tests {
         for ok in ["timm/resnet18.a1_in1k", "owner/name", "a-b/c_d.e"] {
             assert!(is_repo_id(ok), "{ok}");
         }
-        for bad in ["owner", "/name", "owner/", "a/b/c", "own er/name", "owner/.hidden", "owner/a--b", "../x"] {
+        for bad in [
+            "owner",
+            "/name",
+            "owner/",
+            "a/b/c",
+            "own er/name",
+            "owner/.hidden",
+            "owner/a--b",
+            "../x",
+        ] {
             assert!(!is_repo_id(bad), "{bad}");
         }
     }

@@ -1,6 +1,7 @@
 //! A small CNN for 28x28 grey images (MNIST, Fashion-MNIST).
 
 use super::layers::{BatchNorm, Conv, Linear};
+use super::maps::{FeatureMap, MapKind, Window};
 use super::{Network, Weights};
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
@@ -38,6 +39,28 @@ impl Network for SmallCnn {
         let x = self.bn2.forward_relu(&x, train)?.max_pool2d(2)?;
         let x = self.fc1.forward(&x.flatten_from(1)?, weights)?.relu()?;
         self.fc2.forward(&x, weights)
+    }
+
+    fn feature_maps(&self) -> Vec<FeatureMap> {
+        let pool = Window::square(2, 2, 0);
+        let conv1 = self.conv1.feature_map(MapKind::ConvBnRelu, &[]);
+        let pooled1 = [conv1.windows.clone().unwrap_or_default(), vec![pool]].concat();
+        let conv2 = self.conv2.feature_map(MapKind::ConvBnRelu, &pooled1);
+        let pooled2 = [conv2.windows.clone().unwrap_or_default(), vec![pool]].concat();
+        let op = |channels, windows: Vec<Window>| FeatureMap {
+            kind: MapKind::Op,
+            channels,
+            windows: Some(windows),
+            weight: None,
+        };
+        vec![
+            conv1.clone(),
+            op(conv1.channels, pooled1),
+            conv2.clone(),
+            op(conv2.channels, pooled2),
+            FeatureMap::flat(MapKind::LinearRelu, self.fc1.outputs()),
+            FeatureMap::flat(MapKind::Linear, self.fc2.outputs()),
+        ]
     }
 
     fn weights(&self) -> Vec<(&str, &Tensor)> {

@@ -2,16 +2,19 @@
 //! ImageNet stems, torchvision parameter names) and a small CNN for 28x28
 //! grey images.
 
+mod arch;
 mod cnn;
 mod layers;
+mod maps;
 mod resnet;
 
+pub use arch::Arch;
 pub use cnn::SmallCnn;
 pub use layers::{BatchNorm, Conv, Linear};
+pub use maps::{FeatureMap, MapKind, Window};
 pub use resnet::{ResNet18, Stem};
 
 use crate::error::{Error, Result};
-use crate::quantize::Clustering;
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use rand::{Rng, SeedableRng};
@@ -19,37 +22,11 @@ use rand_distr::{Distribution, Normal};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
-/// A network architecture.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Arch {
-    /// ResNet18 with the CIFAR stem (3x3 stride-1 conv, no max-pool).
-    ResNet18Cifar,
-    /// ResNet18 in the torchvision/timm ImageNet layout.
-    ResNet18,
-    /// The small CNN for 28x28 grey images.
-    SmallCnn,
-}
-
-impl Arch {
-    const NAMES: [(Arch, &'static str); 3] =
-        [(Arch::ResNet18Cifar, "resnet18-cifar"), (Arch::ResNet18, "resnet18"), (Arch::SmallCnn, "small-cnn")];
-}
-
-impl std::fmt::Display for Arch {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let name = Self::NAMES.iter().find(|(a, _)| a == self).map(|(_, n)| *n).unwrap_or("?");
-        f.write_str(name)
-    }
-}
-
-impl std::str::FromStr for Arch {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        Self::NAMES.iter().find(|(_, n)| *n == s).map(|(a, _)| *a).ok_or_else(|| {
-            let names: Vec<_> = Self::NAMES.iter().map(|(_, n)| *n).collect();
-            Error::Config(format!("unknown model architecture `{s}` (expected one of {})", names.join(", ")))
-        })
-    }
+/// Replaces a model's float weights on a forward pass, differentiably (a
+/// clustering of the model, for training).
+pub trait WeightSource {
+    /// The weight to use for the parameter `name`, whose float value is `param`.
+    fn weight(&self, name: &str, param: &Tensor) -> Result<Tensor>;
 }
 
 /// Where conv and linear layers take their weights from on a forward pass.
@@ -57,7 +34,7 @@ pub enum Weights<'a> {
     /// The float parameters.
     Float,
     /// Soft-clustered on every pass, differentiably (training with clustering).
-    Clustered(&'a Clustering),
+    Clustered(&'a dyn WeightSource),
     /// Precomputed weights replace the named parameters (hard or frozen soft
     /// weights, for evaluation); other parameters are used as they are.
     Fixed(&'a HashMap<String, Tensor>),
@@ -82,6 +59,9 @@ pub trait Network: std::fmt::Debug + Send + Sync {
 
     /// The conv and linear weights, in forward order: what clustering may replace.
     fn weights(&self) -> Vec<(&str, &Tensor)>;
+
+    /// The feature maps of a forward pass on one sample, in order.
+    fn feature_maps(&self) -> Vec<FeatureMap>;
 }
 
 /// A network with its parameters.
@@ -98,7 +78,13 @@ impl Model {
     /// A freshly initialised model, reproducible from `seed`: conv weights
     /// Kaiming-normal, linear layers uniform in ±1/sqrt(fan_in), batch norm
     /// at identity.
-    pub fn new(arch: Arch, channels: usize, classes: usize, seed: u64, device: &Device) -> Result<Self> {
+    pub fn new(
+        arch: Arch,
+        channels: usize,
+        classes: usize,
+        seed: u64,
+        device: &Device,
+    ) -> Result<Self> {
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
         let net: Box<dyn Network> = match arch {
@@ -107,18 +93,36 @@ impl Model {
             Arch::SmallCnn => Box::new(SmallCnn::new(channels, classes, vb)?),
         };
         if arch != Arch::SmallCnn && channels != 3 {
-            return Err(Error::Config(format!("{arch} takes 3 input channels, the data has {channels}")));
+            return Err(Error::Model(format!(
+                "{arch} takes 3 input channels, the data has {channels}"
+            )));
         }
-        let model = Self { arch, channels, classes, device: device.clone(), varmap, net };
+        let model = Self {
+            arch,
+            channels,
+            classes,
+            device: device.clone(),
+            varmap,
+            net,
+        };
         model.initialise(seed)?;
         Ok(model)
     }
 
     fn initialise(&self, seed: u64) -> Result<()> {
-        let mut vars: Vec<(String, Var)> = self.varmap.data().lock().expect("varmap lock").clone().into_iter().collect();
+        let mut vars: Vec<(String, Var)> = self
+            .varmap
+            .data()
+            .lock()
+            .expect("varmap lock")
+            .clone()
+            .into_iter()
+            .collect();
         vars.sort_by(|a, b| a.0.cmp(&b.0));
         let rank2_inputs = |weight: &str| -> Option<usize> {
-            vars.iter().find(|(n, v)| n == weight && v.rank() == 2).map(|(_, v)| v.dims()[1])
+            vars.iter()
+                .find(|(n, v)| n == weight && v.rank() == 2)
+                .map(|(_, v)| v.dims()[1])
         };
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         for (name, var) in &vars {
@@ -131,11 +135,14 @@ impl Model {
             let values = match dims.as_slice() {
                 [_, cin, kh, kw] => {
                     let std = (2.0 / (cin * kh * kw) as f32).sqrt();
-                    let normal = Normal::new(0.0, std).map_err(|e| Error::Config(e.to_string()))?;
+                    let normal = Normal::new(0.0, std).map_err(|e| Error::Model(e.to_string()))?;
                     (0..n).map(|_| normal.sample(&mut rng)).collect()
                 }
                 [_, inputs] => uniform(&mut rng, *inputs),
-                [_] => match name.strip_suffix(".bias").and_then(|p| rank2_inputs(&format!("{p}.weight"))) {
+                [_] => match name
+                    .strip_suffix(".bias")
+                    .and_then(|p| rank2_inputs(&format!("{p}.weight")))
+                {
                     Some(inputs) => uniform(&mut rng, inputs),
                     None => continue,
                 },
@@ -187,7 +194,17 @@ impl Model {
 
     /// The conv and linear weights by name, in forward order.
     pub fn weights(&self) -> Vec<(String, Tensor)> {
-        self.net.weights().into_iter().map(|(n, t)| (n.to_string(), t.clone())).collect()
+        self.net
+            .weights()
+            .into_iter()
+            .map(|(n, t)| (n.to_string(), t.clone()))
+            .collect()
+    }
+
+    /// The feature maps of a forward pass on one sample; see
+    /// [`Network::feature_maps`].
+    pub fn feature_maps(&self) -> Vec<FeatureMap> {
+        self.net.feature_maps()
     }
 
     /// Logits for `x`; see [`Network::forward`].
@@ -198,13 +215,19 @@ impl Model {
     /// Every parameter and buffer by name, detached.
     pub fn tensors(&self) -> BTreeMap<String, Tensor> {
         let data = self.varmap.data().lock().expect("varmap lock");
-        data.iter().map(|(n, v)| (n.clone(), v.as_detached_tensor())).collect()
+        data.iter()
+            .map(|(n, v)| (n.clone(), v.as_detached_tensor()))
+            .collect()
     }
 
     /// Sets every parameter and buffer from `tensors` (exact names and
     /// shapes, as idkm writes them); `source` names the file in errors.
     /// Missing, unexpected and mis-shaped tensors are listed together.
-    pub fn assign(&self, tensors: impl IntoIterator<Item = (String, Tensor)>, source: &Path) -> Result<()> {
+    pub fn assign(
+        &self,
+        tensors: impl IntoIterator<Item = (String, Tensor)>,
+        source: &Path,
+    ) -> Result<()> {
         let data = self.varmap.data().lock().expect("varmap lock");
         let mut problems = Vec::new();
         let mut seen = std::collections::BTreeSet::new();
@@ -214,19 +237,33 @@ impl Model {
                     var.set(&t.to_dtype(var.dtype())?.to_device(var.device())?)?;
                     seen.insert(name);
                 }
-                Some(var) => problems.push(format!("  {name}: expected shape {:?}, found {:?}", var.dims(), t.dims())),
-                None => problems.push(format!("  {name}: not a tensor of {} (shape {:?})", self.arch, t.dims())),
+                Some(var) => problems.push(format!(
+                    "  {name}: expected shape {:?}, found {:?}",
+                    var.dims(),
+                    t.dims()
+                )),
+                None => problems.push(format!(
+                    "  {name}: not a tensor of {} (shape {:?})",
+                    self.arch,
+                    t.dims()
+                )),
             }
         }
         let mut missing: Vec<_> = data.iter().filter(|(n, _)| !seen.contains(*n)).collect();
         missing.sort_by(|a, b| a.0.cmp(b.0));
         for (name, var) in missing {
-            problems.push(format!("  {name}: missing (expected shape {:?})", var.dims()));
+            problems.push(format!(
+                "  {name}: missing (expected shape {:?})",
+                var.dims()
+            ));
         }
         if problems.is_empty() {
             Ok(())
         } else {
-            Err(Error::Checkpoint { path: source.into(), details: problems.join("\n") })
+            Err(Error::Checkpoint {
+                path: source.into(),
+                details: problems.join("\n"),
+            })
         }
     }
 

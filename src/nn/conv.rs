@@ -323,7 +323,9 @@ impl Conv2d {
         let (need_dx, need_dw) = (x.track_op(), w.track_op());
         let (dx, dw) = cpu_data::<T, _>("conv2d backward", x, |xs| {
             cpu_data::<T, _>("conv2d backward", w, |ws| {
-                cpu_data::<T, _>("conv2d backward", grad, |dy| Ok(backward(geo, xs, ws, dy, need_dx, need_dw)))
+                cpu_data::<T, _>("conv2d backward", grad, |dy| {
+                    Ok(backward(geo, xs, ws, dy, need_dx, need_dw))
+                })
             })
         })?;
         let dx = dx

@@ -12,7 +12,7 @@ pub use torch::{save_torch, torch_state_dict, TORCH_FORMAT};
 
 use crate::cluster::ClusteredWeight;
 use crate::error::Result;
-use crate::model::Model;
+use crate::model::{Model, WeightSource};
 use candle_core::Tensor;
 use std::collections::{BTreeMap, HashMap};
 
@@ -62,7 +62,9 @@ impl Clustering {
 
     /// The summary of every layer's forward solves since the last call, reset.
     pub fn take_stats(&self) -> crate::cluster::layer::ForwardStats {
-        self.layers.values().fold(Default::default(), |all, layer| all.merge(&layer.take_stats()))
+        self.layers.values().fold(Default::default(), |all, layer| {
+            all.merge(&layer.take_stats())
+        })
     }
 
     /// The clustered layers by weight name.
@@ -78,21 +80,37 @@ impl Clustering {
         let mut packed = BTreeMap::new();
         let mut dense = BTreeMap::new();
         for (name, var) in data {
-            let tensor = var.as_detached_tensor().to_device(&candle_core::Device::Cpu)?;
+            let tensor = var
+                .as_detached_tensor()
+                .to_device(&candle_core::Device::Cpu)?;
             match self.layers.get(&name) {
                 Some(layer) => {
                     let (indices, centroids) = layer.palettize(&tensor)?;
                     let bits = layer.config().bits;
-                    packed.insert(name, PackedTensor::new(tensor.dims(), bits, &indices, &centroids, lut)?);
+                    packed.insert(
+                        name,
+                        PackedTensor::new(tensor.dims(), bits, &indices, &centroids, lut)?,
+                    );
                 }
                 None => {
                     dense.insert(name, tensor);
                 }
             }
         }
-        let configs = self.layers.iter().map(|(n, l)| (n.clone(), l.config().to_json())).collect();
+        let configs = self
+            .layers
+            .iter()
+            .map(|(n, l)| (n.clone(), l.config().to_json()))
+            .collect();
         let channels = model.channels();
-        Ok(Palettized { arch: model.arch(), channels, classes: model.classes(), packed, dense, configs })
+        Ok(Palettized {
+            arch: model.arch(),
+            channels,
+            classes: model.classes(),
+            packed,
+            dense,
+            configs,
+        })
     }
 
     /// The hard (palettized) weights of the clustered layers, exactly as an
@@ -104,7 +122,8 @@ impl Clustering {
             if let Some(layer) = self.layers.get(&name) {
                 let w = w.detach().to_device(&candle_core::Device::Cpu)?;
                 let (indices, centroids) = layer.palettize(&w)?;
-                let packed = PackedTensor::new(w.dims(), layer.config().bits, &indices, &centroids, lut)?;
+                let packed =
+                    PackedTensor::new(w.dims(), layer.config().bits, &indices, &centroids, lut)?;
                 out.insert(name.clone(), packed.dequantize(&name)?.to_device(&device)?);
             }
         }
@@ -120,5 +139,11 @@ impl Clustering {
             }
         }
         Ok(out)
+    }
+}
+
+impl WeightSource for Clustering {
+    fn weight(&self, name: &str, param: &Tensor) -> Result<Tensor> {
+        Clustering::weight(self, name, param)
     }
 }

@@ -45,7 +45,11 @@ impl std::str::FromStr for LutDType {
         match s {
             "f32" => Ok(LutDType::F32),
             "f16" => Ok(LutDType::F16),
-            _ => Err(Error::Config(format!("unknown LUT type `{s}` (expected f32 or f16)"))),
+            _ => Err(Error::UnknownName {
+                what: "LUT type",
+                got: s.to_string(),
+                expected: "f32, f16".into(),
+            }),
         }
     }
 }
@@ -112,27 +116,54 @@ struct PackedInfo {
 impl PackedTensor {
     /// Packs a hard assignment: `indices` (m, u32) into `centroids` (k x d),
     /// stored as `lut` type.
-    pub fn new(shape: &[usize], bits: u32, indices: &Tensor, centroids: &Tensor, lut: LutDType) -> Result<Self> {
+    pub fn new(
+        shape: &[usize],
+        bits: u32,
+        indices: &Tensor,
+        centroids: &Tensor,
+        lut: LutDType,
+    ) -> Result<Self> {
         let indices = indices.to_device(&Device::Cpu)?.to_vec1::<u32>()?;
         let lut = centroids.to_device(&Device::Cpu)?.to_dtype(lut.dtype())?;
-        Ok(Self { shape: shape.to_vec(), bits, lut, indices: pack(&indices, bits) })
+        Ok(Self {
+            shape: shape.to_vec(),
+            bits,
+            lut,
+            indices: pack(&indices, bits),
+        })
     }
 
     /// The weight this tensor stands for: `lut[index]`, in f32.
     pub fn dequantize(&self, name: &str) -> Result<Tensor> {
         let (k, d) = self.lut.dims2()?;
         let numel: usize = self.shape.iter().product();
-        let bad = |msg: String| Error::Shape { tensor: name.into(), expected: msg, got: format!("{:?}", self.shape) };
+        let bad = |msg: String| Error::Shape {
+            tensor: name.into(),
+            expected: msg,
+            got: format!("{:?}", self.shape),
+        };
         if !numel.is_multiple_of(d) || k > 1 << self.bits {
-            return Err(bad(format!("a shape divisible by d = {d} and k = {k} <= 2^{}", self.bits)));
+            return Err(bad(format!(
+                "a shape divisible by d = {d} and k = {k} <= 2^{}",
+                self.bits
+            )));
         }
-        let indices = unpack(&self.indices, self.bits, numel / d)
-            .ok_or_else(|| bad(format!("{} packed bytes for {} indices", self.indices.len(), numel / d)))?;
+        let indices = unpack(&self.indices, self.bits, numel / d).ok_or_else(|| {
+            bad(format!(
+                "{} packed bytes for {} indices",
+                self.indices.len(),
+                numel / d
+            ))
+        })?;
         if let Some(i) = indices.iter().find(|&&i| i as usize >= k) {
             return Err(bad(format!("indices below k = {k}, found {i}")));
         }
         let indices = Tensor::from_vec(indices, numel / d, &Device::Cpu)?;
-        Ok(self.lut.to_dtype(DType::F32)?.index_select(&indices, 0)?.reshape(self.shape.as_slice())?)
+        Ok(self
+            .lut
+            .to_dtype(DType::F32)?
+            .index_select(&indices, 0)?
+            .reshape(self.shape.as_slice())?)
     }
 
     /// Bytes of the table and the packed indices.
@@ -163,7 +194,11 @@ impl Palettized {
     /// Every tensor of the model, the clustered ones dequantized: what a
     /// model loads to run.
     pub fn tensors(&self) -> Result<Vec<(String, Tensor)>> {
-        let mut out: Vec<_> = self.dense.iter().map(|(n, t)| (n.clone(), t.clone())).collect();
+        let mut out: Vec<_> = self
+            .dense
+            .iter()
+            .map(|(n, t)| (n.clone(), t.clone()))
+            .collect();
         for (name, p) in &self.packed {
             out.push((name.clone(), p.dequantize(name)?));
         }
@@ -172,14 +207,23 @@ impl Palettized {
 
     /// Bytes on disk of the tensors (metadata excluded).
     pub fn bytes(&self) -> usize {
-        let dense: usize = self.dense.values().map(|t| t.elem_count() * t.dtype().size_in_bytes()).sum();
+        let dense: usize = self
+            .dense
+            .values()
+            .map(|t| t.elem_count() * t.dtype().size_in_bytes())
+            .sum();
         dense + self.packed.values().map(PackedTensor::bytes).sum::<usize>()
     }
 
     /// Bytes of the same model with every tensor in f32.
     pub fn float_bytes(&self) -> usize {
         let dense: usize = self.dense.values().map(|t| t.elem_count() * 4).sum();
-        dense + self.packed.values().map(|p| p.shape.iter().product::<usize>() * 4).sum::<usize>()
+        dense
+            + self
+                .packed
+                .values()
+                .map(|p| p.shape.iter().product::<usize>() * 4)
+                .sum::<usize>()
     }
 
     /// Writes the model atomically.
@@ -191,48 +235,88 @@ impl Palettized {
             let bytes = Tensor::from_vec(p.indices.clone(), p.indices.len(), &Device::Cpu)?;
             tensors.insert(format!("{name}.indices"), bytes);
             let (_, d) = p.lut.dims2()?;
-            info.insert(name.clone(), PackedInfo { shape: p.shape.clone(), bits: p.bits, cluster_dim: d });
+            info.insert(
+                name.clone(),
+                PackedInfo {
+                    shape: p.shape.clone(),
+                    bits: p.bits,
+                    cluster_dim: d,
+                },
+            );
         }
         let metadata = HashMap::from([
             ("idkm.format".to_string(), FORMAT.to_string()),
             ("idkm.arch".to_string(), self.arch.to_string()),
             ("idkm.channels".to_string(), self.channels.to_string()),
             ("idkm.classes".to_string(), self.classes.to_string()),
-            ("idkm.tensors".to_string(), serde_json::to_string(&info).expect("serialisable")),
-            ("idkm.clustering".to_string(), serde_json::to_string(&self.configs).expect("serialisable")),
+            (
+                "idkm.tensors".to_string(),
+                serde_json::to_string(&info).expect("serialisable"),
+            ),
+            (
+                "idkm.clustering".to_string(),
+                serde_json::to_string(&self.configs).expect("serialisable"),
+            ),
         ]);
         crate::checkpoint::save(&tensors, &metadata, path)
     }
 
     /// Reads a model written by [`save`](Self::save).
     pub fn load(path: &Path) -> Result<Self> {
-        let format_error = |msg: String| Error::Format { path: path.into(), msg };
+        let format_error = |msg: String| Error::Format {
+            path: path.into(),
+            msg,
+        };
         let meta = crate::checkpoint::metadata(path)?;
         let field = |key: &str| {
             meta.get(key).ok_or_else(|| {
-                format_error(format!("metadata `{key}` missing: not a palettized model written by `idkm export`"))
+                format_error(format!(
+                    "metadata `{key}` missing: not a palettized model written by `idkm export`"
+                ))
             })
         };
         if field("idkm.format")? != FORMAT {
-            return Err(format_error(format!("format `{}` is not {FORMAT}", field("idkm.format")?)));
+            return Err(format_error(format!(
+                "format `{}` is not {FORMAT}",
+                field("idkm.format")?
+            )));
         }
         let number = |key: &str| -> Result<usize> {
-            field(key)?.parse().map_err(|_| format_error(format!("metadata `{key}` is not a number")))
+            field(key)?
+                .parse()
+                .map_err(|_| format_error(format!("metadata `{key}` is not a number")))
         };
         let info: BTreeMap<String, PackedInfo> = serde_json::from_str(field("idkm.tensors")?)
             .map_err(|e| format_error(format!("metadata `idkm.tensors`: {e}")))?;
-        let mut dense: BTreeMap<String, Tensor> = candle_core::safetensors::load(path, &Device::Cpu)?.into_iter().collect();
+        let mut dense: BTreeMap<String, Tensor> =
+            candle_core::safetensors::load(path, &Device::Cpu)?
+                .into_iter()
+                .collect();
         let mut packed = BTreeMap::new();
         for (name, i) in info {
             let mut take = |suffix: &str| {
-                dense.remove(&format!("{name}.{suffix}")).ok_or_else(|| format_error(format!("tensor `{name}.{suffix}` missing")))
+                dense
+                    .remove(&format!("{name}.{suffix}"))
+                    .ok_or_else(|| format_error(format!("tensor `{name}.{suffix}` missing")))
             };
             let lut = take("lut")?;
             let indices = take("indices")?.to_vec1::<u8>()?;
             if lut.rank() != 2 || lut.dim(1)? != i.cluster_dim {
-                return Err(format_error(format!("`{name}.lut` has shape {:?}, expected (k, {})", lut.dims(), i.cluster_dim)));
+                return Err(format_error(format!(
+                    "`{name}.lut` has shape {:?}, expected (k, {})",
+                    lut.dims(),
+                    i.cluster_dim
+                )));
             }
-            packed.insert(name, PackedTensor { shape: i.shape, bits: i.bits, lut, indices });
+            packed.insert(
+                name,
+                PackedTensor {
+                    shape: i.shape,
+                    bits: i.bits,
+                    lut,
+                    indices,
+                },
+            );
         }
         Ok(Self {
             arch: field("idkm.arch")?.parse()?,
@@ -256,7 +340,9 @@ mod tests {
     #[test]
     fn pack_round_trips_every_width() {
         for bits in 1..=8u32 {
-            let indices: Vec<u32> = (0..37u32).map(|i| i.wrapping_mul(2654435761).wrapping_add(i * i) % (1 << bits)).collect();
+            let indices: Vec<u32> = (0..37u32)
+                .map(|i| i.wrapping_mul(2654435761).wrapping_add(i * i) % (1 << bits))
+                .collect();
             let bytes = pack(&indices, bits);
             assert_eq!(bytes.len(), (37 * bits as usize).div_ceil(8));
             assert_eq!(unpack(&bytes, bits, 37).unwrap(), indices, "bits = {bits}");

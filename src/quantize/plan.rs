@@ -59,14 +59,23 @@ impl QuantizePlan {
 
     /// Every layer with at least [`Self::MIN_WEIGHTS`] weights clustered with `base`.
     pub fn new(base: KmeansConfig) -> Self {
-        Self { base, min_weights: Self::MIN_WEIGHTS, overrides: BTreeMap::new() }
+        Self {
+            base,
+            min_weights: Self::MIN_WEIGHTS,
+            overrides: BTreeMap::new(),
+        }
     }
 
     /// Reads overrides (and optionally the threshold) from a TOML file.
     pub fn with_overrides_file(mut self, path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|source| Error::Io { path: path.into(), source })?;
-        let file: OverrideFile =
-            toml::from_str(&text).map_err(|e| Error::Format { path: path.into(), msg: e.to_string() })?;
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+            path: path.into(),
+            source,
+        })?;
+        let file: OverrideFile = toml::from_str(&text).map_err(|e| Error::Format {
+            path: path.into(),
+            msg: e.to_string(),
+        })?;
         if let Some(n) = file.min_weights {
             self.min_weights = n;
         }
@@ -78,7 +87,10 @@ impl QuantizePlan {
     /// `None` when it stays in float.
     pub fn layer(&self, name: &str, numel: usize) -> Result<Option<KmeansConfig>> {
         let short = name.strip_suffix(".weight").unwrap_or(name);
-        let over = self.overrides.get(name).or_else(|| self.overrides.get(short));
+        let over = self
+            .overrides
+            .get(name)
+            .or_else(|| self.overrides.get(short));
         let Some(over) = over else {
             return Ok((numel >= self.min_weights).then(|| self.base.clone()));
         };
@@ -92,14 +104,22 @@ impl QuantizePlan {
         if let Some(m) = &over.method {
             config.method = m.parse::<Method>()?;
         }
-        config.validate().map_err(|e| Error::Config(format!("override of `{name}`: {e}")))?;
+        config
+            .validate()
+            .map_err(|e| Error::Config(format!("override of `{name}`: {e}")))?;
         Ok(Some(config))
     }
 
     /// Checks that every override names one of `weights`.
-    pub fn check_names<'a>(&self, weights: impl IntoIterator<Item = &'a str> + Clone) -> Result<()> {
+    pub fn check_names<'a>(
+        &self,
+        weights: impl IntoIterator<Item = &'a str> + Clone,
+    ) -> Result<()> {
         for key in self.overrides.keys() {
-            let known = weights.clone().into_iter().any(|w| w == key || w.strip_suffix(".weight") == Some(key));
+            let known = weights
+                .clone()
+                .into_iter()
+                .any(|w| w == key || w.strip_suffix(".weight") == Some(key));
             if !known {
                 let names: Vec<_> = weights.clone().into_iter().collect();
                 return Err(Error::Config(format!(
@@ -120,15 +140,33 @@ mod tests {
     fn overrides_threshold_and_skip() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("layers.toml");
-        std::fs::write(&path, "min_weights = 100\n[layers.conv1]\nbits = 8\n[layers.\"fc.weight\"]\nskip = true\n").unwrap();
-        let plan = QuantizePlan::new(KmeansConfig { bits: 2, ..Default::default() }).with_overrides_file(&path).unwrap();
+        std::fs::write(
+            &path,
+            "min_weights = 100\n[layers.conv1]\nbits = 8\n[layers.\"fc.weight\"]\nskip = true\n",
+        )
+        .unwrap();
+        let plan = QuantizePlan::new(KmeansConfig {
+            bits: 2,
+            ..Default::default()
+        })
+        .with_overrides_file(&path)
+        .unwrap();
         assert_eq!(plan.layer("conv1.weight", 50).unwrap().unwrap().bits, 8);
         assert_eq!(plan.layer("fc.weight", 5000).unwrap(), None);
         assert_eq!(plan.layer("layer1.0.conv1.weight", 99).unwrap(), None);
-        assert_eq!(plan.layer("layer1.0.conv1.weight", 100).unwrap().unwrap().bits, 2);
+        assert_eq!(
+            plan.layer("layer1.0.conv1.weight", 100)
+                .unwrap()
+                .unwrap()
+                .bits,
+            2
+        );
         plan.check_names(["conv1.weight", "fc.weight"]).unwrap();
         let err = plan.check_names(["conv1.weight"]).unwrap_err().to_string();
-        assert!(err.contains("`fc.weight`") && err.contains("conv1.weight"), "{err}");
+        assert!(
+            err.contains("`fc.weight`") && err.contains("conv1.weight"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -136,10 +174,19 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("layers.toml");
         std::fs::write(&path, "[layers.conv1]\nbitz = 8\n").unwrap();
-        let err = QuantizePlan::new(KmeansConfig::default()).with_overrides_file(&path).unwrap_err().to_string();
+        let err = QuantizePlan::new(KmeansConfig::default())
+            .with_overrides_file(&path)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("layers.toml") && err.contains("bitz"), "{err}");
         std::fs::write(&path, "[layers.conv1]\nbits = 9\n").unwrap();
-        let plan = QuantizePlan::new(KmeansConfig::default()).with_overrides_file(&path).unwrap();
-        assert!(plan.layer("conv1.weight", 10_000).unwrap_err().to_string().contains("conv1"));
+        let plan = QuantizePlan::new(KmeansConfig::default())
+            .with_overrides_file(&path)
+            .unwrap();
+        assert!(plan
+            .layer("conv1.weight", 10_000)
+            .unwrap_err()
+            .to_string()
+            .contains("conv1"));
     }
 }

@@ -20,7 +20,12 @@ use std::path::Path;
 const CENTROIDS: &str = ".centroids";
 
 /// Writes `model` (and `clustering`'s state) with `extra` metadata, atomically.
-pub fn save(model: &Model, clustering: Option<&Clustering>, extra: &[(&str, String)], path: &Path) -> Result<()> {
+pub fn save(
+    model: &Model,
+    clustering: Option<&Clustering>,
+    extra: &[(&str, String)],
+    path: &Path,
+) -> Result<()> {
     let mut tensors = model.tensors();
     let mut metadata: HashMap<String, String> = HashMap::from([
         ("idkm.arch".into(), model.arch().to_string()),
@@ -38,8 +43,14 @@ pub fn save(model: &Model, clustering: Option<&Clustering>, extra: &[(&str, Stri
                 taus.insert(name.clone(), tau.into());
             }
         }
-        metadata.insert("idkm.clustering".into(), serde_json::Value::Object(configs).to_string());
-        metadata.insert("idkm.tau".into(), serde_json::Value::Object(taus).to_string());
+        metadata.insert(
+            "idkm.clustering".into(),
+            serde_json::Value::Object(configs).to_string(),
+        );
+        metadata.insert(
+            "idkm.tau".into(),
+            serde_json::Value::Object(taus).to_string(),
+        );
     }
     metadata.extend(extra.iter().map(|(k, v)| (k.to_string(), v.clone())));
     crate::checkpoint::save(&tensors, &metadata, path)
@@ -48,7 +59,8 @@ pub fn save(model: &Model, clustering: Option<&Clustering>, extra: &[(&str, Stri
 /// Whether `path` is a checkpoint written by [`save`] (exports, which
 /// name their `idkm.format`, are not).
 pub fn is_snapshot(path: &Path) -> bool {
-    crate::checkpoint::metadata(path).is_ok_and(|m| m.contains_key("idkm.arch") && !m.contains_key("idkm.format"))
+    crate::checkpoint::metadata(path)
+        .is_ok_and(|m| m.contains_key("idkm.arch") && !m.contains_key("idkm.format"))
 }
 
 /// A checkpoint read back: the model, its clustering if it had one, and the metadata.
@@ -64,45 +76,79 @@ pub struct Snapshot {
 /// Reads a checkpoint written by [`save`] onto `device`.
 pub fn load(path: &Path, device: &Device) -> Result<Snapshot> {
     let metadata = crate::checkpoint::metadata(path)?;
-    let format_error = |msg: String| Error::Format { path: path.into(), msg };
+    let format_error = |msg: String| Error::Format {
+        path: path.into(),
+        msg,
+    };
     let field = |key: &str| {
-        metadata.get(key).ok_or_else(|| format_error(format!("metadata `{key}` missing: not a checkpoint written by idkm")))
+        metadata.get(key).ok_or_else(|| {
+            format_error(format!(
+                "metadata `{key}` missing: not a checkpoint written by idkm"
+            ))
+        })
     };
     let number = |key: &str| -> Result<usize> {
-        field(key)?.parse().map_err(|_| format_error(format!("metadata `{key}` is not a number")))
+        field(key)?
+            .parse()
+            .map_err(|_| format_error(format!("metadata `{key}` is not a number")))
     };
     let arch: Arch = field("idkm.arch")?.parse()?;
-    let model = Model::new(arch, number("idkm.channels")?, number("idkm.classes")?, 0, device)?;
-    let mut tensors: BTreeMap<String, Tensor> = candle_core::safetensors::load(path, &Device::Cpu)?.into_iter().collect();
+    let model = Model::new(
+        arch,
+        number("idkm.channels")?,
+        number("idkm.classes")?,
+        0,
+        device,
+    )?;
+    let mut tensors: BTreeMap<String, Tensor> = candle_core::safetensors::load(path, &Device::Cpu)?
+        .into_iter()
+        .collect();
     let centroids: BTreeMap<String, Tensor> = {
-        let names: Vec<String> = tensors.keys().filter(|n| n.ends_with(CENTROIDS)).cloned().collect();
-        names.into_iter().filter_map(|n| tensors.remove(&n).map(|t| (n, t))).collect()
+        let names: Vec<String> = tensors
+            .keys()
+            .filter(|n| n.ends_with(CENTROIDS))
+            .cloned()
+            .collect();
+        names
+            .into_iter()
+            .filter_map(|n| tensors.remove(&n).map(|t| (n, t)))
+            .collect()
     };
     model.assign(tensors, path)?;
     let clustering = match metadata.get("idkm.clustering") {
         None => None,
         Some(text) => {
-            let configs: serde_json::Map<String, serde_json::Value> =
-                serde_json::from_str(text).map_err(|e| format_error(format!("metadata `idkm.clustering`: {e}")))?;
+            let configs: serde_json::Map<String, serde_json::Value> = serde_json::from_str(text)
+                .map_err(|e| format_error(format!("metadata `idkm.clustering`: {e}")))?;
             let taus: serde_json::Map<String, serde_json::Value> = match metadata.get("idkm.tau") {
-                Some(text) => serde_json::from_str(text).map_err(|e| format_error(format!("metadata `idkm.tau`: {e}")))?,
+                Some(text) => serde_json::from_str(text)
+                    .map_err(|e| format_error(format!("metadata `idkm.tau`: {e}")))?,
                 None => serde_json::Map::new(),
             };
             let mut layers = BTreeMap::new();
             for (name, json) in configs {
-                let config = KmeansConfig::from_json(&json).map_err(|e| format_error(format!("clustering of `{name}`: {e}")))?;
+                let config = KmeansConfig::from_json(&json)
+                    .map_err(|e| format_error(format!("clustering of `{name}`: {e}")))?;
                 let layer = ClusteredWeight::new(name.clone(), config)?;
                 if let Some(c) = centroids.get(&format!("{name}{CENTROIDS}")) {
                     layer.set_centroids(c.clone())?;
                 }
                 if let Some(tau) = taus.get(&name) {
-                    let tau = tau.as_f64().ok_or_else(|| format_error(format!("metadata `idkm.tau` of `{name}` is not a number")))?;
-                    layer.set_tau(tau).map_err(|e| format_error(format!("metadata `idkm.tau`: {e}")))?;
+                    let tau = tau.as_f64().ok_or_else(|| {
+                        format_error(format!("metadata `idkm.tau` of `{name}` is not a number"))
+                    })?;
+                    layer
+                        .set_tau(tau)
+                        .map_err(|e| format_error(format!("metadata `idkm.tau`: {e}")))?;
                 }
                 layers.insert(name, layer);
             }
             Some(Clustering::from_layers(layers))
         }
     };
-    Ok(Snapshot { model, clustering, metadata })
+    Ok(Snapshot {
+        model,
+        clustering,
+        metadata,
+    })
 }

@@ -1,11 +1,13 @@
 //! Training and evaluation loops.
 
 mod optim;
+mod step;
 
 pub use optim::{cosine_lr, Optimizer, OptimizerKind, Sgd, SgdConfig};
+pub use step::{StepOutput, TrainStep};
 
 use crate::data::Batcher;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::model::{Model, Weights};
 use candle_core::{DType, Tensor, D};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -36,7 +38,11 @@ impl Tally {
     fn add(&mut self, logits: &Tensor, labels: &Tensor, loss: f64) -> Result<()> {
         let n = labels.dim(0)?;
         let predicted = logits.argmax(D::Minus1)?;
-        self.correct += predicted.eq(labels)?.to_dtype(DType::U32)?.sum_all()?.to_scalar::<u32>()? as usize;
+        self.correct += predicted
+            .eq(labels)?
+            .to_dtype(DType::U32)?
+            .sum_all()?
+            .to_scalar::<u32>()? as usize;
         self.loss += loss * n as f64;
         self.samples += n;
         Ok(())
@@ -55,9 +61,11 @@ impl Tally {
 
 fn progress(label: &str, batches: usize) -> ProgressBar {
     let bar = ProgressBar::new(batches as u64);
-    let style = ProgressStyle::with_template("{prefix:>12} [{bar:30}] {pos}/{len} {msg} ({elapsed}, eta {eta})")
-        .expect("valid template")
-        .progress_chars("=> ");
+    let style = ProgressStyle::with_template(
+        "{prefix:>12} [{bar:30}] {pos}/{len} {msg} ({elapsed}, eta {eta})",
+    )
+    .expect("valid template")
+    .progress_chars("=> ");
     bar.set_style(style);
     bar.set_prefix(label.to_string());
     bar
@@ -65,40 +73,58 @@ fn progress(label: &str, batches: usize) -> ProgressBar {
 
 /// Runs an optimiser over epochs with a cosine learning-rate schedule.
 pub struct Trainer {
-    optimizer: Optimizer,
+    step: TrainStep,
     lr: f64,
     total_steps: usize,
-    step: usize,
 }
 
 impl Trainer {
     /// A trainer of `model`'s trainable variables for `total_steps` steps.
     pub fn new(model: &Model, kind: OptimizerKind, lr: f64, total_steps: usize) -> Result<Self> {
         let vars = model.trainable().into_iter().map(|(_, v)| v).collect();
-        Ok(Self { optimizer: Optimizer::new(kind, vars, lr)?, lr, total_steps, step: 0 })
+        Ok(Self {
+            step: TrainStep::new(Optimizer::new(kind, vars, lr)?),
+            lr,
+            total_steps,
+        })
+    }
+
+    /// A trainer for `epochs` passes over `samples` training samples in
+    /// batches of `batch_size`: the schedule spans all of their steps.
+    pub fn for_epochs(
+        model: &Model,
+        kind: OptimizerKind,
+        lr: f64,
+        samples: usize,
+        batch_size: usize,
+        epochs: usize,
+    ) -> Result<Self> {
+        let batches_per_epoch = samples.div_ceil(batch_size.max(1));
+        Self::new(model, kind, lr, batches_per_epoch * epochs)
     }
 
     /// One pass over `batches`, with the weights that `weights` provides.
-    pub fn epoch(&mut self, model: &Model, weights: &Weights, batches: Batcher, label: &str) -> Result<EpochStats> {
+    pub fn epoch(
+        &mut self,
+        model: &Model,
+        weights: &Weights,
+        batches: Batcher,
+        label: &str,
+    ) -> Result<EpochStats> {
         let (start, bar) = (Instant::now(), progress(label, batches.num_batches()));
         let mut tally = Tally::default();
         for batch in batches {
             let (x, y) = batch?;
-            let logits = model.forward(&x, true, weights)?;
-            let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
-            let value = loss.to_scalar::<f32>()? as f64;
-            if !value.is_finite() {
-                return Err(Error::Config(format!(
-                    "the loss became {value} at step {}: lower the learning rate (or raise tau)",
-                    self.step
-                )));
-            }
-            self.optimizer.set_lr(cosine_lr(self.lr, self.step, self.total_steps));
-            self.optimizer.step(&loss.backward()?)?;
-            self.step += 1;
-            tally.add(&logits.detach(), &y, value)?;
+            self.step
+                .set_lr(cosine_lr(self.lr, self.step.count(), self.total_steps));
+            let out = self.step.run(model, weights, &x, &y)?;
+            tally.add(&out.logits, &y, out.loss)?;
             bar.inc(1);
-            bar.set_message(format!("loss {:.4} acc {:.2}%", tally.loss / tally.samples as f64, 100.0 * tally.correct as f64 / tally.samples as f64));
+            bar.set_message(format!(
+                "loss {:.4} acc {:.2}%",
+                tally.loss / tally.samples as f64,
+                100.0 * tally.correct as f64 / tally.samples as f64
+            ));
         }
         bar.finish_and_clear();
         Ok(tally.stats(start))
@@ -106,7 +132,12 @@ impl Trainer {
 }
 
 /// Loss and accuracy of `model` in evaluation mode over `batches`.
-pub fn evaluate(model: &Model, weights: &Weights, batches: Batcher, label: &str) -> Result<EpochStats> {
+pub fn evaluate(
+    model: &Model,
+    weights: &Weights,
+    batches: Batcher,
+    label: &str,
+) -> Result<EpochStats> {
     let (start, bar) = (Instant::now(), progress(label, batches.num_batches()));
     let mut tally = Tally::default();
     for batch in batches {

@@ -29,7 +29,12 @@ impl Sgd {
     /// An optimiser of `vars` with learning rate `lr`.
     pub fn new(vars: Vec<Var>, lr: f64, config: SgdConfig) -> Self {
         let velocity = vec![None; vars.len()];
-        Self { vars, velocity, config, lr }
+        Self {
+            vars,
+            velocity,
+            config,
+            lr,
+        }
     }
 
     /// One update from `grads`; variables without a gradient are left alone.
@@ -38,7 +43,11 @@ impl Sgd {
     /// elsewhere with tensor ops ([`Sgd::step_composed`]). Both round the
     /// same operations in the same order, so they agree bit for bit.
     pub fn step(&mut self, grads: &GradStore) -> Result<()> {
-        let SgdConfig { momentum, nesterov, weight_decay } = self.config;
+        let SgdConfig {
+            momentum,
+            nesterov,
+            weight_decay,
+        } = self.config;
         for (var, velocity) in self.vars.iter().zip(self.velocity.iter_mut()) {
             let Some(g) = grads.get(var) else { continue };
             let in_place = var.device().is_cpu()
@@ -53,12 +62,28 @@ impl Sgd {
             let w = var.as_tensor();
             let b = match velocity {
                 Some(b) => {
-                    b.inplace_op3(g, w, &SgdMomentum { momentum, weight_decay })?;
+                    b.inplace_op3(
+                        g,
+                        w,
+                        &SgdMomentum {
+                            momentum,
+                            weight_decay,
+                        },
+                    )?;
                     &*b
                 }
                 None => g,
             };
-            w.inplace_op3(g, b, &SgdDescend { lr: self.lr, momentum, weight_decay, nesterov })?;
+            w.inplace_op3(
+                g,
+                b,
+                &SgdDescend {
+                    lr: self.lr,
+                    momentum,
+                    weight_decay,
+                    nesterov,
+                },
+            )?;
         }
         Ok(())
     }
@@ -66,8 +91,18 @@ impl Sgd {
     /// One update of `var` with tensor ops (new tensors each step): the
     /// reference of the in-place update, and the update on other devices
     /// and on the first step with momentum (which creates the buffer).
-    pub fn step_composed(config: SgdConfig, lr: f64, var: &Var, g: &Tensor, velocity: &mut Option<Tensor>) -> Result<()> {
-        let SgdConfig { momentum, nesterov, weight_decay } = config;
+    pub fn step_composed(
+        config: SgdConfig,
+        lr: f64,
+        var: &Var,
+        g: &Tensor,
+        velocity: &mut Option<Tensor>,
+    ) -> Result<()> {
+        let SgdConfig {
+            momentum,
+            nesterov,
+            weight_decay,
+        } = config;
         // Detached: a gradient can reference the step's graph, which
         // the momentum buffer would otherwise keep alive step after step.
         let mut g = g.detach();
@@ -81,7 +116,11 @@ impl Sgd {
                 // share its storage with the caller's gradient.
                 None => g.copy()?,
             };
-            let step = if nesterov { (&g + (&b * momentum)?)? } else { b.clone() };
+            let step = if nesterov {
+                (&g + (&b * momentum)?)?
+            } else {
+                b.clone()
+            };
             *velocity = Some(b);
             step
         } else {
@@ -111,12 +150,16 @@ fn contiguous_mut<'a, T>(data: &'a mut [T], l: &Layout) -> Result<&'a mut [T]> {
 macro_rules! float_inplace {
     ($name:expr, $f:expr, ($dst:expr, $dl:expr), ($a:expr, $al:expr), ($b:expr, $bl:expr)) => {
         match ($dst, $a, $b) {
-            (CpuStorage::F32(d), CpuStorage::F32(a), CpuStorage::F32(b)) => {
-                $f(contiguous_mut(d, $dl)?, contiguous(a, $al)?, contiguous(b, $bl)?)
-            }
-            (CpuStorage::F64(d), CpuStorage::F64(a), CpuStorage::F64(b)) => {
-                $f(contiguous_mut(d, $dl)?, contiguous(a, $al)?, contiguous(b, $bl)?)
-            }
+            (CpuStorage::F32(d), CpuStorage::F32(a), CpuStorage::F32(b)) => $f(
+                contiguous_mut(d, $dl)?,
+                contiguous(a, $al)?,
+                contiguous(b, $bl)?,
+            ),
+            (CpuStorage::F64(d), CpuStorage::F64(a), CpuStorage::F64(b)) => $f(
+                contiguous_mut(d, $dl)?,
+                contiguous(a, $al)?,
+                contiguous(b, $bl)?,
+            ),
             _ => bail!("{}: f32 or f64 tensors of one dtype", $name),
         }
     };
@@ -148,8 +191,22 @@ impl InplaceOp3 for SgdMomentum {
         "sgd-momentum"
     }
 
-    fn cpu_fwd(&self, b: &mut CpuStorage, bl: &Layout, g: &CpuStorage, gl: &Layout, w: &CpuStorage, wl: &Layout) -> Result<()> {
-        float_inplace!(self.name(), |b, g, w| self.run(b, g, w), (b, bl), (g, gl), (w, wl))
+    fn cpu_fwd(
+        &self,
+        b: &mut CpuStorage,
+        bl: &Layout,
+        g: &CpuStorage,
+        gl: &Layout,
+        w: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<()> {
+        float_inplace!(
+            self.name(),
+            |b, g, w| self.run(b, g, w),
+            (b, bl),
+            (g, gl),
+            (w, wl)
+        )
     }
 }
 
@@ -169,13 +226,21 @@ pub struct SgdDescend {
 
 impl SgdDescend {
     fn run<T: WithDType>(&self, w: &mut [T], g: &[T], b: &[T]) -> Result<()> {
-        let (lr, mu, wd) = (T::from_f64(self.lr), T::from_f64(self.momentum), T::from_f64(self.weight_decay));
+        let (lr, mu, wd) = (
+            T::from_f64(self.lr),
+            T::from_f64(self.momentum),
+            T::from_f64(self.weight_decay),
+        );
         let decay = self.weight_decay != 0.0;
         let momentum = self.momentum != 0.0;
         for ((w, &g), &b) in w.iter_mut().zip(g).zip(b) {
             let step = if !momentum || self.nesterov {
                 let g = if decay { g + *w * wd } else { g };
-                if momentum { g + b * mu } else { g }
+                if momentum {
+                    g + b * mu
+                } else {
+                    g
+                }
             } else {
                 b
             };
@@ -190,8 +255,22 @@ impl InplaceOp3 for SgdDescend {
         "sgd-descend"
     }
 
-    fn cpu_fwd(&self, w: &mut CpuStorage, wl: &Layout, g: &CpuStorage, gl: &Layout, b: &CpuStorage, bl: &Layout) -> Result<()> {
-        float_inplace!(self.name(), |w, g, b| self.run(w, g, b), (w, wl), (g, gl), (b, bl))
+    fn cpu_fwd(
+        &self,
+        w: &mut CpuStorage,
+        wl: &Layout,
+        g: &CpuStorage,
+        gl: &Layout,
+        b: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<()> {
+        float_inplace!(
+            self.name(),
+            |w, g, b| self.run(w, g, b),
+            (w, wl),
+            (g, gl),
+            (b, bl)
+        )
     }
 }
 
@@ -217,9 +296,14 @@ impl Optimizer {
     pub fn new(kind: OptimizerKind, vars: Vec<Var>, lr: f64) -> Result<Self> {
         Ok(match kind {
             OptimizerKind::Sgd(config) => Optimizer::Sgd(Sgd::new(vars, lr, config)),
-            OptimizerKind::AdamW { weight_decay } => {
-                Optimizer::AdamW(AdamW::new(vars, ParamsAdamW { lr, weight_decay, ..Default::default() })?)
-            }
+            OptimizerKind::AdamW { weight_decay } => Optimizer::AdamW(AdamW::new(
+                vars,
+                ParamsAdamW {
+                    lr,
+                    weight_decay,
+                    ..Default::default()
+                },
+            )?),
         })
     }
 
@@ -254,7 +338,11 @@ mod tests {
     /// Two steps of PyTorch's SGD on w = [1, -2], loss = sum(w^2), by hand.
     #[test]
     fn sgd_matches_pytorch_formulas() -> Result<()> {
-        let config = SgdConfig { momentum: 0.9, nesterov: true, weight_decay: 0.1 };
+        let config = SgdConfig {
+            momentum: 0.9,
+            nesterov: true,
+            weight_decay: 0.1,
+        };
         let w = Var::new(&[1.0f64, -2.0], &Device::Cpu)?;
         let mut sgd = Sgd::new(vec![w.clone()], 0.1, config);
         let (mut x, mut b) = ([1.0f64, -2.0], [0.0f64; 2]);
@@ -267,7 +355,10 @@ mod tests {
                 x[i] -= 0.1 * (g + 0.9 * b[i]);
             }
             let got = w.as_tensor().to_vec1::<f64>()?;
-            assert!((got[0] - x[0]).abs() < 1e-12 && (got[1] - x[1]).abs() < 1e-12, "{got:?} vs {x:?}");
+            assert!(
+                (got[0] - x[0]).abs() < 1e-12 && (got[1] - x[1]).abs() < 1e-12,
+                "{got:?} vs {x:?}"
+            );
         }
         Ok(())
     }
@@ -276,13 +367,24 @@ mod tests {
     /// three steps of every configuration, f32 and f64.
     #[test]
     fn in_place_sgd_matches_the_composed_update_exactly() -> Result<()> {
-        for (momentum, nesterov, weight_decay) in
-            [(0.0, false, 0.0), (0.0, false, 0.01), (0.9, false, 0.0), (0.9, false, 5e-4), (0.8, true, 0.1)]
-        {
-            let config = SgdConfig { momentum, nesterov, weight_decay };
+        for (momentum, nesterov, weight_decay) in [
+            (0.0, false, 0.0),
+            (0.0, false, 0.01),
+            (0.9, false, 0.0),
+            (0.9, false, 5e-4),
+            (0.8, true, 0.1),
+        ] {
+            let config = SgdConfig {
+                momentum,
+                nesterov,
+                weight_decay,
+            };
             for dtype in [DType::F32, DType::F64] {
                 let w0 = Tensor::randn(0f64, 1.0, (37, 5), &Device::Cpu)?.to_dtype(dtype)?;
-                let (a, b) = (Var::from_tensor(&w0.copy()?)?, Var::from_tensor(&w0.copy()?)?);
+                let (a, b) = (
+                    Var::from_tensor(&w0.copy()?)?,
+                    Var::from_tensor(&w0.copy()?)?,
+                );
                 let mut sgd = Sgd::new(vec![a.clone()], 0.1, config);
                 let mut velocity = None;
                 let mut buffer = None;
@@ -292,12 +394,22 @@ mod tests {
                     grads.insert(a.as_tensor(), g.clone());
                     sgd.step(&grads)?;
                     Sgd::step_composed(config, 0.1, &b, &g, &mut velocity)?;
-                    let (x, y) = (a.as_tensor().to_dtype(DType::F64)?, b.as_tensor().to_dtype(DType::F64)?);
-                    assert_eq!(x.flatten_all()?.to_vec1::<f64>()?, y.flatten_all()?.to_vec1::<f64>()?, "{config:?} {dtype:?}");
+                    let (x, y) = (
+                        a.as_tensor().to_dtype(DType::F64)?,
+                        b.as_tensor().to_dtype(DType::F64)?,
+                    );
+                    assert_eq!(
+                        x.flatten_all()?.to_vec1::<f64>()?,
+                        y.flatten_all()?.to_vec1::<f64>()?,
+                        "{config:?} {dtype:?}"
+                    );
                     // After the first step the buffer is the same tensor,
                     // updated in place (the composed update makes a new one).
                     let id = sgd.velocity[0].as_ref().map(|b| b.id());
-                    assert!(buffer.is_none() || buffer == id, "{config:?}: the buffer was replaced");
+                    assert!(
+                        buffer.is_none() || buffer == id,
+                        "{config:?}: the buffer was replaced"
+                    );
                     buffer = id;
                 }
             }

@@ -1,0 +1,367 @@
+//! Backward passes: the centroid cotangent, the adjoint matvec and its
+//! dense matrix, the weight gradient.
+
+use super::*;
+
+/// The sums the backward needs before its solve, in one pass: the moments
+/// at `c` (as [`soft_assign_reduce`]) and the centroid cotangent `h = G_C^T g`,
+/// `h_j = sum_i a_ij g_i - sum_i qc_ij coef_ij e_ij` with `q_ij = g_i . c_j`.
+///
+/// `g`: m x d upstream gradient. Returns the moments and h (k x d).
+/// Kernels: `soft_assign_reduce` and `centroid_cotangent` (same attention).
+pub fn cotangent_reduce<T: Real>(w: &[T], c: &[T], g: &[T], geo: &Geometry) -> (Moments, Vec<f64>) {
+    let (k, d) = (geo.k, geo.d);
+    let sums = with_dim!(d, D => {
+        let pass = Cotangent::<T, D> { w: vectors(w), c: vectors(c), g: vectors(g), geo };
+        sum_rows(pass.w.len(), k * (2 * D + 1), &pass)
+    });
+    let (mass, rest) = sums.split_at(k);
+    let (weighted, h) = rest.split_at(k * d);
+    (
+        Moments {
+            mass: mass.to_vec(),
+            weighted: weighted.to_vec(),
+        },
+        h.to_vec(),
+    )
+}
+
+/// The centroid cotangent `h` alone (k x d): [`cotangent_reduce`] without
+/// its moments. Kernel: `centroid_cotangent`.
+pub fn centroid_cotangent<T: Real>(w: &[T], c: &[T], g: &[T], geo: &Geometry) -> Vec<f64> {
+    cotangent_reduce(w, c, g, geo).1
+}
+
+/// [`cotangent_reduce`] on one chunk: partial sums `[S (k), sum a w (k x d), h (k x d)]`.
+pub(super) struct Cotangent<'a, T, const D: usize> {
+    pub(super) w: &'a [[T; D]],
+    pub(super) c: &'a [[T; D]],
+    pub(super) g: &'a [[T; D]],
+    pub(super) geo: &'a Geometry,
+}
+
+impl<T: Real, const D: usize> Pass for Cotangent<'_, T, D> {
+    type Out = f64;
+
+    #[inline(always)]
+    fn chunk(&self, rows: Range<usize>, out: &mut [f64]) {
+        let k = self.geo.k;
+        let mut tile = Tile::<T, D>::new(self.geo);
+        let mut sums = LaneSums::<T>::new(out.len());
+        let mut g = vec![T::zero(); D * TILE];
+        let (mut q, mut qbar) = (vec![T::zero(); k * TILE], vec![T::zero(); TILE]);
+        let visit = Visit::new(self.w, rows.clone(), self.c, self.geo);
+        let (w, mut wbuf) = (&self.w[rows.clone()], [[T::zero(); D]; TILE]);
+        let (gs, mut gbuf) = (&self.g[rows], [[T::zero(); D]; TILE]);
+        for at in visit.tiles() {
+            let win = visit.attend(&mut tile, w, at, &mut wbuf, self.c);
+            let c = &self.c[win.clone()];
+            let n = tile.n;
+            tile.add_moments(&mut sums, win.start, k);
+            tile.weigh();
+            load_lanes(visit.rows(gs, at, &mut gbuf), &mut g);
+            tile.set_output_dots(&g, c, &mut q);
+            tile.mean(&q, &mut qbar);
+            sums.touch(k * (D + 1) + win.start * D..k * (D + 1) + win.end * D);
+            for (j, cj) in c.iter().enumerate() {
+                for (e, &ce) in cj.iter().enumerate() {
+                    let h = sums
+                        .get(k * (D + 1) + (win.start + j) * D + e, n)
+                        .iter_mut();
+                    let terms = h
+                        .zip(tile.a(j))
+                        .zip(lanes(&g, e, n))
+                        .zip(tile.centred(j, &q, &qbar))
+                        .zip(tile.w(e));
+                    for ((((h, &a), &g), t), &w) in terms {
+                        *h += a * g - t * (w - ce);
+                    }
+                }
+            }
+            sums.end_tile();
+        }
+        sums.finish(out);
+    }
+}
+
+/// `u_j / S_j` for every centroid j (k x d), with `inv_mass = 1/S`, rounded to `T`.
+pub(super) fn scaled_adjoint<T: Real>(u: &[f64], inv_mass: &[f64], d: usize) -> Vec<T> {
+    u.chunks_exact(d)
+        .zip(inv_mass)
+        .flat_map(|(uj, &s)| uj.iter().map(move |&x| T::of(x * s)))
+        .collect()
+}
+
+/// One Krylov matvec: `(J^T u)_j = -sum_i rc_ij coef_ij e_ij` with
+/// `r_ij = u_j . (w_i - f_j) / S_j`, where `f = F(C)` is the k-means map at
+/// `c` (equal to `c` at an exact fixed point; using it keeps the Jacobian
+/// exact when the forward iteration stopped early) and `inv_mass` holds
+/// `1/S_j` (0 for a dead centroid). Returns k x d. Kernel: `adjoint_matvec`.
+pub fn adjoint_matvec<T: Real>(
+    w: &[T],
+    c: &[T],
+    f: &[T],
+    inv_mass: &[f64],
+    u: &[f64],
+    geo: &Geometry,
+) -> Vec<f64> {
+    let v: Vec<T> = scaled_adjoint(u, inv_mass, geo.d);
+    with_dim!(geo.d, D => {
+        let pass = Matvec::<T, D> { w: vectors(w), c: vectors(c), f: vectors(f), v: vectors(&v), geo };
+        sum_rows(pass.w.len(), geo.k * D, &pass)
+    })
+}
+
+/// [`adjoint_matvec`] on one chunk, with `v = u / S` in `T`.
+pub(super) struct Matvec<'a, T, const D: usize> {
+    pub(super) w: &'a [[T; D]],
+    pub(super) c: &'a [[T; D]],
+    pub(super) f: &'a [[T; D]],
+    pub(super) v: &'a [[T; D]],
+    pub(super) geo: &'a Geometry,
+}
+
+impl<T: Real, const D: usize> Pass for Matvec<'_, T, D> {
+    type Out = f64;
+
+    #[inline(always)]
+    fn chunk(&self, rows: Range<usize>, out: &mut [f64]) {
+        let mut tile = Tile::<T, D>::new(self.geo);
+        let mut sums = LaneSums::<T>::new(out.len());
+        let (mut x, mut xbar) = (vec![T::zero(); self.geo.k * TILE], vec![T::zero(); TILE]);
+        let visit = Visit::new(self.w, rows.clone(), self.c, self.geo);
+        let (w, mut wbuf) = (&self.w[rows], [[T::zero(); D]; TILE]);
+        for at in visit.tiles() {
+            let win = visit.attend(&mut tile, w, at, &mut wbuf, self.c);
+            let c = &self.c[win.clone()];
+            let n = tile.n;
+            tile.weigh();
+            tile.set_adjoint_dots(&self.f[win.clone()], &self.v[win.clone()], &mut x);
+            tile.mean(&x, &mut xbar);
+            sums.touch(win.start * D..win.end * D);
+            for (j, cj) in c.iter().enumerate() {
+                for (e, &ce) in cj.iter().enumerate() {
+                    let out = sums.get((win.start + j) * D + e, n);
+                    let terms = out
+                        .iter_mut()
+                        .zip(tile.centred(j, &x, &xbar))
+                        .zip(tile.w(e));
+                    for ((o, t), &w) in terms {
+                        *o -= t * (w - ce);
+                    }
+                }
+            }
+            sums.end_tile();
+        }
+        sums.finish(out);
+    }
+}
+
+/// The whole matrix of [`adjoint_matvec`], `J^T` (n x n with n = k d,
+/// row-major, unknowns ordered as u), in one pass instead of n matvecs:
+/// `(J^T)_{(j,e),(l,e')} = -S_l^{-1} sum_i b_ij (w_i - c_j)_e
+/// (delta_jl - a_il) (w_i - f_l)_e'` (`inv_mass` 0 zeroes a dead centroid's
+/// column). Per row it costs n^2 multiply-adds on top of the attention, and
+/// its partial sums n^2 f64 per chunk: meant for small n (see
+/// `Solver::Dense`). No kernel: on CUDA the matrix is assembled from n
+/// device matvecs.
+pub fn adjoint_matrix<T: Real>(
+    w: &[T],
+    c: &[T],
+    f: &[T],
+    inv_mass: &[f64],
+    geo: &Geometry,
+) -> Vec<f64> {
+    counted_adjoint_matrix(w, &[], c, f, inv_mass, geo)
+}
+
+/// [`adjoint_matrix`] where row i stands for `count[i]` equal weight
+/// vectors (an empty `count` counts every row once), as
+/// [`counted_reduce`].
+pub fn counted_adjoint_matrix<T: Real>(
+    w: &[T],
+    count: &[T],
+    c: &[T],
+    f: &[T],
+    inv_mass: &[f64],
+    geo: &Geometry,
+) -> Vec<f64> {
+    let n = geo.k * geo.d;
+    let mut jt = with_dim!(geo.d, D => {
+        let pass = Assemble::<T, D> { w: vectors(w), count: vectors(count), c: vectors(c), f: vectors(f), geo };
+        sum_rows(pass.w.len(), n * n, &pass)
+    });
+    for row in jt.chunks_exact_mut(n) {
+        for (x, &s) in row
+            .iter_mut()
+            .zip(inv_mass.iter().flat_map(|s| std::iter::repeat_n(s, geo.d)))
+        {
+            *x *= s;
+        }
+    }
+    jt
+}
+
+/// [`adjoint_matrix`] on one chunk, before the column scaling by `1/S_l`.
+pub(super) struct Assemble<'a, T, const D: usize> {
+    pub(super) w: &'a [[T; D]],
+    /// Rows each row stands for; empty: one each.
+    pub(super) count: &'a [[T; 1]],
+    pub(super) c: &'a [[T; D]],
+    pub(super) f: &'a [[T; D]],
+    pub(super) geo: &'a Geometry,
+}
+
+impl<T: Real, const D: usize> Pass for Assemble<'_, T, D> {
+    type Out = f64;
+
+    #[inline(always)]
+    fn chunk(&self, rows: Range<usize>, out: &mut [f64]) {
+        let n = self.geo.k * D;
+        let mut tile = Tile::<T, D>::new(self.geo);
+        // Lanes of x_(j,e) = b_ij (w_i - c_j)_e and y_(l,e') = (w_i - f_l)_e';
+        // a_il y_(l,e') row by row (lane-major), so that the outer products
+        // run along contiguous rows; `acc` is one output row of a tile. A
+        // tile with a window of centroids adds only the window's block.
+        let (mut x, mut y) = (vec![T::zero(); n * TILE], vec![T::zero(); n * TILE]);
+        let (mut ay, mut acc) = (vec![T::zero(); TILE * n], vec![T::zero(); n]);
+        let visit = Visit::new(self.w, rows.clone(), self.c, self.geo);
+        let count = if self.count.is_empty() {
+            &[][..]
+        } else {
+            &self.count[rows.clone()]
+        };
+        let (w, mut wbuf) = (&self.w[rows], [[T::zero(); D]; TILE]);
+        // The rows' counts (ones when uncounted) weigh x alone: each term
+        // is linear in x.
+        let (ones, mut nbuf) = ([[T::of(1.0); 1]; TILE], [[T::zero(); 1]; TILE]);
+        for at in visit.tiles() {
+            let win = visit.attend(&mut tile, w, at, &mut wbuf, self.c);
+            let (c, f) = (&self.c[win.clone()], &self.f[win.clone()]);
+            let times = if count.is_empty() {
+                &ones[..]
+            } else {
+                visit.rows(count, at, &mut nbuf)
+            };
+            tile.weigh();
+            let (len, nw, first) = (tile.n, c.len() * D, win.start * D);
+            for (j, (cj, fj)) in c.iter().zip(f).enumerate() {
+                for e in 0..D {
+                    let q = j * D + e;
+                    let (b, a, wv) = (lanes(&tile.b, j, len), tile.a(j), tile.w(e));
+                    for (i, &wi) in wv.iter().enumerate() {
+                        x[q * TILE + i] = times[i][0] * b[i] * (wi - cj[e]);
+                        let yi = wi - fj[e];
+                        y[q * TILE + i] = yi;
+                        ay[i * nw + q] = a[i] * yi;
+                    }
+                }
+            }
+            for p in 0..nw {
+                // The block-diagonal term is summed in the same lane order as
+                // the outer products, so that the two cancel exactly where
+                // they should (a_il = 1).
+                let j = p / D;
+                let acc = &mut acc[..nw];
+                acc.fill(T::zero());
+                let mut diag = [T::zero(); D];
+                for (i, &xi) in lanes(&x, p, len).iter().enumerate() {
+                    for (o, &v) in acc.iter_mut().zip(&ay[i * nw..(i + 1) * nw]) {
+                        *o += xi * v;
+                    }
+                    for (e, dg) in diag.iter_mut().enumerate() {
+                        *dg += xi * y[(j * D + e) * TILE + i];
+                    }
+                }
+                for (e, &dg) in diag.iter().enumerate() {
+                    acc[j * D + e] -= dg;
+                }
+                let row = (first + p) * n + first;
+                for (o, &a) in out[row..row + nw].iter_mut().zip(acc.iter()) {
+                    *o += a.wide();
+                }
+            }
+        }
+    }
+}
+
+/// The weight gradient, direct plus implicit term, written into `out` (m x d):
+/// `sum_j (qc_ij + rc_ij) coef_ij e_ij + sum_j (a_ij / S_j) u_j`, with
+/// `q_ij = g_i . c_j` and `r_ij` as in [`adjoint_matvec`] (`f = F(C)`).
+/// With `u = h` this is the JFB gradient. Kernel: `weight_grad`.
+#[allow(
+    clippy::too_many_arguments,
+    reason = "the arguments of its kernel, in the same order"
+)]
+pub fn weight_grad<T: Real>(
+    w: &[T],
+    c: &[T],
+    f: &[T],
+    g: &[T],
+    inv_mass: &[f64],
+    u: &[f64],
+    geo: &Geometry,
+    out: &mut [T],
+) {
+    let v: Vec<T> = scaled_adjoint(u, inv_mass, geo.d);
+    with_dim!(geo.d, D => {
+        let pass = Grad::<T, D> { w: vectors(w), c: vectors(c), f: vectors(f), g: vectors(g), v: vectors(&v), geo };
+        map_rows(vectors_mut(out), &pass)
+    })
+}
+
+/// [`weight_grad`] on one chunk, with `v = u / S` in `T`.
+pub(super) struct Grad<'a, T, const D: usize> {
+    pub(super) w: &'a [[T; D]],
+    pub(super) c: &'a [[T; D]],
+    pub(super) f: &'a [[T; D]],
+    pub(super) g: &'a [[T; D]],
+    pub(super) v: &'a [[T; D]],
+    pub(super) geo: &'a Geometry,
+}
+
+impl<T: Real, const D: usize> Pass for Grad<'_, T, D> {
+    type Out = [T; D];
+
+    #[inline(always)]
+    fn chunk(&self, rows: Range<usize>, out: &mut [[T; D]]) {
+        let k = self.geo.k;
+        let mut tile = Tile::<T, D>::new(self.geo);
+        let mut g = vec![T::zero(); D * TILE];
+        let (mut q, mut qbar) = (vec![T::zero(); k * TILE], vec![T::zero(); TILE]);
+        let (mut r, mut rbar) = (vec![T::zero(); k * TILE], vec![T::zero(); TILE]);
+        let mut o = vec![T::zero(); D * TILE];
+        let visit = Visit::new(self.w, rows.clone(), self.c, self.geo);
+        let (w, mut wbuf) = (&self.w[rows.clone()], [[T::zero(); D]; TILE]);
+        let (gs, mut gbuf) = (&self.g[rows], [[T::zero(); D]; TILE]);
+        for at in visit.tiles() {
+            let win = visit.attend(&mut tile, w, at, &mut wbuf, self.c);
+            let (c, v) = (&self.c[win.clone()], &self.v[win.clone()]);
+            let n = tile.n;
+            tile.weigh();
+            load_lanes(visit.rows(gs, at, &mut gbuf), &mut g);
+            tile.set_output_dots(&g, c, &mut q);
+            tile.set_adjoint_dots(&self.f[win], v, &mut r);
+            tile.mean(&q, &mut qbar);
+            tile.mean(&r, &mut rbar);
+            o.fill(T::zero());
+            for (j, (cj, vj)) in c.iter().zip(v).enumerate() {
+                for e in 0..D {
+                    let t = tile
+                        .centred(j, &q, &qbar)
+                        .zip(tile.centred(j, &r, &rbar))
+                        .map(|(tq, tr)| tq + tr);
+                    let terms = lanes_mut(&mut o, e, n)
+                        .iter_mut()
+                        .zip(t)
+                        .zip(tile.w(e))
+                        .zip(tile.a(j));
+                    for (((o, t), &w), &a) in terms {
+                        *o += t * (w - cj[e]) + a * vj[e];
+                    }
+                }
+            }
+            visit.store(&o, at, out);
+        }
+    }
+}
