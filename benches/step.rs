@@ -156,6 +156,7 @@ fn main() -> anyhow::Result<()> {
         max_seconds: timeout * 0.8,
         device: DeviceSpec::Cpu,
         data: None,
+        checkpoint: None,
         seed: 0,
         converge_iters: None,
     };

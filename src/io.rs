@@ -12,19 +12,86 @@ fn temporary(path: &Path) -> PathBuf {
     path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
 }
 
-/// Writes a file atomically: `write` fills a temporary file next to `path`,
-/// which is then renamed over `path`. On error the temporary file is removed
-/// and `path` is left as it was.
+/// Writes a file atomically and durably: `write` fills a temporary file
+/// next to `path`, which is flushed to the disk, renamed over `path`, and
+/// the directory flushed too, so that neither a crash nor a power loss
+/// leaves `path` empty or partial: it holds the old contents or the new.
+/// On error the temporary file is removed and `path` is left as it was.
 pub fn write_atomic<E>(path: &Path, write: impl FnOnce(&Path) -> Result<(), E>) -> Result<(), E>
 where
     E: From<std::io::Error>,
 {
     let tmp = temporary(path);
-    let result = write(&tmp).and_then(|()| std::fs::rename(&tmp, path).map_err(E::from));
+    let result = write(&tmp)
+        .and_then(|()| sync_file(&tmp).map_err(E::from))
+        .and_then(|()| std::fs::rename(&tmp, path).map_err(E::from))
+        .and_then(|()| sync_parent(path).map_err(E::from));
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
+    } else {
+        remove_stale_temporaries(path);
     }
     result
+}
+
+/// Removes the temporary files of `path` that killed writers left behind
+/// (those of processes that no longer run; Linux only, elsewhere nothing).
+fn remove_stale_temporaries(path: &Path) {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return;
+    };
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    let prefix = format!(".{}.tmp-", name.to_string_lossy());
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let file = entry.file_name();
+        let Some(pid) = file.to_str().and_then(|f| f.strip_prefix(&prefix)) else {
+            continue;
+        };
+        let alive = Path::new("/proc").join(pid).exists();
+        if pid.parse::<u32>().is_ok() && !alive && Path::new("/proc/self").exists() {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
+/// Writes `bytes` to `path` with [`write_atomic`].
+pub fn write_bytes_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    write_atomic(path, |tmp| std::fs::write(tmp, bytes))
+}
+
+/// Flushes a written file's data and metadata to the disk.
+fn sync_file(path: &Path) -> std::io::Result<()> {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)?
+        .sync_all()
+}
+
+/// Flushes the directory holding `path`, which makes a rename into it
+/// durable. File systems that cannot sync a directory are let be.
+fn sync_parent(path: &Path) -> std::io::Result<()> {
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    match std::fs::File::open(dir).and_then(|d| d.sync_all()) {
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::InvalidInput | std::io::ErrorKind::Unsupported
+            ) =>
+        {
+            Ok(())
+        }
+        other => other,
+    }
 }
 
 /// Saves named tensors as safetensors, atomically.

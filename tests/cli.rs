@@ -223,7 +223,6 @@ fn misspelt_settings_are_refused_with_the_known_names() {
             "--optimizer",
             "sgd",
         ),
-        (&["profile", "--model", "vgg16"][..], "--model", "small-cnn"),
         (
             &["profile", "--memory-budget", "7 parsecs"][..],
             "--memory-budget",
@@ -238,4 +237,45 @@ fn misspelt_settings_are_refused_with_the_known_names() {
             "{args:?}: {stderr}"
         );
     }
+}
+
+/// `profile --model` takes an architecture or a checkpoint: a name that is
+/// neither says so once, naming the flag and the path.
+#[test]
+fn profile_model_that_is_no_architecture_and_no_file_is_refused() {
+    let out = idkm(&["profile", "--model", "vgg16", "--predict-only"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--model vgg16"), "{stderr}");
+    assert_eq!(stderr.matches("no such file").count(), 1, "{stderr}");
+}
+
+/// `cluster` refuses a clustering predicted over the memory budget before
+/// it starts, with the prediction and the method that would fit; the same
+/// layer with IDKM runs within it.
+#[test]
+fn cluster_refuses_a_dkm_layer_over_the_memory_budget() {
+    let dkm = idkm(&[
+        "cluster",
+        "--method",
+        "dkm",
+        "--forward",
+        "plain",
+        "--max-iter",
+        "30",
+        "--memory-budget",
+        "100MiB",
+    ]);
+    let stderr = String::from_utf8_lossy(&dkm.stderr);
+    assert_eq!(dkm.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("predicted to need") && stderr.contains("--method idkm needs"),
+        "{stderr}"
+    );
+    let idkm_run = idkm(&["cluster", "--method", "idkm", "--memory-budget", "100MiB"]);
+    assert!(
+        idkm_run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&idkm_run.stderr)
+    );
 }

@@ -49,6 +49,7 @@ fn small_cnn(method: &str, bits: u32, iters: usize, batch: usize) -> StepConfig 
         max_seconds: 60.0,
         device: DeviceSpec::Cpu,
         data: None,
+        checkpoint: None,
         seed: 0,
         converge_iters: None,
     }
@@ -463,4 +464,80 @@ fn profile_takes_one_temperature_per_bit_width() {
         .map(|r| (r.config.bits, r.config.tau))
         .collect();
     assert_eq!(taus, vec![(2, Some(0.01)), (3, Some(0.0025))]);
+}
+
+/// `profile --model CHECKPOINT` steps from the checkpoint's weights: a
+/// state dict of a 5-class small CNN whose conv and linear weights are 10x
+/// a fresh model's profiles with 5 classes, and each layer's temperature
+/// (derived from its weights, proportional to their squared scale) is 100x
+/// that of the fresh model's.
+#[test]
+fn profile_of_a_checkpoint_steps_from_its_weights() {
+    let _measuring = measuring();
+    let dir = tempfile::tempdir().unwrap();
+    let fresh =
+        idkm::model::Model::new(Arch::SmallCnn, 1, 5, 0, &candle_core::Device::Cpu).unwrap();
+    let weights: std::collections::HashSet<String> =
+        fresh.weights().into_iter().map(|(n, _)| n).collect();
+    let scaled: std::collections::HashMap<String, candle_core::Tensor> = fresh
+        .tensors()
+        .into_iter()
+        .map(|(n, t)| {
+            let t = if weights.contains(&n) {
+                (t * 10.0).unwrap()
+            } else {
+                t
+            };
+            (n, t)
+        })
+        .collect();
+    let checkpoint = dir.path().join("scaled.safetensors");
+    candle_core::safetensors::save(&scaled, &checkpoint).unwrap();
+
+    let taus = |model: &str, prefix: &str| -> (usize, Vec<f64>) {
+        let prefix = dir.path().join(prefix);
+        let run = idkm(&[
+            "profile",
+            "--model",
+            model,
+            "--classes",
+            "5",
+            "--batch",
+            "8",
+            "--bits",
+            "2",
+            "--methods",
+            "idkm-jfb",
+            "--iters",
+            "1",
+            "--warmup",
+            "0",
+            "--no-fp32",
+            "--output",
+            prefix.to_str().unwrap(),
+        ]);
+        assert!(
+            run.status.success(),
+            "{}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        let json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(prefix.with_extension("json")).unwrap())
+                .unwrap();
+        let records: Vec<profile::Record> =
+            serde_json::from_value(json["records"].clone()).unwrap();
+        let Outcome::Measured(m) = &records[0].outcome else {
+            panic!("{model}: {:?}", records[0].outcome)
+        };
+        let taus = m.layers.iter().map(|l| l.tau.unwrap()).collect();
+        (records[0].config.classes, taus)
+    };
+    let (classes, from_checkpoint) = taus(checkpoint.to_str().unwrap(), "checkpoint");
+    let (_, fresh_taus) = taus("small-cnn", "fresh");
+    assert_eq!(classes, 5);
+    assert_eq!(from_checkpoint.len(), fresh_taus.len());
+    assert!(!fresh_taus.is_empty());
+    for (c, f) in from_checkpoint.iter().zip(&fresh_taus) {
+        assert!((c / f / 100.0 - 1.0).abs() < 0.01, "tau {c} vs {f}");
+    }
 }

@@ -1,11 +1,12 @@
 //! `idkm cluster`: cluster one tensor and, given an upstream gradient, its
 //! gradient; for researchers inspecting a layer and for checks from outside.
 
-use super::common::KmeansArgs;
+use super::common::{budget_or_available, parse_budget, KmeansArgs};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use idkm::cluster::backward::Adjoint;
-use idkm::cluster::{ClusteredWeight, Forward, ForwardReport, Method};
+use idkm::cluster::{ClusteredWeight, Forward, ForwardReport, KmeansConfig, Method};
+use idkm::memory;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -27,6 +28,10 @@ pub struct ClusterArgs {
     output: Option<PathBuf>,
     #[command(flatten)]
     kmeans: KmeansArgs,
+    /// Refuse a clustering predicted to need more memory than this
+    /// [default: the memory available now].
+    #[arg(long, value_parser = parse_budget)]
+    memory_budget: Option<u64>,
     /// Seed of the initialisation.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -81,6 +86,7 @@ pub fn run(a: ClusterArgs) -> Result<()> {
             ("example.conv.weight".to_string(), w, Some(g))
         }
     };
+    check_memory(&name, w.elem_count(), &config, a.memory_budget)?;
     let layer = ClusteredWeight::new(name.clone(), config)?;
     let w = Var::from_tensor(&w)?;
     let start = std::time::Instant::now();
@@ -251,4 +257,45 @@ fn print_summary(
     )?;
     writeln!(o, "time            {seconds:.3} s")?;
     Ok(())
+}
+
+/// Refuses a clustering of `numel` weights predicted to need more than the
+/// budget: the weights, the soft weights and their gradient, and what the
+/// method keeps and holds in flight (DKM's graph grows with --max-iter).
+fn check_memory(
+    name: &str,
+    numel: usize,
+    config: &KmeansConfig,
+    budget: Option<u64>,
+) -> Result<()> {
+    let Some((budget, source)) = budget_or_available(budget) else {
+        return Ok(());
+    };
+    let need = |c: &KmeansConfig| {
+        let (kept, transient) = memory::layer_bytes(numel, c);
+        kept + transient + 3 * 4 * numel as u64
+    };
+    let needed = need(config);
+    if needed <= budget {
+        return Ok(());
+    }
+    let mut hint = String::new();
+    if config.method == Method::Dkm {
+        let idkm = need(&KmeansConfig {
+            method: Method::Idkm,
+            ..config.clone()
+        });
+        hint = format!(
+            "; --method idkm needs {} (its memory does not grow with the iterations)",
+            memory::human(idkm)
+        );
+    }
+    bail!(
+        "clustering `{name}` ({numel} weights, {} at {} bits, {} iterations) is predicted to need {}, more than {source}: {}{hint}",
+        config.method,
+        config.bits,
+        config.max_iter,
+        memory::human(needed),
+        memory::human(budget),
+    )
 }

@@ -250,8 +250,8 @@ pub fn check_fits(
 /// The optimiser and its schedule.
 #[derive(clap::Args, Debug, Clone)]
 pub struct OptimArgs {
-    /// Epochs.
-    #[arg(long, default_value_t = 1)]
+    /// Epochs (at least 1: the checkpoint is written after each).
+    #[arg(long, default_value_t = 1, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub epochs: usize,
     /// Samples per batch.
     #[arg(long, default_value_t = 64)]
@@ -321,9 +321,20 @@ pub fn mib(bytes: u64) -> String {
 pub struct BudgetArgs {
     /// Refuse to start a run whose predicted peak memory (training step or
     /// evaluation) exceeds this, e.g. `7GiB` for a Jetson Orin Nano; the
-    /// message says which method, batch size or bits would fit.
+    /// message says which method, batch size or bits would fit [default:
+    /// the memory available when the run starts].
     #[arg(long, value_parser = parse_budget)]
     pub memory_budget: Option<u64>,
+}
+
+/// The memory budget: `--memory-budget`, or else the memory available now
+/// (`None` where the system does not say), with how to name it in a message.
+pub fn budget_or_available(budget: Option<u64>) -> Option<(u64, &'static str)> {
+    match budget {
+        Some(b) => Some((b, "--memory-budget")),
+        None => idkm::memory::available_memory()
+            .map(|a| (a, "the memory available now (--memory-budget overrides it)")),
+    }
 }
 
 /// A byte count as `--memory-budget` takes it (`6GiB`, `512MiB`, `1e9`).
@@ -335,8 +346,7 @@ pub fn parse_budget(text: &str) -> std::result::Result<u64, String> {
 const EVAL_BATCH: usize = 256;
 
 impl BudgetArgs {
-    /// Checks the run against the budget before it starts (nothing to do
-    /// without one).
+    /// Checks the run against the budget before it starts.
     pub fn check(
         &self,
         model: &Model,
@@ -345,7 +355,7 @@ impl BudgetArgs {
         optim: &OptimArgs,
     ) -> Result<()> {
         use idkm::memory::{self, ModelShape, Workload};
-        let Some(budget) = self.memory_budget else {
+        let Some((budget, source)) = budget_or_available(self.memory_budget) else {
             return Ok(());
         };
         let shape = ModelShape::of(model);
@@ -369,7 +379,7 @@ impl BudgetArgs {
                 tracing::info!(predicted = %memory::gib(e.total()), budget = %memory::gib(budget), "within the memory budget");
                 Ok(())
             }
-            Err(msg) => bail!("{msg}"),
+            Err(msg) => bail!("{msg} [budget: {source}]"),
         }
     }
 }

@@ -2,10 +2,11 @@
 //! IDKM and IDKM-JFB side by side, each configuration in a fresh process
 //! (this binary, re-executed), beside the memory model's prediction.
 
-use super::common::parse_budget;
+use super::common::{parse_budget, resolve_model};
 use anyhow::{bail, Context, Result};
 use idkm::cluster::{Forward, KmeansConfig, Method, Solver};
 use idkm::device::DeviceSpec;
+use idkm::loader::Request;
 use idkm::memory;
 use idkm::model::Arch;
 use idkm::profile::{self, Outcome, Record, StepConfig};
@@ -15,9 +16,15 @@ use std::path::PathBuf;
 
 #[derive(clap::Args, Debug)]
 pub struct ProfileArgs {
-    /// Architecture: resnet18-cifar | resnet18 | small-cnn.
+    /// The model: an architecture (resnet18-cifar | resnet18 | small-cnn,
+    /// freshly initialised) or a checkpoint whose weights the steps start
+    /// from (a local file or directory, or a hub repo id
+    /// `owner/name[@revision]`; any file `--model` takes elsewhere).
     #[arg(long, visible_alias = "arch", default_value = "resnet18-cifar")]
-    model: Arch,
+    model: ModelChoice,
+    /// File inside the hub repo (with a repo id in --model).
+    #[arg(long)]
+    model_file: Option<String>,
     /// Bits per index (k = 2^bits), one or several: `4,8`.
     #[arg(long, value_delimiter = ',', default_value = "4")]
     bits: Vec<u32>,
@@ -108,7 +115,6 @@ pub fn run(a: ProfileArgs) -> Result<()> {
             serde_json::from_str(json).context("reading the child's configuration")?;
         std::process::exit(profile::child_main(&config, a.child_limit));
     }
-    let arch = a.model;
     if a.batch == 0 || a.steps == 0 {
         bail!("--batch and --steps must be at least 1");
     }
@@ -126,8 +132,26 @@ pub fn run(a: ProfileArgs) -> Result<()> {
         );
     }
     let tau = |n: usize| a.tau.get(n.min(a.tau.len().saturating_sub(1))).copied();
-    let channels = if arch == Arch::SmallCnn { 1 } else { 3 };
-    let shape = memory::ModelShape::of_arch(arch, channels, a.classes)?;
+    let (shape, checkpoint, classes) = match &a.model {
+        ModelChoice::Arch(arch) => {
+            let channels = if *arch == Arch::SmallCnn { 1 } else { 3 };
+            let shape = memory::ModelShape::of_arch(*arch, channels, a.classes)?;
+            (shape, None, a.classes)
+        }
+        ModelChoice::Checkpoint(spec) => {
+            let path = resolve_model(spec, a.model_file.as_deref())?;
+            let loaded = idkm::loader::load(
+                &path,
+                &Request::default(),
+                &idkm::device::DeviceSpec::Cpu.open()?,
+            )
+            .with_context(|| format!("loading {}", path.display()))?;
+            let model = loaded.model;
+            tracing::info!(path = %path.display(), arch = %model.arch(), classes = model.classes(), "profiling the checkpoint's weights");
+            (memory::ModelShape::of(&model), Some(path), model.classes())
+        }
+    };
+    let arch = shape.arch;
     let base = StepConfig {
         arch,
         batch: a.batch,
@@ -140,12 +164,13 @@ pub fn run(a: ProfileArgs) -> Result<()> {
         forward: a.forward,
         solver: a.solver,
         min_weights: a.min_weights,
-        classes: a.classes,
+        classes,
         warmup: a.warmup,
         steps: a.steps,
         max_seconds: a.timeout * 0.8,
         device: a.device,
         data: a.data.clone(),
+        checkpoint,
         seed: a.seed,
         converge_iters: a.steady,
     };
@@ -236,4 +261,21 @@ pub fn run(a: ProfileArgs) -> Result<()> {
         writeln!(out, "wrote {}", path.display())?;
     }
     Ok(())
+}
+
+/// `--model`: an architecture by name, or anything else as a checkpoint.
+#[derive(Debug, Clone)]
+enum ModelChoice {
+    Arch(Arch),
+    Checkpoint(String),
+}
+
+impl std::str::FromStr for ModelChoice {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        Ok(match s.parse() {
+            Ok(arch) => ModelChoice::Arch(arch),
+            Err(_) => ModelChoice::Checkpoint(s.to_string()),
+        })
+    }
 }

@@ -61,6 +61,10 @@ pub struct StepConfig {
     pub device: DeviceSpec,
     /// Data set directory for real batches (synthetic when absent).
     pub data: Option<PathBuf>,
+    /// A model file (any the loader reads) whose weights the steps start
+    /// from; a fresh, seeded initialisation when absent.
+    #[serde(default)]
+    pub checkpoint: Option<PathBuf>,
     /// Seed of the model, the data and the clustering.
     pub seed: u64,
     /// k-means iterations run on each clustered layer before the warm-up

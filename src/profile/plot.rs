@@ -40,22 +40,26 @@ pub fn write_plot(
     register_font();
     let svg = stem.with_extension("svg");
     let png = stem.with_extension("png");
+    let mut text = String::new();
     {
-        let root = plotters::backend::SVGBackend::new(&svg, (900, 580));
+        let root = plotters::backend::SVGBackend::with_string(&mut text, (900, 580));
         draw(records, kind, title, root).with_context(|| format!("drawing {}", svg.display()))?;
     }
+    crate::io::write_bytes_atomic(&svg, text.as_bytes())
+        .with_context(|| format!("writing {}", svg.display()))?;
     let (w, h) = (900u32, 580u32);
     let mut buf = vec![0u8; (w * h * 3) as usize];
     {
         let root = plotters::backend::BitMapBackend::with_buffer(&mut buf, (w, h));
         draw(records, kind, title, root).with_context(|| format!("drawing {}", png.display()))?;
     }
-    let file =
-        std::fs::File::create(&png).with_context(|| format!("creating {}", png.display()))?;
-    let mut enc = png::Encoder::new(std::io::BufWriter::new(file), w, h);
+    let mut encoded = Vec::new();
+    let mut enc = png::Encoder::new(&mut encoded, w, h);
     enc.set_color(png::ColorType::Rgb);
     enc.set_depth(png::BitDepth::Eight);
     enc.write_header()?.write_image_data(&buf)?;
+    crate::io::write_bytes_atomic(&png, &encoded)
+        .with_context(|| format!("writing {}", png.display()))?;
     Ok(())
 }
 
@@ -331,7 +335,7 @@ pub fn write_outputs(
     let json = dir.join(format!("{name}.json"));
     let doc = serde_json::json!({ "command": command, "records": records });
     let text = serde_json::to_string_pretty(&doc)?;
-    crate::io::write_atomic(&json, |tmp| std::fs::write(tmp, &text))?;
+    crate::io::write_bytes_atomic(&json, text.as_bytes())?;
     written.push(json);
     let md = dir.join(format!("{name}.md"));
     let text = format!(
@@ -339,7 +343,7 @@ pub fn write_outputs(
         table(records),
         layer_table(records)
     );
-    crate::io::write_atomic(&md, |tmp| std::fs::write(tmp, &text))?;
+    crate::io::write_bytes_atomic(&md, text.as_bytes())?;
     written.push(md);
     for (kind, suffix, what) in [
         (PlotKind::Memory, "memory", "peak memory"),

@@ -119,7 +119,21 @@ pub fn run_steps(config: &StepConfig) -> anyhow::Result<Measured> {
         }
         None => synthetic_batch(&work, config.seed, &device)?,
     };
-    let model = Model::new(arch, x.dim(1)?, work.classes, config.seed, &device)?;
+    let model = match &config.checkpoint {
+        Some(path) => {
+            let request = crate::loader::Request {
+                arch: Some(arch),
+                channels: Some(x.dim(1)?),
+                classes: Some(work.classes),
+                seed: config.seed,
+                ..Default::default()
+            };
+            crate::loader::load(path, &request, &device)
+                .with_context(|| format!("loading {}", path.display()))?
+                .model
+        }
+        None => Model::new(arch, x.dim(1)?, work.classes, config.seed, &device)?,
+    };
     let clustering = match config.plan()? {
         Some(plan) => Some(Clustering::new(&model, &plan)?),
         None => None,
