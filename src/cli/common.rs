@@ -1,5 +1,6 @@
 //! Arguments and steps shared by several commands.
 
+use super::fit::Settings;
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use idkm::cluster::config::{DEFAULT_NEWTON_ITER, DEFAULT_PLAIN_ITER, DEFAULT_TAU_SCALE};
@@ -381,5 +382,64 @@ impl BudgetArgs {
             }
             Err(msg) => bail!("{msg} [budget: {source}]"),
         }
+    }
+}
+
+/// `--resume`: continue an interrupted or crashed run.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ResumeArgs {
+    /// Continue the run that wrote this checkpoint where it stopped (after
+    /// an interrupt, a crash or any epoch): its weights, clustering,
+    /// optimiser state, learning-rate schedule and data order, so that it
+    /// ends as the uninterrupted run would have. The other flags must be
+    /// the run's own.
+    #[arg(long, conflicts_with = "model")]
+    pub resume: Option<PathBuf>,
+}
+
+impl DataArgs {
+    /// The data flags a continued run must share with its run.
+    pub fn settings(&self) -> Settings {
+        let opt = |v: Option<usize>| v.map_or("-".to_string(), |n| n.to_string());
+        Settings::from([
+            (
+                "--data".into(),
+                self.data
+                    .as_ref()
+                    .map_or("(Fashion-MNIST)".into(), |d| d.display().to_string()),
+            ),
+            ("--train-limit".into(), opt(self.train_limit)),
+            ("--test-limit".into(), opt(self.test_limit)),
+        ])
+    }
+}
+
+impl OptimArgs {
+    /// The optimiser flags a continued run must share with its run.
+    pub fn settings(&self) -> Settings {
+        Settings::from([
+            ("--epochs".into(), self.epochs.to_string()),
+            ("--batch-size".into(), self.batch_size.to_string()),
+            ("--lr".into(), self.lr.to_string()),
+            (
+                "--optimizer".into(),
+                format!("{:?}", self.optimizer).to_lowercase(),
+            ),
+            ("--momentum".into(), self.momentum.to_string()),
+            ("--nesterov".into(), self.nesterov.to_string()),
+            ("--weight-decay".into(), self.weight_decay.to_string()),
+            ("--seed".into(), self.seed.to_string()),
+        ])
+    }
+}
+
+/// The clustering flags of `config`, as a continued run must share them.
+pub fn kmeans_settings(config: &KmeansConfig) -> Settings {
+    match config.to_json() {
+        serde_json::Value::Object(map) => map
+            .into_iter()
+            .map(|(k, v)| (format!("--{}", k.replace('_', "-")), v.to_string()))
+            .collect(),
+        other => Settings::from([("clustering".into(), other.to_string())]),
     }
 }

@@ -3,7 +3,7 @@
 //! the export, and a summary table.
 
 use super::common::{mib, peak_rss, DataArgs, OptimArgs, OptimizerName};
-use super::fit::{eval_batches, fit};
+use super::fit::{eval_batches, fit, Settings};
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use idkm::cluster::config::DEFAULT_PLAIN_ITER;
@@ -112,6 +112,8 @@ pub fn run(a: DemoArgs) -> Result<()> {
         LutDType::F32,
         &path("float.safetensors"),
         &device,
+        &Settings::new(),
+        None,
     )?;
     let float_secs = t.elapsed().as_secs_f64();
     let float_acc = float.last().map_or(0.0, |r| r.test.accuracy);
@@ -158,6 +160,8 @@ pub fn run(a: DemoArgs) -> Result<()> {
         LutDType::F32,
         &path("clustered.safetensors"),
         &device,
+        &Settings::new(),
+        None,
     )?;
     let quantize_secs = t.elapsed().as_secs_f64();
     let last = quantized.last().context("no clustering epoch ran")?;

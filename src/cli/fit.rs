@@ -1,15 +1,19 @@
 //! The epoch loop shared by `idkm train` and `idkm quantize`.
 
 use super::common::{mib, peak_rss, OptimArgs};
-use anyhow::{Context, Result};
-use candle_core::Device;
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
 use idkm::cluster::layer::ForwardStats;
 use idkm::data::{Augment, Batcher, DataSplit, Dataset};
 use idkm::model::{Model, Weights};
 use idkm::quantize::{snapshot, Clustering, LutDType};
 use idkm::train::{evaluate, EpochStats, Trainer};
+use signal_hook::consts::{SIGINT, SIGTERM};
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 
 /// What one epoch measured.
 pub struct EpochReport {
@@ -63,8 +67,90 @@ pub fn eval_batches<'a>(
     )
 }
 
+/// The settings a continued run must share with the run it continues, by
+/// flag.
+pub type Settings = BTreeMap<String, String>;
+
+/// Metadata of a checkpoint's run state: steps taken, the epoch and the
+/// batch within it where the run continues, the run's settings (JSON).
+const RUN_STEPS: &str = "idkm.run.steps";
+const RUN_EPOCH: &str = "idkm.run.epoch";
+const RUN_BATCH: &str = "idkm.run.batch";
+const RUN_SETTINGS: &str = "idkm.run.settings";
+
+/// Where a run continues (`--resume`): the position and the optimiser's
+/// state that its checkpoint holds.
+pub struct Resume {
+    steps: usize,
+    epoch: usize,
+    batch: usize,
+    optimizer: Vec<(usize, Tensor)>,
+}
+
+impl Resume {
+    /// The run state of the checkpoint `snapshot` read from `path`, which
+    /// must have been written with the same `settings`.
+    pub fn of(snapshot: &mut snapshot::Snapshot, path: &Path, settings: &Settings) -> Result<Self> {
+        let meta = &snapshot.metadata;
+        let field = |key: &str| -> Result<&String> {
+            meta.get(key).with_context(|| {
+                format!(
+                    "{} holds no run state (`{key}`): it was not written during a run of this idkm with SGD",
+                    path.display()
+                )
+            })
+        };
+        let number = |key: &str| -> Result<usize> {
+            field(key)?
+                .parse()
+                .with_context(|| format!("{}: metadata `{key}` is not a number", path.display()))
+        };
+        let saved: Settings = serde_json::from_str(field(RUN_SETTINGS)?)
+            .with_context(|| format!("{}: metadata `{RUN_SETTINGS}`", path.display()))?;
+        for (flag, value) in settings {
+            let was = saved.get(flag).map_or("(not set)", String::as_str);
+            if was != value {
+                bail!(
+                    "{} was written by a run with {flag} {was}, not {value}: a run continues with the settings it started with",
+                    path.display()
+                );
+            }
+        }
+        Ok(Self {
+            steps: number(RUN_STEPS)?,
+            epoch: number(RUN_EPOCH)?,
+            batch: number(RUN_BATCH)?,
+            optimizer: std::mem::take(&mut snapshot.optimizer),
+        })
+    }
+}
+
+/// Raised by SIGINT or SIGTERM; a second signal while it is raised exits
+/// at once (status 130), leaving the last checkpoint as it was.
+fn interrupt_flag() -> Arc<AtomicBool> {
+    static FLAG: OnceLock<Arc<AtomicBool>> = OnceLock::new();
+    FLAG.get_or_init(|| {
+        let flag = Arc::new(AtomicBool::new(false));
+        for signal in [SIGINT, SIGTERM] {
+            // The conditional shutdown first: it sees the flag as the
+            // previous signal left it.
+            let registered = signal_hook::flag::register_conditional_shutdown(signal, 130, flag.clone())
+                .and_then(|_| signal_hook::flag::register(signal, flag.clone()));
+            if let Err(e) = registered {
+                tracing::warn!(signal, error = %e, "cannot catch the signal: an interrupt ends the run without a checkpoint");
+            }
+        }
+        flag
+    })
+    .clone()
+}
+
 /// Trains `model` for `args.epochs` epochs, with `clustering` if given,
-/// reporting each epoch and writing a checkpoint to `output` after each.
+/// reporting each epoch and writing a checkpoint to `output` after each,
+/// with the run's state (see [`Resume`]) when the optimiser can save it.
+/// From `resume`, the run continues where it stopped. An interrupt
+/// (SIGINT, SIGTERM) ends it after the current step with a checkpoint.
+#[allow(clippy::too_many_arguments)]
 pub fn fit(
     model: &Model,
     clustering: Option<&Clustering>,
@@ -73,6 +159,8 @@ pub fn fit(
     lut: LutDType,
     output: &Path,
     device: &Device,
+    settings: &Settings,
+    resume: Option<Resume>,
 ) -> Result<Vec<EpochReport>> {
     let augment = if split.train.channels() == 3 {
         Augment::cifar()
@@ -87,6 +175,41 @@ pub fn fit(
         args.batch_size,
         args.epochs,
     )?;
+    let stop = interrupt_flag();
+    trainer.stop_on(stop.clone());
+    let (first_epoch, first_batch) = match resume {
+        Some(r) => {
+            trainer
+                .resume(r.steps, r.optimizer)
+                .context("restoring the optimiser's state")?;
+            tracing::info!(
+                epoch = r.epoch + 1,
+                batch = r.batch,
+                steps = r.steps,
+                "continuing the run"
+            );
+            (r.epoch, r.batch)
+        }
+        None => (0, 0),
+    };
+    let settings_json = serde_json::to_string(settings)?;
+    // Writes the checkpoint; with the run's state, where the next step is
+    // batch `batch` of epoch `epoch`.
+    let save = |trainer: &Trainer, extra: &mut Vec<(&str, String)>, epoch: usize, batch: usize| {
+        let state = trainer.optimizer_state().ok();
+        if let Some(state) = &state {
+            extra.extend([
+                (RUN_STEPS, trainer.steps().to_string()),
+                (RUN_EPOCH, epoch.to_string()),
+                (RUN_BATCH, batch.to_string()),
+                (RUN_SETTINGS, settings_json.clone()),
+            ]);
+            snapshot::save_run(model, clustering, extra, state, output)
+        } else {
+            snapshot::save(model, clustering, extra, output)
+        }
+        .with_context(|| format!("writing {}", output.display()))
+    };
     let weights = match clustering {
         Some(c) => Weights::Clustered(c),
         None => Weights::Float,
@@ -102,7 +225,8 @@ pub fn fit(
         "epoch   train loss   train acc{hard_column}      time    peak RSS"
     )?;
     let mut reports = Vec::with_capacity(args.epochs);
-    for epoch in 0..args.epochs {
+    for epoch in first_epoch..args.epochs {
+        let start = if epoch == first_epoch { first_batch } else { 0 };
         let batches = Batcher::new(
             &split.train,
             args.batch_size,
@@ -111,9 +235,27 @@ pub fn fit(
             &split.mean,
             &split.std,
             device,
-        );
+        )
+        .starting_at(start);
+        let in_epoch = batches.num_batches();
         let label = format!("epoch {}/{}", epoch + 1, args.epochs);
         let train = trainer.epoch(model, &weights, batches, &label)?;
+        let done = start + train.batches;
+        if done < in_epoch {
+            save(
+                &trainer,
+                &mut vec![("idkm.epoch", epoch.to_string())],
+                epoch,
+                done,
+            )?;
+            bail!(
+                "interrupted after step {} (epoch {}, batch {done} of {in_epoch}): {} holds the run; continue it with the same command and --resume {}",
+                trainer.steps(),
+                epoch + 1,
+                output.display(),
+                output.display()
+            );
+        }
         let solves = clustering.map(Clustering::take_stats);
         let (test, hard) = match clustering {
             None => (
@@ -167,9 +309,16 @@ pub fn fit(
             extra.push(("idkm.hard_accuracy", h.accuracy.to_string()));
             extra.push(("idkm.lut", lut.to_string()));
         }
-        snapshot::save(model, clustering, &extra, output)
-            .with_context(|| format!("writing {}", output.display()))?;
+        save(&trainer, &mut extra, epoch + 1, 0)?;
         reports.push(EpochReport { test, hard });
+        if stop.load(Ordering::SeqCst) && epoch + 1 < args.epochs {
+            bail!(
+                "interrupted after epoch {}: {} holds the run; continue it with the same command and --resume {}",
+                epoch + 1,
+                output.display(),
+                output.display()
+            );
+        }
     }
     tracing::info!(path = %output.display(), "wrote checkpoint");
     Ok(reports)

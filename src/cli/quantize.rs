@@ -1,10 +1,13 @@
 //! `idkm quantize`: fine-tunes a float model with clustering on its conv and
 //! linear weights.
 
-use super::common::{BudgetArgs, DataArgs, KmeansArgs, ModelArgs, OptimArgs};
-use super::fit::fit;
-use anyhow::{Context, Result};
+use super::common::{
+    kmeans_settings, BudgetArgs, DataArgs, KmeansArgs, Loaded, ModelArgs, OptimArgs, ResumeArgs,
+};
+use super::fit::{fit, Resume};
+use anyhow::{bail, Context, Result};
 use idkm::device::DeviceSpec;
+use idkm::quantize::snapshot;
 use idkm::quantize::{Clustering, LutDType, QuantizePlan};
 use std::path::PathBuf;
 
@@ -34,6 +37,8 @@ pub struct QuantizeArgs {
     /// cpu | cuda | cuda:N.
     #[arg(long, default_value = "cpu")]
     device: DeviceSpec,
+    #[command(flatten)]
+    resume: ResumeArgs,
     /// Checkpoint written after every epoch: the float weights with every
     /// clustered layer's centroids and config (input of `idkm export`).
     #[arg(long, short, default_value = "idkm-clustered.safetensors")]
@@ -43,7 +48,37 @@ pub struct QuantizeArgs {
 pub fn run(a: QuantizeArgs) -> Result<()> {
     let device = a.device.open()?;
     let split = a.data.load()?;
-    let loaded = a.model.load(&split, a.optim.seed, &device)?;
+    let mut settings = a.data.settings();
+    settings.extend(a.optim.settings());
+    settings.extend(kmeans_settings(&a.kmeans.config(a.optim.seed)));
+    settings.insert("--min-weights".into(), a.min_weights.to_string());
+    settings.insert(
+        "--layers".into(),
+        a.layers
+            .as_ref()
+            .map_or("-".into(), |p| p.display().to_string()),
+    );
+    let (loaded, resume) = match &a.resume.resume {
+        Some(path) => {
+            let mut snapshot = snapshot::load(path, &device)
+                .with_context(|| format!("loading {}", path.display()))?;
+            if snapshot.clustering.is_none() {
+                bail!(
+                    "{} was written by `idkm train`: continue it with `idkm train --resume`",
+                    path.display()
+                );
+            }
+            let resume = Resume::of(&mut snapshot, path, &settings)?;
+            (
+                Loaded {
+                    model: snapshot.model,
+                    clustering: snapshot.clustering,
+                },
+                Some(resume),
+            )
+        }
+        None => (a.model.load(&split, a.optim.seed, &device)?, None),
+    };
     let model = loaded.model;
     let clustering = match loaded.clustering {
         // Continue a clustered checkpoint with its own per-layer configs.
@@ -90,6 +125,8 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
         a.lut,
         &a.output,
         &device,
+        &settings,
+        resume,
     )?;
     Ok(())
 }

@@ -185,6 +185,35 @@ pub struct ForwardFactor {
 pub const REUSE_DISTANCE: f64 = 1e-5;
 
 impl ForwardFactor {
+    /// The factorisation as numbers, exactly, for a checkpoint: a run that
+    /// continues from it warm-starts its next solve as the uninterrupted
+    /// run would have ([`Self::decode`] reads it back).
+    pub fn encode(&self) -> Vec<f64> {
+        let mut out = vec![self.centroids.len() as f64];
+        out.extend_from_slice(&self.centroids);
+        out.extend([self.checksum, self.distance]);
+        self.factor.encode(&mut out);
+        out
+    }
+
+    /// Reads what [`Self::encode`] wrote; `None` when `data` is not that.
+    pub fn decode(data: &[f64]) -> Option<Self> {
+        let (&len, rest) = data.split_first()?;
+        let len = len as usize;
+        if rest.len() < len + 2 {
+            return None;
+        }
+        let (centroids, rest) = rest.split_at(len);
+        let (checksum, distance) = (rest[0], rest[1]);
+        let (factor, rest) = Factor::decode(&rest[2..])?;
+        rest.is_empty().then(|| Self {
+            centroids: centroids.to_vec(),
+            checksum,
+            factor,
+            distance,
+        })
+    }
+
     /// Whether this factorisation belongs to the weights `w` and centroids
     /// `c` and was assembled within [`REUSE_DISTANCE`] of them.
     pub fn serves<T: Real>(&self, w: &[T], c: &[T]) -> bool {

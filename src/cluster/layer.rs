@@ -557,6 +557,28 @@ impl ClusteredWeight {
         Ok(())
     }
 
+    /// The factorisation the last Newton solve left (which the next solve
+    /// starts from), as an f64 vector for a checkpoint; `None` without one.
+    pub fn warm_start(&self) -> Option<Tensor> {
+        let factor = self.factor.lock().expect("factor lock");
+        let data = factor.as_ref()?.encode();
+        let len = data.len();
+        Tensor::from_vec(data, len, &Device::Cpu).ok()
+    }
+
+    /// Restores [`Self::warm_start`], as a checkpoint holds it: the next
+    /// solve then starts exactly as it would have in the run that wrote it.
+    pub fn set_warm_start(&self, data: &Tensor) -> Result<()> {
+        let values = data.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+        let factor = ForwardFactor::decode(&values).ok_or_else(|| Error::Shape {
+            tensor: format!("warm start of {}", self.name),
+            expected: "an encoded factorisation".into(),
+            got: format!("{} values that do not decode", values.len()),
+        })?;
+        *self.factor.lock().expect("factor lock") = Some(factor);
+        Ok(())
+    }
+
     /// What the last forward k-means solve did.
     pub fn last_forward(&self) -> Option<ForwardReport> {
         self.state.lock().expect("state lock").report

@@ -38,6 +38,16 @@ pub struct Cholesky {
 }
 
 impl Cholesky {
+    /// Its size and factor (row-major), as [`Self::from_parts`] takes them.
+    pub fn parts(&self) -> (usize, &[f64]) {
+        (self.n, &self.l)
+    }
+
+    /// The factor of size `n` with entries `l` (as [`Self::parts`] gave them).
+    pub fn from_parts(n: usize, l: Vec<f64>) -> Option<Self> {
+        (l.len() == n * n).then_some(Self { n, l })
+    }
+
     /// The factor of the symmetric `a` (n x n; only its lower triangle is
     /// read), or `None` when `a` is not positive definite (a pivot is not
     /// positive, at a relative threshold of 1e-14 of the diagonal's size).
@@ -86,6 +96,17 @@ pub struct Lu {
 }
 
 impl Lu {
+    /// Its size, factors and row permutation, as [`Self::from_parts`] takes them.
+    pub fn parts(&self) -> (usize, &[f64], &[usize]) {
+        (self.n, &self.lu, &self.perm)
+    }
+
+    /// The factors of size `n` (as [`Self::parts`] gave them).
+    pub fn from_parts(n: usize, lu: Vec<f64>, perm: Vec<usize>) -> Option<Self> {
+        let valid = lu.len() == n * n && perm.len() == n && perm.iter().all(|&p| p < n);
+        valid.then_some(Self { n, lu, perm })
+    }
+
     /// The factors of `a` (n x n), or `None` when a pivot vanishes (a
     /// singular matrix, at a relative threshold of 1e-14 of its largest entry).
     pub fn new(a: &[f64], n: usize) -> Option<Self> {

@@ -146,6 +146,11 @@ const MIN_MASS: f64 = 0.25;
 /// below this fraction of what it was.
 const MIN_GAP_RATIO: f64 = 0.05;
 
+/// The first `len` values of `data` and the rest, if it has that many.
+fn split(data: &[f64], len: usize) -> Option<(&[f64], &[f64])> {
+    (data.len() >= len).then(|| data.split_at(len))
+}
+
 /// The factored matrix of the last Newton iteration: solves Newton steps
 /// at nearby points and the adjoint system of the backward.
 #[derive(Clone, Debug)]
@@ -169,6 +174,61 @@ pub enum Factor {
 }
 
 impl Factor {
+    /// Appends the factor to `out` as numbers (exactly: integers and flags
+    /// as f64), for a checkpoint; [`Self::decode`] reads it back.
+    pub fn encode(&self, out: &mut Vec<f64>) {
+        let flags = |v: &[bool]| {
+            v.iter()
+                .map(|&b| f64::from(u8::from(b)))
+                .collect::<Vec<_>>()
+        };
+        match self {
+            Factor::Symmetric { chol, mass, dead } => {
+                let (n, l) = chol.parts();
+                out.extend([0.0, n as f64]);
+                out.extend_from_slice(l);
+                out.extend_from_slice(mass);
+                out.extend(flags(dead));
+            }
+            Factor::General { lu, dead } => {
+                let (n, factors, perm) = lu.parts();
+                out.extend([1.0, n as f64]);
+                out.extend_from_slice(factors);
+                out.extend(perm.iter().map(|&p| p as f64));
+                out.extend(flags(dead));
+            }
+        }
+    }
+
+    /// Reads a factor that [`Self::encode`] wrote at the front of `data`,
+    /// and the rest of `data`; `None` when it is not one.
+    pub fn decode(data: &[f64]) -> Option<(Self, &[f64])> {
+        let (&kind, rest) = data.split_first()?;
+        let (&n, rest) = rest.split_first()?;
+        let n = n as usize;
+        let (matrix, rest) = split(rest, n * n)?;
+        let (middle, rest) = split(rest, n)?;
+        let (dead, rest) = split(rest, n)?;
+        let dead = dead.iter().map(|&x| x != 0.0).collect();
+        let factor = match kind as u8 {
+            0 => Factor::Symmetric {
+                chol: super::linalg::Cholesky::from_parts(n, matrix.to_vec())?,
+                mass: middle.to_vec(),
+                dead,
+            },
+            1 => Factor::General {
+                lu: super::linalg::Lu::from_parts(
+                    n,
+                    matrix.to_vec(),
+                    middle.iter().map(|&p| p as usize).collect(),
+                )?,
+                dead,
+            },
+            _ => return None,
+        };
+        Some((factor, rest))
+    }
+
     /// The Newton step for the residual `r` with the masses `mass` (one per
     /// unknown) of the point where `r` was evaluated.
     fn step(&self, r: &[f64], mass: &[f64]) -> Vec<f64> {

@@ -69,6 +69,13 @@ impl<'a> Batcher<'a> {
         }
     }
 
+    /// Starts the pass at batch `index` (continuing an interrupted pass: the
+    /// order and each batch's augmentation are those of the whole pass).
+    pub fn starting_at(mut self, index: usize) -> Self {
+        self.next_batch = index;
+        self
+    }
+
     /// Number of batches per pass, the partial last one included.
     pub fn num_batches(&self) -> usize {
         match self.batch_size {

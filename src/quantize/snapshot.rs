@@ -18,6 +18,10 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 const CENTROIDS: &str = ".centroids";
+/// Name suffix of a clustered layer's warm start (its last factorisation).
+const WARM_START: &str = ".warm_start";
+/// Name prefix of the optimiser's state tensors (then the variable's index).
+const OPTIMIZER: &str = "idkm.optimizer.";
 
 /// Writes `model` (and `clustering`'s state) with `extra` metadata, atomically.
 pub fn save(
@@ -26,7 +30,22 @@ pub fn save(
     extra: &[(&str, String)],
     path: &Path,
 ) -> Result<()> {
+    save_run(model, clustering, extra, &[], path)
+}
+
+/// [`save`], with the optimiser's state of a run (see
+/// `train::Optimizer::state`), so that the run can continue exactly.
+pub fn save_run(
+    model: &Model,
+    clustering: Option<&Clustering>,
+    extra: &[(&str, String)],
+    optimizer: &[(usize, Tensor)],
+    path: &Path,
+) -> Result<()> {
     let mut tensors = model.tensors();
+    for (i, t) in optimizer {
+        tensors.insert(format!("{OPTIMIZER}{i}"), t.clone());
+    }
     let mut metadata: HashMap<String, String> = HashMap::from([
         ("idkm.arch".into(), model.arch().to_string()),
         ("idkm.channels".into(), model.channels().to_string()),
@@ -38,6 +57,9 @@ pub fn save(
             configs.insert(name.clone(), layer.config().to_json());
             if let Some(c) = layer.centroids() {
                 tensors.insert(format!("{name}{CENTROIDS}"), c);
+            }
+            if let Some(w) = layer.warm_start() {
+                tensors.insert(format!("{name}{WARM_START}"), w);
             }
             if let Some(tau) = layer.tau() {
                 taus.insert(name.clone(), tau.into());
@@ -71,6 +93,8 @@ pub struct Snapshot {
     pub clustering: Option<Clustering>,
     /// All metadata.
     pub metadata: HashMap<String, String>,
+    /// The optimiser's state, if the run saved it ([`save_run`]).
+    pub optimizer: Vec<(usize, Tensor)>,
 }
 
 /// Reads a checkpoint written by [`save`] onto `device`.
@@ -106,7 +130,7 @@ pub fn load(path: &Path, device: &Device) -> Result<Snapshot> {
     let centroids: BTreeMap<String, Tensor> = {
         let names: Vec<String> = tensors
             .keys()
-            .filter(|n| n.ends_with(CENTROIDS))
+            .filter(|n| n.ends_with(CENTROIDS) || n.ends_with(WARM_START))
             .cloned()
             .collect();
         names
@@ -114,6 +138,20 @@ pub fn load(path: &Path, device: &Device) -> Result<Snapshot> {
             .filter_map(|n| tensors.remove(&n).map(|t| (n, t)))
             .collect()
     };
+    let optimizer_names: Vec<String> = tensors
+        .keys()
+        .filter(|n| n.starts_with(OPTIMIZER))
+        .cloned()
+        .collect();
+    let mut optimizer = Vec::new();
+    for name in optimizer_names {
+        let index = name[OPTIMIZER.len()..]
+            .parse()
+            .map_err(|_| format_error(format!("tensor `{name}`: no variable index")))?;
+        if let Some(t) = tensors.remove(&name) {
+            optimizer.push((index, t));
+        }
+    }
     model.assign(tensors, path)?;
     let clustering = match metadata.get("idkm.clustering") {
         None => None,
@@ -133,6 +171,11 @@ pub fn load(path: &Path, device: &Device) -> Result<Snapshot> {
                 if let Some(c) = centroids.get(&format!("{name}{CENTROIDS}")) {
                     layer.set_centroids(c.clone())?;
                 }
+                if let Some(w) = centroids.get(&format!("{name}{WARM_START}")) {
+                    layer
+                        .set_warm_start(w)
+                        .map_err(|e| format_error(format!("tensor `{name}{WARM_START}`: {e}")))?;
+                }
                 if let Some(tau) = taus.get(&name) {
                     let tau = tau.as_f64().ok_or_else(|| {
                         format_error(format!("metadata `idkm.tau` of `{name}` is not a number"))
@@ -150,5 +193,6 @@ pub fn load(path: &Path, device: &Device) -> Result<Snapshot> {
         model,
         clustering,
         metadata,
+        optimizer,
     })
 }

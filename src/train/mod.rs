@@ -11,6 +11,8 @@ use crate::error::Result;
 use crate::model::{Model, Weights};
 use candle_core::{DType, Tensor, D};
 use indicatif::{ProgressBar, ProgressStyle};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 /// Loss and accuracy over a pass through a data set.
@@ -24,6 +26,8 @@ pub struct EpochStats {
     pub samples: usize,
     /// Wall-clock seconds.
     pub seconds: f64,
+    /// Batches run (fewer than the pass has when it was stopped).
+    pub batches: usize,
 }
 
 /// Sums of loss and correct predictions, batch by batch.
@@ -32,6 +36,7 @@ struct Tally {
     loss: f64,
     correct: usize,
     samples: usize,
+    batches: usize,
 }
 
 impl Tally {
@@ -45,6 +50,7 @@ impl Tally {
             .to_scalar::<u32>()? as usize;
         self.loss += loss * n as f64;
         self.samples += n;
+        self.batches += 1;
         Ok(())
     }
 
@@ -55,6 +61,7 @@ impl Tally {
             accuracy: self.correct as f64 / n,
             samples: self.samples,
             seconds: start.elapsed().as_secs_f64(),
+            batches: self.batches,
         }
     }
 }
@@ -76,6 +83,7 @@ pub struct Trainer {
     step: TrainStep,
     lr: f64,
     total_steps: usize,
+    stop: Option<Arc<AtomicBool>>,
 }
 
 impl Trainer {
@@ -86,7 +94,30 @@ impl Trainer {
             step: TrainStep::new(Optimizer::new(kind, vars, lr)?),
             lr,
             total_steps,
+            stop: None,
         })
+    }
+
+    /// Ends each pass after the step during which `flag` was raised (an
+    /// interrupt): the caller sees fewer batches than the pass has.
+    pub fn stop_on(&mut self, flag: Arc<AtomicBool>) {
+        self.stop = Some(flag);
+    }
+
+    /// Steps taken so far (the schedule's position).
+    pub fn steps(&self) -> usize {
+        self.step.count()
+    }
+
+    /// Continues a run that took `steps` steps, with its optimiser's saved
+    /// state.
+    pub fn resume(&mut self, steps: usize, state: Vec<(usize, Tensor)>) -> Result<()> {
+        self.step.resume(steps, state)
+    }
+
+    /// The optimiser's state, for a checkpoint to continue from.
+    pub fn optimizer_state(&self) -> Result<Vec<(usize, Tensor)>> {
+        self.step.optimizer_state()
     }
 
     /// A trainer for `epochs` passes over `samples` training samples in
@@ -111,7 +142,7 @@ impl Trainer {
         batches: Batcher,
         label: &str,
     ) -> Result<EpochStats> {
-        let (start, bar) = (Instant::now(), progress(label, batches.num_batches()));
+        let (start, bar) = (Instant::now(), progress(label, batches.size_hint().0));
         let mut tally = Tally::default();
         for batch in batches {
             let (x, y) = batch?;
@@ -125,6 +156,9 @@ impl Trainer {
                 tally.loss / tally.samples as f64,
                 100.0 * tally.correct as f64 / tally.samples as f64
             ));
+            if self.stop.as_ref().is_some_and(|f| f.load(Ordering::SeqCst)) {
+                break;
+            }
         }
         bar.finish_and_clear();
         Ok(tally.stats(start))

@@ -322,6 +322,54 @@ impl Optimizer {
             Optimizer::AdamW(o) => o.set_learning_rate(lr),
         }
     }
+
+    /// The state a run needs to continue exactly: SGD's momentum buffer of
+    /// each variable that has one, by the variable's index. AdamW's moments
+    /// live inside candle-nn's optimiser and cannot be saved: an error.
+    pub fn state(&self) -> crate::error::Result<Vec<(usize, Tensor)>> {
+        match self {
+            Optimizer::Sgd(o) => Ok(o
+                .velocity
+                .iter()
+                .enumerate()
+                .filter_map(|(i, b)| b.as_ref().map(|b| (i, b.clone())))
+                .collect()),
+            Optimizer::AdamW(_) => Err(crate::error::Error::Config(
+                "a run with AdamW cannot be saved to continue: its moments are not exposed (use --optimizer sgd)".into(),
+            )),
+        }
+    }
+
+    /// Restores [`Self::state`]: each buffer must match its variable's shape.
+    pub fn load_state(&mut self, state: Vec<(usize, Tensor)>) -> crate::error::Result<()> {
+        let Optimizer::Sgd(o) = self else {
+            return Err(crate::error::Error::Config(
+                "a run with AdamW cannot be continued (use --optimizer sgd)".into(),
+            ));
+        };
+        for (i, buffer) in state {
+            let var = o.vars.get(i).ok_or_else(|| crate::error::Error::Shape {
+                tensor: format!("momentum buffer {i}"),
+                expected: format!("one of {} variables", o.vars.len()),
+                got: format!("index {i}"),
+            })?;
+            if buffer.dims() != var.dims() {
+                return Err(crate::error::Error::Shape {
+                    tensor: format!("momentum buffer {i}"),
+                    expected: format!("{:?}", var.dims()),
+                    got: format!("{:?}", buffer.dims()),
+                });
+            }
+            // A buffer of its own on the variable's device: updated in place.
+            o.velocity[i] = Some(
+                buffer
+                    .to_device(var.device())?
+                    .to_dtype(var.dtype())?
+                    .copy()?,
+            );
+        }
+        Ok(())
+    }
 }
 
 /// Cosine decay from `lr` to 0 over `total` steps: `lr * (1 + cos(pi * step / total)) / 2`.

@@ -37,6 +37,19 @@ impl TrainStep {
         self.count
     }
 
+    /// Continues a run that took `count` steps, with its optimiser's
+    /// saved state (see [`Optimizer::state`]).
+    pub fn resume(&mut self, count: usize, state: Vec<(usize, Tensor)>) -> Result<()> {
+        self.optimizer.load_state(state)?;
+        self.count = count;
+        Ok(())
+    }
+
+    /// The optimiser's state, for a checkpoint to continue from.
+    pub fn optimizer_state(&self) -> Result<Vec<(usize, Tensor)>> {
+        self.optimizer.state()
+    }
+
     /// Sets the learning rate of the next steps.
     pub fn set_lr(&mut self, lr: f64) {
         self.optimizer.set_lr(lr);

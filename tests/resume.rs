@@ -1,0 +1,201 @@
+//! Runs survive interrupts: `idkm quantize` interrupted with SIGINT in the
+//! middle of a seeded run writes a checkpoint and says how to continue;
+//! continued with `--resume`, the run ends with the weights, centroids and
+//! test accuracy of the uninterrupted run, bit for bit. A continuation with
+//! other settings is refused, naming the setting.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+fn fashion_mnist() -> String {
+    idkm::data::fashion_mnist_dir()
+        .expect("Fashion-MNIST is not installed: `apt-get install dataset-fashion-mnist` (.ci/run does this)")
+        .to_str()
+        .unwrap()
+        .to_string()
+}
+
+/// The run's flags, writing to `output`.
+fn quantize_args(data: &str, output: &Path) -> Vec<String> {
+    [
+        "quantize",
+        "--bits",
+        "2",
+        "--epochs",
+        "3",
+        "--batch-size",
+        "64",
+        "--lr",
+        "0.02",
+        "--data",
+        data,
+        "--train-limit",
+        "640",
+        "--test-limit",
+        "200",
+        "-o",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain([output.to_str().unwrap().to_string()])
+    .collect()
+}
+
+fn idkm(args: &[String]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_idkm"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run idkm")
+}
+
+/// A file's tensors (name, raw bytes; sorted) and metadata.
+type Contents = (
+    Vec<(String, Vec<u8>)>,
+    std::collections::HashMap<String, String>,
+);
+
+/// Every tensor of a safetensors file, as raw bytes, and its metadata.
+fn contents(path: &Path) -> Contents {
+    let bytes = std::fs::read(path).unwrap();
+    let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut tensors: Vec<(String, Vec<u8>)> = file
+        .tensors()
+        .into_iter()
+        .map(|(n, t)| (n, t.data().to_vec()))
+        .collect();
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    (tensors, idkm::checkpoint::metadata(path).unwrap())
+}
+
+#[test]
+fn an_interrupted_run_continues_to_the_uninterrupted_result() {
+    let data = fashion_mnist();
+    let dir = tempfile::tempdir().unwrap();
+    let (whole, parts) = (
+        dir.path().join("whole.safetensors"),
+        dir.path().join("parts.safetensors"),
+    );
+
+    let run = idkm(&quantize_args(&data, &whole));
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+
+    // The same run, interrupted once its first epoch is reported.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_idkm"))
+        .args(quantize_args(&data, &parts))
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first_epoch = lines
+        .by_ref()
+        .map(|l| l.unwrap())
+        .find(|l| l.trim_start().starts_with("1 "))
+        .expect("the first epoch's row");
+    let interrupt = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(interrupt.success());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "the run ended despite the interrupt: {first_epoch}\n{stderr}"
+    );
+    assert!(
+        stderr.contains("interrupted after") && stderr.contains("--resume"),
+        "{stderr}"
+    );
+    let (interrupted, meta) = contents(&parts);
+    assert!(meta.contains_key("idkm.run.steps"), "{meta:?}");
+
+    // Other settings are refused, naming the flag.
+    let mut other = quantize_args(&data, &parts);
+    let lr = other.iter().position(|a| a == "--lr").unwrap() + 1;
+    other[lr] = "0.05".into();
+    other.extend(["--resume".into(), parts.to_str().unwrap().into()]);
+    let refused = idkm(&other);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && stderr.contains("--lr 0.02, not 0.05"),
+        "{stderr}"
+    );
+    assert_eq!(
+        contents(&parts).0,
+        interrupted,
+        "a refused continuation wrote the checkpoint"
+    );
+
+    let mut resume = quantize_args(&data, &parts);
+    resume.extend(["--resume".into(), parts.to_str().unwrap().into()]);
+    let continued = idkm(&resume);
+    assert!(
+        continued.status.success(),
+        "{}",
+        String::from_utf8_lossy(&continued.stderr)
+    );
+
+    let ((a, meta_a), (b, meta_b)) = (contents(&whole), contents(&parts));
+    assert_eq!(a.len(), b.len());
+    for ((name_a, bytes_a), (name_b, bytes_b)) in a.iter().zip(&b) {
+        assert_eq!(name_a, name_b);
+        assert!(
+            bytes_a == bytes_b,
+            "`{name_a}` differs from the uninterrupted run's"
+        );
+    }
+    for key in [
+        "idkm.test_accuracy",
+        "idkm.hard_accuracy",
+        "idkm.tau",
+        "idkm.run.steps",
+    ] {
+        assert_eq!(meta_a.get(key), meta_b.get(key), "{key}");
+    }
+}
+
+/// A second interrupt ends the run at once (status 130), and the last
+/// checkpoint stays whole: the one written after the first epoch or the
+/// one the first interrupt wrote.
+#[test]
+fn a_second_interrupt_exits_at_once_leaving_the_last_checkpoint() {
+    let data = fashion_mnist();
+    let dir = tempfile::tempdir().unwrap();
+    let output = dir.path().join("run.safetensors");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_idkm"))
+        .args(quantize_args(&data, &output))
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    lines
+        .by_ref()
+        .map(|l| l.unwrap())
+        .find(|l| l.trim_start().starts_with("1 "))
+        .expect("the first epoch's row");
+    // Into the second epoch's steps (past the checkpoint's write, during
+    // which signals wait and two would be one).
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    // Two signals a few milliseconds apart (signals of one kind pending
+    // together are one), the second long before the step under way ends.
+    let twice = format!("kill -INT {0}; sleep 0.003; kill -INT {0}", child.id());
+    assert!(Command::new("sh")
+        .args(["-c", &twice])
+        .status()
+        .unwrap()
+        .success());
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130), "{status:?}");
+    let (_, meta) = contents(&output);
+    assert!(meta.contains_key("idkm.run.steps"), "{meta:?}");
+}
