@@ -4,6 +4,10 @@
 test:
     cargo test
 
+# The readers against ITERS seeded corruptions per seed file (CI runs 300).
+fuzz ITERS="20000":
+    IDKM_FUZZ_ITERS={{ITERS}} cargo test --release --test fuzz
+
 # Everything CI runs, as CI runs it.
 ci:
     bash .ci/run

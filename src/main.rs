@@ -27,15 +27,21 @@ fn main() -> std::process::ExitCode {
 
 /// The error and its causes joined by `: `, leaving out a cause whose text
 /// the message already holds (errors that print their source as well as
-/// exposing it).
+/// exposing it) and a path that the message just named.
 fn message(e: &anyhow::Error) -> String {
     let mut text = e.to_string();
     for cause in e.chain().skip(1) {
         let cause = cause.to_string();
-        if !text.contains(&cause) {
-            text.push_str(": ");
-            text.push_str(&cause);
+        if text.contains(&cause) {
+            continue;
         }
+        // `loading F` then `F: what is wrong`: F once.
+        let cause = match cause.split_once(": ") {
+            Some((head, rest)) if text.ends_with(head) => rest,
+            _ => &cause,
+        };
+        text.push_str(": ");
+        text.push_str(cause);
     }
     text
 }

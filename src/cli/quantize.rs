@@ -103,7 +103,11 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
     );
     clustering
         .prepare(&model)
-        .context("initialising the clustering")?;
+        .with_context(|| match (&a.resume.resume, &a.model.model) {
+            (Some(path), _) => format!("initialising the clustering of {}", path.display()),
+            (None, Some(model)) => format!("initialising the clustering of {model}"),
+            (None, None) => "initialising the clustering".into(),
+        })?;
     for (name, layer) in clustering.layers() {
         let c = layer.config();
         let rule = if c.tau.is_some() {

@@ -133,32 +133,49 @@ impl PackedTensor {
         })
     }
 
+    /// Its indices, unpacked, after checking that they fit the table and
+    /// the shape: what is wrong otherwise, in words.
+    fn indices(&self) -> std::result::Result<Vec<u32>, String> {
+        let (k, d) = (self.lut.dim(0).unwrap_or(0), self.lut.dim(1).unwrap_or(0));
+        let numel: usize = self.shape.iter().product();
+        if self.lut.rank() != 2 || d == 0 || !numel.is_multiple_of(d) {
+            return Err(format!(
+                "a lookup table of shape {:?} does not fit a weight of shape {:?}",
+                self.lut.dims(),
+                self.shape
+            ));
+        }
+        if !(1..=8).contains(&self.bits) || k == 0 || k > 1 << self.bits {
+            return Err(format!(
+                "{k} table entries do not fit {}-bit indices (1 to 2^bits entries)",
+                self.bits
+            ));
+        }
+        let count = numel / d;
+        let expected = (count * self.bits as usize).div_ceil(8);
+        if self.indices.len() != expected {
+            return Err(format!(
+                "{} bytes of packed indices, expected {expected} ({count} indices of {} bits)",
+                self.indices.len(),
+                self.bits
+            ));
+        }
+        let indices = unpack(&self.indices, self.bits, count).unwrap_or_default();
+        if let Some((at, i)) = indices.iter().enumerate().find(|(_, &i)| i as usize >= k) {
+            return Err(format!(
+                "index {i} at position {at} is past the lookup table's {k} entries"
+            ));
+        }
+        Ok(indices)
+    }
+
     /// The weight this tensor stands for: `lut[index]`, in f32.
     pub fn dequantize(&self, name: &str) -> Result<Tensor> {
-        let (k, d) = self.lut.dims2()?;
-        let numel: usize = self.shape.iter().product();
-        let bad = |msg: String| Error::Shape {
-            tensor: name.into(),
-            expected: msg,
-            got: format!("{:?}", self.shape),
-        };
-        if !numel.is_multiple_of(d) || k > 1 << self.bits {
-            return Err(bad(format!(
-                "a shape divisible by d = {d} and k = {k} <= 2^{}",
-                self.bits
-            )));
-        }
-        let indices = unpack(&self.indices, self.bits, numel / d).ok_or_else(|| {
-            bad(format!(
-                "{} packed bytes for {} indices",
-                self.indices.len(),
-                numel / d
-            ))
-        })?;
-        if let Some(i) = indices.iter().find(|&&i| i as usize >= k) {
-            return Err(bad(format!("indices below k = {k}, found {i}")));
-        }
-        let indices = Tensor::from_vec(indices, numel / d, &Device::Cpu)?;
+        let indices = self
+            .indices()
+            .map_err(|msg| Error::Data(format!("palettized tensor `{name}`: {msg}")))?;
+        let count = indices.len();
+        let indices = Tensor::from_vec(indices, count, &Device::Cpu)?;
         Ok(self
             .lut
             .to_dtype(DType::F32)?
@@ -308,15 +325,16 @@ impl Palettized {
                     i.cluster_dim
                 )));
             }
-            packed.insert(
-                name,
-                PackedTensor {
-                    shape: i.shape,
-                    bits: i.bits,
-                    lut,
-                    indices,
-                },
-            );
+            let tensor = PackedTensor {
+                shape: i.shape,
+                bits: i.bits,
+                lut,
+                indices,
+            };
+            tensor
+                .indices()
+                .map_err(|msg| format_error(format!("tensor `{name}`: {msg}")))?;
+            packed.insert(name, tensor);
         }
         Ok(Self {
             arch: field("idkm.arch")?.parse()?,
