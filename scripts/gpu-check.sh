@@ -128,7 +128,7 @@ build() {
     rm -f "$log"
     [[ -x "$bin" ]] || die "no test executable found in cargo's output"
     mkdir -p "$STAGE"
-    # The device tool carries only ignored paths.
+    # The staged binary is a build output: keep it out of git.
     local exclude="$ROOT/.git/info/exclude"
     if [[ -d "$ROOT/.git" ]] && ! grep -qx '/.gpu-stage/' "$exclude" 2>/dev/null; then
         echo '/.gpu-stage/' >>"$exclude"
@@ -142,7 +142,7 @@ build() {
         echo "sm_$CUDA_COMPUTE_CAP, $("$CUDA_HOME/bin/nvcc" --version | tail -2 | head -1)"
         echo "needs: $(readelf -d "$bin" | sed -n 's/.*Shared library: \[\(.*\)\]/\1/p' | tr '\n' ' ')"
     } >"$STAGE/manifest.txt"
-    say "staged $(du -h "$STAGE/gpu-tests.gz" | cut -f1) in $STAGE ($(du -sh "$STAGE" | cut -f1) in all, the device tool carries 64 MiB)"
+    say "staged $(du -h "$STAGE/gpu-tests.gz" | cut -f1) in $STAGE ($(du -sh "$STAGE" | cut -f1) in all): copy it to the GPU machine with the checkout"
     cat "$STAGE/manifest.txt" >&2
 }
 
