@@ -75,6 +75,22 @@ fn export(path: &Path, edit: impl FnOnce(&mut BTreeMap<String, Tensor>)) {
     idkm::checkpoint::save(&tensors, &metadata, path).unwrap();
 }
 
+/// `idkm eval` of the model file `path` is refused with `needles`.
+fn eval_refused(path: &Path, needles: &[&str]) {
+    refused(
+        &[
+            "eval",
+            "--model",
+            s(path),
+            "--data",
+            &data(),
+            "--test-limit",
+            "10",
+        ],
+        needles,
+    );
+}
+
 fn temp(dir: &tempfile::TempDir, name: &str) -> PathBuf {
     dir.path().join(name)
 }
@@ -136,16 +152,8 @@ fn an_export_whose_packed_indices_are_too_short() {
         let indices = t.get_mut("fc1.weight.indices").unwrap();
         *indices = indices.narrow(0, 0, 10).unwrap();
     });
-    refused(
-        &[
-            "eval",
-            "--model",
-            s(&path),
-            "--data",
-            &data(),
-            "--test-limit",
-            "10",
-        ],
+    eval_refused(
+        &path,
         &[
             "short.safetensors",
             "fc1.weight",
@@ -163,16 +171,8 @@ fn an_export_whose_indices_are_past_its_table() {
         let lut = t.get_mut("fc1.weight.lut").unwrap();
         *lut = lut.narrow(0, 0, 2).unwrap();
     });
-    refused(
-        &[
-            "eval",
-            "--model",
-            s(&path),
-            "--data",
-            &data(),
-            "--test-limit",
-            "10",
-        ],
+    eval_refused(
+        &path,
         &[
             "lut.safetensors",
             "fc1.weight",

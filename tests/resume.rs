@@ -69,6 +69,27 @@ fn contents(path: &Path) -> Contents {
     (tensors, idkm::checkpoint::metadata(path).unwrap())
 }
 
+/// Starts idkm with `args` and returns once it has reported its first
+/// epoch, with that row; its stdout is drained from then on, its stderr
+/// kept for `wait_with_output`.
+fn past_the_first_epoch(args: &[String]) -> (std::process::Child, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_idkm"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let row = lines
+        .by_ref()
+        .map(|l| l.unwrap())
+        .find(|l| l.trim_start().starts_with("1 "))
+        .expect("the first epoch's row");
+    std::thread::spawn(move || lines.for_each(drop));
+    (child, row)
+}
+
 #[test]
 fn an_interrupted_run_continues_to_the_uninterrupted_result() {
     let data = fashion_mnist();
@@ -86,19 +107,7 @@ fn an_interrupted_run_continues_to_the_uninterrupted_result() {
     );
 
     // The same run, interrupted once its first epoch is reported.
-    let mut child = Command::new(env!("CARGO_BIN_EXE_idkm"))
-        .args(quantize_args(&data, &parts))
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let first_epoch = lines
-        .by_ref()
-        .map(|l| l.unwrap())
-        .find(|l| l.trim_start().starts_with("1 "))
-        .expect("the first epoch's row");
+    let (child, first_epoch) = past_the_first_epoch(&quantize_args(&data, &parts));
     let interrupt = Command::new("kill")
         .args(["-INT", &child.id().to_string()])
         .status()
@@ -170,19 +179,7 @@ fn a_second_interrupt_exits_at_once_leaving_the_last_checkpoint() {
     let data = fashion_mnist();
     let dir = tempfile::tempdir().unwrap();
     let output = dir.path().join("run.safetensors");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_idkm"))
-        .args(quantize_args(&data, &output))
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    lines
-        .by_ref()
-        .map(|l| l.unwrap())
-        .find(|l| l.trim_start().starts_with("1 "))
-        .expect("the first epoch's row");
+    let (mut child, _) = past_the_first_epoch(&quantize_args(&data, &output));
     // Into the second epoch's steps (past the checkpoint's write, during
     // which signals wait and two would be one).
     std::thread::sleep(std::time::Duration::from_millis(200));

@@ -145,6 +145,15 @@ fn interrupt_flag() -> Arc<AtomicBool> {
     .clone()
 }
 
+/// The error of a run interrupted after `point`, its run state in `output`.
+fn interrupted(point: &str, output: &Path) -> anyhow::Error {
+    anyhow::anyhow!(
+        "interrupted after {point}: {} holds the run; continue it with the same command and --resume {}",
+        output.display(),
+        output.display()
+    )
+}
+
 /// Trains `model` for `args.epochs` epochs, with `clustering` if given,
 /// reporting each epoch and writing a checkpoint to `output` after each,
 /// with the run's state (see [`Resume`]) when the optimiser can save it.
@@ -248,13 +257,14 @@ pub fn fit(
                 epoch,
                 done,
             )?;
-            bail!(
-                "interrupted after step {} (epoch {}, batch {done} of {in_epoch}): {} holds the run; continue it with the same command and --resume {}",
-                trainer.steps(),
-                epoch + 1,
-                output.display(),
-                output.display()
-            );
+            return Err(interrupted(
+                &format!(
+                    "step {} (epoch {}, batch {done} of {in_epoch})",
+                    trainer.steps(),
+                    epoch + 1
+                ),
+                output,
+            ));
         }
         let solves = clustering.map(Clustering::take_stats);
         let (test, hard) = match clustering {
@@ -312,12 +322,7 @@ pub fn fit(
         save(&trainer, &mut extra, epoch + 1, 0)?;
         reports.push(EpochReport { test, hard });
         if stop.load(Ordering::SeqCst) && epoch + 1 < args.epochs {
-            bail!(
-                "interrupted after epoch {}: {} holds the run; continue it with the same command and --resume {}",
-                epoch + 1,
-                output.display(),
-                output.display()
-            );
+            return Err(interrupted(&format!("epoch {}", epoch + 1), output));
         }
     }
     tracing::info!(path = %output.display(), "wrote checkpoint");
