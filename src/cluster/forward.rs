@@ -127,6 +127,20 @@ pub fn newton_fixed_point<T: Real>(
             )?;
             solution
         }
+        None if pass::windowed(geo) => {
+            // Every iteration's passes would order each chunk's weights by
+            // value again: order them once, for the whole solve.
+            let mut sorted = w.to_vec();
+            sorted.par_sort_unstable_by(|a, b| a.partial_cmp(b).expect("finite weights"));
+            newton::solve(
+                &mut WeightsMap::new(&sorted, *geo),
+                &start,
+                range,
+                settings,
+                warm,
+                settle,
+            )?
+        }
         None => newton::solve(
             &mut WeightsMap::new(w, *geo),
             &start,

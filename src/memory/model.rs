@@ -532,28 +532,49 @@ const STREAMING_SECONDS_PER_MK: f64 = 5e-10;
 /// (forward and backward), from the layer benchmark.
 const DKM_SECONDS_PER_MK_ITER: f64 = 2.8e-7;
 
-/// Newton iterations a forward solve typically takes (cold starts take
-/// 4-8, warm starts during training 1-3).
-const NEWTON_TYPICAL_ITERS: f64 = 8.0;
+/// Newton iterations a forward solve typically takes below
+/// [`MANY_CENTROIDS`] (cold starts 4-8, steps during training 3-25), and
+/// at or above it (8 bits: 8-30).
+const NEWTON_TYPICAL_ITERS: (f64, f64) = (8.0, 30.0);
+
+/// Centroids from which Newton's method needs tens of iterations
+/// (`docs/design.md`, the temperature).
+const MANY_CENTROIDS: usize = 64;
+
+/// Centroids a windowed pass (scalar weights, at least 8 centroids: each
+/// tile attends only to the centroids within reach) costs as, whatever k:
+/// the layer and step benchmarks' passes at 4 and 8 bits.
+const WINDOWED_PASS_CENTROIDS: usize = 16;
 
 /// A rough prediction of the seconds per step with `specs`, given the fp32
 /// step's: the clustering's passes over the weights, costed as in the layer
 /// benchmark on this project's 2-core machine. Only used to skip
 /// configurations that would not finish in a time limit; it goes stale as
-/// the passes get faster, and overestimates windowed passes (d = 1, k >= 32
-/// at a small tau, which attend to a few dozen centroids, not k).
+/// the passes get faster (measured within 3x of the step benchmark's
+/// times at 4 and 8 bits).
 pub fn predict_seconds(specs: &[ClusterSpec], fp32_seconds: f64) -> f64 {
     let mut s = fp32_seconds;
     for spec in specs {
         let Some(c) = &spec.config else { continue };
-        let mk = (spec.numel / c.cluster_dim * c.k()) as f64;
-        let n = c.k() * c.cluster_dim;
-        // Passes of the forward solve: t plain steps, or a few Newton
-        // iterations (up to `max_iter`, the cap, but most stop far
-        // earlier), each a pass that also assembles J.
+        let windowed = c.cluster_dim == 1 && c.k() >= 8 && c.method != Method::Dkm;
+        let k = if windowed {
+            c.k().min(WINDOWED_PASS_CENTROIDS)
+        } else {
+            c.k()
+        };
+        let mk = (spec.numel / c.cluster_dim * k) as f64;
+        let n = k * c.cluster_dim;
+        // Passes of the forward solve: t plain steps, or Newton iterations
+        // (up to `max_iter`, the cap, but most stop earlier), each a pass
+        // that also assembles J.
         let t = match c.forward {
             Forward::Newton if c.method != Method::Dkm => {
-                NEWTON_TYPICAL_ITERS.min(c.max_iter as f64) * (1.0 + n as f64 / 8.0)
+                let typical = if c.k() >= MANY_CENTROIDS {
+                    NEWTON_TYPICAL_ITERS.1
+                } else {
+                    NEWTON_TYPICAL_ITERS.0
+                };
+                typical.min(c.max_iter as f64) * (1.0 + n as f64 / 8.0)
             }
             _ => c.max_iter as f64,
         };

@@ -41,6 +41,10 @@ pub(super) struct Cotangent<'a, T, const D: usize> {
 }
 
 impl<T: Real, const D: usize> Pass for Cotangent<'_, T, D> {
+    fn min_chunk_rows(&self) -> usize {
+        min_chunk_rows(self.geo)
+    }
+
     type Out = f64;
 
     #[inline(always)]
@@ -122,6 +126,10 @@ pub(super) struct Matvec<'a, T, const D: usize> {
 }
 
 impl<T: Real, const D: usize> Pass for Matvec<'_, T, D> {
+    fn min_chunk_rows(&self) -> usize {
+        min_chunk_rows(self.geo)
+    }
+
     type Out = f64;
 
     #[inline(always)]
@@ -213,18 +221,25 @@ pub(super) struct Assemble<'a, T, const D: usize> {
 }
 
 impl<T: Real, const D: usize> Pass for Assemble<'_, T, D> {
+    fn min_chunk_rows(&self) -> usize {
+        min_chunk_rows(self.geo)
+    }
+
     type Out = f64;
 
     #[inline(always)]
     fn chunk(&self, rows: Range<usize>, out: &mut [f64]) {
         let n = self.geo.k * D;
         let mut tile = Tile::<T, D>::new(self.geo);
-        // Lanes of x_(j,e) = b_ij (w_i - c_j)_e and y_(l,e') = (w_i - f_l)_e';
-        // a_il y_(l,e') row by row (lane-major), so that the outer products
-        // run along contiguous rows; `acc` is one output row of a tile. A
+        // Lanes of x_(j,e) = b_ij (w_i - c_j)_e, y_(l,e') = (w_i - f_l)_e'
+        // and a_il y_(l,e'), each quantity's TILE rows contiguous, so that
+        // each entry of a tile's block is a dot product along the rows. A
         // tile with a window of centroids adds only the window's block.
-        let (mut x, mut y) = (vec![T::zero(); n * TILE], vec![T::zero(); n * TILE]);
-        let (mut ay, mut acc) = (vec![T::zero(); TILE * n], vec![T::zero(); n]);
+        let (mut x, mut y, mut ay) = (
+            vec![T::zero(); n * TILE],
+            vec![T::zero(); n * TILE],
+            vec![T::zero(); n * TILE],
+        );
         let visit = Visit::new(self.w, rows.clone(), self.c, self.geo);
         let count = if self.count.is_empty() {
             &[][..]
@@ -249,40 +264,56 @@ impl<T: Real, const D: usize> Pass for Assemble<'_, T, D> {
                 for e in 0..D {
                     let q = j * D + e;
                     let (b, a, wv) = (lanes(&tile.b, j, len), tile.a(j), tile.w(e));
+                    let xq = &mut x[q * TILE..q * TILE + len];
+                    let yq = &mut y[q * TILE..q * TILE + len];
+                    let ayq = &mut ay[q * TILE..q * TILE + len];
                     for (i, &wi) in wv.iter().enumerate() {
-                        x[q * TILE + i] = times[i][0] * b[i] * (wi - cj[e]);
-                        let yi = wi - fj[e];
-                        y[q * TILE + i] = yi;
-                        ay[i * nw + q] = a[i] * yi;
+                        xq[i] = times[i][0] * b[i] * (wi - cj[e]);
+                        yq[i] = wi - fj[e];
+                        ayq[i] = a[i] * yq[i];
                     }
                 }
             }
             for p in 0..nw {
-                // The block-diagonal term is summed in the same lane order as
+                let j = p / D;
+                let xp = lanes(&x, p, len);
+                // The block-diagonal term is summed in the same order as
                 // the outer products, so that the two cancel exactly where
                 // they should (a_il = 1).
-                let j = p / D;
-                let acc = &mut acc[..nw];
-                acc.fill(T::zero());
                 let mut diag = [T::zero(); D];
-                for (i, &xi) in lanes(&x, p, len).iter().enumerate() {
-                    for (o, &v) in acc.iter_mut().zip(&ay[i * nw..(i + 1) * nw]) {
-                        *o += xi * v;
-                    }
-                    for (e, dg) in diag.iter_mut().enumerate() {
-                        *dg += xi * y[(j * D + e) * TILE + i];
-                    }
-                }
-                for (e, &dg) in diag.iter().enumerate() {
-                    acc[j * D + e] -= dg;
+                for (e, dg) in diag.iter_mut().enumerate() {
+                    *dg = dot_lanes(xp, lanes(&y, j * D + e, len));
                 }
                 let row = (first + p) * n + first;
-                for (o, &a) in out[row..row + nw].iter_mut().zip(acc.iter()) {
-                    *o += a.wide();
+                for (q, o) in out[row..row + nw].iter_mut().enumerate() {
+                    let mut v = dot_lanes(xp, lanes(&ay, q, len));
+                    if q / D == j {
+                        v -= diag[q % D];
+                    }
+                    *o += v.wide();
                 }
             }
         }
     }
+}
+
+/// `sum_i a_i b_i` over up to [`TILE`] lanes, in eight interleaved partial
+/// sums added pairwise (a fixed order that vectorises; no fused
+/// multiply-add, as everywhere in the passes).
+#[inline(always)]
+fn dot_lanes<T: Real>(a: &[T], b: &[T]) -> T {
+    let mut part = [T::zero(); 8];
+    let (a8, a_rest) = a.as_chunks::<8>();
+    let (b8, b_rest) = b.as_chunks::<8>();
+    for (x, y) in a8.iter().zip(b8) {
+        for l in 0..8 {
+            part[l] += x[l] * y[l];
+        }
+    }
+    for (l, (&x, &y)) in a_rest.iter().zip(b_rest).enumerate() {
+        part[l] += x * y;
+    }
+    ((part[0] + part[4]) + (part[1] + part[5])) + ((part[2] + part[6]) + (part[3] + part[7]))
 }
 
 /// The weight gradient, direct plus implicit term, written into `out` (m x d):
@@ -321,6 +352,10 @@ pub(super) struct Grad<'a, T, const D: usize> {
 }
 
 impl<T: Real, const D: usize> Pass for Grad<'_, T, D> {
+    fn min_chunk_rows(&self) -> usize {
+        min_chunk_rows(self.geo)
+    }
+
     type Out = [T; D];
 
     #[inline(always)]

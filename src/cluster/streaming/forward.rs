@@ -69,6 +69,10 @@ pub(super) struct Reduce<'a, T, const D: usize> {
 }
 
 impl<T: Real, const D: usize> Pass for Reduce<'_, T, D> {
+    fn min_chunk_rows(&self) -> usize {
+        min_chunk_rows(self.geo)
+    }
+
     type Out = f64;
 
     #[inline(always)]
@@ -145,6 +149,10 @@ pub(super) struct Output<'a, T, const D: usize> {
 }
 
 impl<T: Real, const D: usize> Pass for Output<'_, T, D> {
+    fn min_chunk_rows(&self) -> usize {
+        min_chunk_rows(self.geo)
+    }
+
     type Out = [T; D];
 
     #[inline(always)]

@@ -23,7 +23,7 @@
 //! the results do not depend on it. A sum over rows adds each lane's terms
 //! for `FOLD` tiles in the float type and then in f64 (`LaneSums`).
 //!
-//! With scalar weights (d = 1), at least 32 centroids and the centroids in
+//! With scalar weights (d = 1), at least 8 centroids and the centroids in
 //! ascending order (as the clustered layer keeps them on the CPU), a chunk's
 //! rows are visited in order of value and each tile attends only to the
 //! centroids within reach of its rows: those whose logits are not at least
@@ -53,7 +53,7 @@ pub use forward::{
     counted_reduce, counted_reduce_energy, fixed_point, hard_assign, soft_assign_output,
     soft_assign_reduce,
 };
-pub use visit::cutoff;
+pub use visit::{cutoff, windowed};
 
 use dispatch::*;
 use tile::*;

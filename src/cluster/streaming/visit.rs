@@ -4,9 +4,18 @@
 use super::*;
 
 /// Fewest centroids at which a pass orders its rows and windows its
-/// centroids (see [`Visit`]): below it the attention of a tile spans most
-/// centroids anyway.
-pub(super) const WINDOW_MIN_K: usize = 32;
+/// centroids (see [`Visit`]). With a temperature derived from the weights
+/// the attention of a weight reaches only its few nearest centroids, so
+/// windows pay from k = 8 on (`docs/benchmarks.md`: the clustering part of
+/// a 4-bit ResNet18-CIFAR step takes half as long as without them); at
+/// k = 4 a tile's window holds most centroids anyway.
+pub(super) const WINDOW_MIN_K: usize = 8;
+
+/// Whether passes with geometry `geo` order their rows and window their
+/// centroids (see [`Visit`]; the centroids must also be in ascending order).
+pub fn windowed(geo: &Geometry) -> bool {
+    geo.d == 1 && geo.k >= WINDOW_MIN_K
+}
 
 /// Rows per bucket (on average) of the counting sort that orders a chunk.
 pub(super) const BUCKET_ROWS: usize = 8;
@@ -63,7 +72,7 @@ impl Visit {
         };
         let ascending =
             c.windows(2).all(|p| p[0][0] <= p[1][0]) && c.iter().all(|x| x[0].is_finite());
-        if D != 1 || c.len() < WINDOW_MIN_K || !ascending {
+        if !windowed(geo) || !ascending {
             return visit;
         }
         visit.reach = cutoff::<T>(c.len()) * geo.tau;
@@ -156,7 +165,17 @@ impl Visit {
         };
         // A relative margin covers the rounding of the bound itself.
         let radius = radius * (1.0 + 1e-9) + f64::MIN_POSITIVE;
-        c.partition_point(|&x| x < lo - radius)..c.partition_point(|&x| x <= hi + radius)
+        // The window's ends by walking out from `next`: the window holds a
+        // few centroids, fewer steps than two more binary searches.
+        let mut start = next;
+        while start > 0 && c[start - 1] >= lo - radius {
+            start -= 1;
+        }
+        let mut end = next;
+        while end < c.len() && c[end] <= hi + radius {
+            end += 1;
+        }
+        start..end
     }
 
     /// Loads the tile of `w` (the chunk's weight vectors) at positions `at`
