@@ -96,6 +96,10 @@ pub enum Error {
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 
+    /// A run that cannot be continued from its checkpoint as asked.
+    #[error("cannot continue the run: {0}")]
+    Resume(String),
+
     /// A data set or batching request that cannot be served (not a file's fault).
     #[error("data: {0}")]
     Data(String),

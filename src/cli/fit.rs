@@ -2,12 +2,12 @@
 
 use super::common::{mib, peak_rss, OptimArgs};
 use anyhow::{bail, Context, Result};
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 use idkm::cluster::layer::ForwardStats;
 use idkm::data::{Augment, Batcher, DataSplit, Dataset};
 use idkm::model::{Model, Weights};
 use idkm::quantize::{snapshot, Clustering, LutDType};
-use idkm::train::{evaluate, EpochStats, Trainer};
+use idkm::train::{evaluate, EpochStats, OptimizerState, Trainer};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -84,7 +84,7 @@ pub struct Resume {
     steps: usize,
     epoch: usize,
     batch: usize,
-    optimizer: Vec<(usize, Tensor)>,
+    optimizer: OptimizerState,
 }
 
 impl Resume {
@@ -95,7 +95,7 @@ impl Resume {
         let field = |key: &str| -> Result<&String> {
             meta.get(key).with_context(|| {
                 format!(
-                    "{} holds no run state (`{key}`): it was not written during a run of this idkm with SGD",
+                    "{} holds no run state (`{key}`): it was not written during a run of idkm",
                     path.display()
                 )
             })
@@ -156,7 +156,7 @@ fn interrupted(point: &str, output: &Path) -> anyhow::Error {
 
 /// Trains `model` for `args.epochs` epochs, with `clustering` if given,
 /// reporting each epoch and writing a checkpoint to `output` after each,
-/// with the run's state (see [`Resume`]) when the optimiser can save it.
+/// with the run's state (see [`Resume`]).
 /// From `resume`, the run continues where it stopped. An interrupt
 /// (SIGINT, SIGTERM) ends it after the current step with a checkpoint.
 #[allow(clippy::too_many_arguments)]
@@ -205,19 +205,15 @@ pub fn fit(
     // Writes the checkpoint; with the run's state, where the next step is
     // batch `batch` of epoch `epoch`.
     let save = |trainer: &Trainer, extra: &mut Vec<(&str, String)>, epoch: usize, batch: usize| {
-        let state = trainer.optimizer_state().ok();
-        if let Some(state) = &state {
-            extra.extend([
-                (RUN_STEPS, trainer.steps().to_string()),
-                (RUN_EPOCH, epoch.to_string()),
-                (RUN_BATCH, batch.to_string()),
-                (RUN_SETTINGS, settings_json.clone()),
-            ]);
-            snapshot::save_run(model, clustering, extra, state, output)
-        } else {
-            snapshot::save(model, clustering, extra, output)
-        }
-        .with_context(|| format!("writing {}", output.display()))
+        let state = trainer.optimizer_state();
+        extra.extend([
+            (RUN_STEPS, trainer.steps().to_string()),
+            (RUN_EPOCH, epoch.to_string()),
+            (RUN_BATCH, batch.to_string()),
+            (RUN_SETTINGS, settings_json.clone()),
+        ]);
+        snapshot::save_run(model, clustering, extra, Some(&state), output)
+            .with_context(|| format!("writing {}", output.display()))
     };
     let weights = match clustering {
         Some(c) => Weights::Clustered(c),

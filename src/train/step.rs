@@ -1,7 +1,7 @@
 //! One training step: the same for the trainer, the profiler and the
 //! benchmarks.
 
-use super::Optimizer;
+use super::{Optimizer, OptimizerState};
 use crate::error::{Error, Result};
 use crate::model::{Model, Weights};
 use candle_core::{DType, Tensor};
@@ -39,14 +39,14 @@ impl TrainStep {
 
     /// Continues a run that took `count` steps, with its optimiser's
     /// saved state (see [`Optimizer::state`]).
-    pub fn resume(&mut self, count: usize, state: Vec<(usize, Tensor)>) -> Result<()> {
+    pub fn resume(&mut self, count: usize, state: OptimizerState) -> Result<()> {
         self.optimizer.load_state(state)?;
         self.count = count;
         Ok(())
     }
 
     /// The optimiser's state, for a checkpoint to continue from.
-    pub fn optimizer_state(&self) -> Result<Vec<(usize, Tensor)>> {
+    pub fn optimizer_state(&self) -> OptimizerState {
         self.optimizer.state()
     }
 
