@@ -3,7 +3,7 @@
 use super::common::{mib, peak_rss, OptimArgs};
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
-use idkm::cluster::layer::ForwardStats;
+use idkm::cluster::layer::SolveStats;
 use idkm::data::{Augment, Batcher, DataSplit, Dataset};
 use idkm::model::{Model, Weights};
 use idkm::quantize::{snapshot, Clustering, LutDType};
@@ -23,8 +23,10 @@ pub struct EpochReport {
     pub hard: Option<EpochStats>,
 }
 
-/// One line on an epoch's forward k-means solves.
-fn solve_summary(s: &ForwardStats) -> String {
+/// One line on an epoch's forward k-means solves and adjoint solves, with
+/// the solves that missed their tolerance counted.
+fn solve_summary(stats: &SolveStats) -> String {
+    let s = &stats.forward;
     let mut line = format!(
         "k-means: {} solves, {:.1} iterations (at most {}), {:.1} passes each; distance to the fixed point <= {:.1e} of the spread",
         s.solves,
@@ -44,6 +46,21 @@ fn solve_summary(s: &ForwardStats) -> String {
     ] {
         if count > 0 {
             line.push_str(&format!(", {count} {what}"));
+        }
+    }
+    let a = &stats.adjoint;
+    if a.solves > 0 {
+        line.push_str(&format!(
+            "; adjoint: {} solves, relative residual <= {:.1e}",
+            a.solves, a.max_residual
+        ));
+        if a.missed() > 0 {
+            line.push_str(&format!(
+                ", {} missed --solver-tol ({} best iterates, {} JFB fallbacks)",
+                a.missed(),
+                a.best_iterates,
+                a.fell_back
+            ));
         }
     }
     line
@@ -262,7 +279,6 @@ pub fn fit(
                 output,
             ));
         }
-        let solves = clustering.map(Clustering::take_stats);
         let (test, hard) = match clustering {
             None => (
                 evaluate(
@@ -291,6 +307,9 @@ pub fn fit(
                 (test, Some(hard))
             }
         };
+        // The epoch's solves, the evaluation's included: each solve to miss
+        // its tolerance is warned about once per layer and epoch.
+        let solves = clustering.map(Clustering::take_stats);
         let hard_text = hard
             .map(|h| format!("  {:>9.2}%", 100.0 * h.accuracy))
             .unwrap_or_default();
@@ -304,7 +323,7 @@ pub fn fit(
             train.seconds,
             peak_rss().map(mib).unwrap_or_else(|| "?".into()),
         )?;
-        if let Some(stats) = solves.filter(|s| s.solves > 0) {
+        if let Some(stats) = solves.filter(|s| s.forward.solves > 0) {
             writeln!(out, "        {}", solve_summary(&stats))?;
         }
         let mut extra = vec![

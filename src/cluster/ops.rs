@@ -4,7 +4,7 @@
 //! `cuda` feature, `cuda_fwd` runs their CUDA kernels (f32 only) through the
 //! launchers of `cuda`.
 
-use super::backward::{implicit_backward, Adjoint, BackwardConfig};
+use super::backward::{implicit_backward, Adjoint, AdjointLog, BackwardConfig};
 use super::binned;
 use super::config::Forward;
 use super::forward::{self, ForwardFactor};
@@ -256,7 +256,7 @@ pub struct SoftAssign {
     /// Backward settings.
     pub backward: BackwardConfig,
     /// Filled by each backward pass.
-    pub adjoint: Arc<Mutex<Option<Adjoint>>>,
+    pub adjoint: Arc<Mutex<AdjointLog>>,
     /// The forward solve's factorisation, which the backward reuses when it
     /// belongs to the same weights and centroids.
     pub factor: Arc<Mutex<Option<ForwardFactor>>>,
@@ -336,7 +336,12 @@ impl CustomOp3 for ImplicitGrad {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let op = &self.0;
-        let run = |adjoint: Adjoint| *op.adjoint.lock().expect("adjoint lock") = Some(adjoint);
+        let run = |adjoint: Adjoint| {
+            op.adjoint
+                .lock()
+                .expect("adjoint lock")
+                .record(adjoint, &op.tensor, op.backward.tol)
+        };
         let factor = op.factor.lock().expect("factor lock").clone();
         let out = match (s1, s2, s3) {
             (CpuStorage::F32(w), CpuStorage::F32(c), CpuStorage::F32(g)) => {
@@ -403,7 +408,10 @@ impl CustomOp3 for ImplicitGrad {
         let p = cuda::Problem::new(m, d, &op.geo)?;
         let (out, adjoint) =
             cuda::implicit_backward(dev, &p, &w, &c, &g, &op.backward, &op.tensor)?;
-        *op.adjoint.lock().expect("adjoint lock") = Some(adjoint);
+        op.adjoint
+            .lock()
+            .expect("adjoint lock")
+            .record(adjoint, &op.tensor, op.backward.tol);
         Ok((
             CudaStorage::wrap_cuda_slice(out, dev.clone()),
             l1.shape().clone(),

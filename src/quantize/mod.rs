@@ -60,8 +60,9 @@ impl Clustering {
         Ok(())
     }
 
-    /// The summary of every layer's forward solves since the last call, reset.
-    pub fn take_stats(&self) -> crate::cluster::layer::ForwardStats {
+    /// The summary of every layer's forward and adjoint solves since the
+    /// last call, reset.
+    pub fn take_stats(&self) -> crate::cluster::layer::SolveStats {
         self.layers.values().fold(Default::default(), |all, layer| {
             all.merge(&layer.take_stats())
         })
