@@ -53,6 +53,8 @@ struct State {
     stats: ForwardStats,
     /// Problems already warned about (see [`ClusteredWeight::check`]).
     warned: Warned,
+    /// What became non-finite in a forward solve, until taken.
+    diverged: Option<String>,
 }
 
 /// Which problems of the forward solve a layer has warned about (once each).
@@ -388,6 +390,7 @@ impl ClusteredWeight {
             tol: self.config.tol * spread,
             spread,
             report: Mutex::default(),
+            failure: Mutex::default(),
             factor: self.factor.clone(),
             settle: self.config.method == Method::Idkm
                 && matches!(
@@ -397,7 +400,16 @@ impl ClusteredWeight {
                     Solver::Dense
                 ),
         };
-        let c = vectors.detach().apply_op2_no_bwd(&c0, &op)?;
+        let c = match vectors.detach().apply_op2_no_bwd(&c0, &op) {
+            Ok(c) => c,
+            Err(e) => {
+                if let Some(failure) = op.failure.lock().expect("failure lock").take() {
+                    self.state.lock().expect("state lock").diverged = Some(failure);
+                }
+                return Err(e.into());
+            }
+        };
+        self.check_centroids(&c)?;
         let report = *op.report.lock().expect("report lock");
         let mut state = self.state.lock().expect("state lock");
         state.start = Some(c0);
@@ -409,6 +421,30 @@ impl ClusteredWeight {
         }
         state.report = report;
         Ok(c)
+    }
+
+    /// Fails (and records, see [`Self::take_divergence`]) when the
+    /// centroids `c` of a solve hold a non-finite value.
+    fn check_centroids(&self, c: &Tensor) -> Result<()> {
+        let host: Vec<f64> = c.detach().to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
+        let Some(index) = host.iter().position(|x| !x.is_finite()) else {
+            return Ok(());
+        };
+        let detail = format!(
+            "the solve's centroids hold {} at index {index}",
+            host[index]
+        );
+        self.state.lock().expect("state lock").diverged = Some(detail.clone());
+        Err(Error::Numerical(format!(
+            "the k-means solve of `{}`: {detail}",
+            self.name
+        )))
+    }
+
+    /// What became non-finite in a forward solve since the last call (a
+    /// step diagnosing its divergence), reset.
+    pub fn take_divergence(&self) -> Option<String> {
+        self.state.lock().expect("state lock").diverged.take()
     }
 
     /// Warns when a forward solve missed its tolerance (once per layer
@@ -465,6 +501,7 @@ impl ClusteredWeight {
                     self.config.max_iter,
                     self.config.tol * spread,
                 )?;
+                self.check_centroids(&c)?;
                 let host: Vec<f64> = c.detach().to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
                 let report = ForwardReport {
                     iterations: steps,

@@ -94,6 +94,8 @@ pub struct FixedPoint {
     pub spread: f64,
     /// Filled by the forward pass.
     pub report: Mutex<Option<ForwardReport>>,
+    /// Filled when the solve failed on non-finite values (what failed).
+    pub failure: Mutex<Option<String>>,
     /// Filled by a Newton forward pass on the CPU, for the backward; the
     /// previous one is the first matrix of a warm start.
     pub factor: Arc<Mutex<Option<ForwardFactor>>>,
@@ -130,7 +132,12 @@ impl FixedPoint {
                     self.spread,
                     warm,
                     self.settle,
-                )?;
+                )
+                .inspect_err(|e| {
+                    if let Error::Numerical(what) = e {
+                        *self.failure.lock().expect("failure lock") = Some(what.clone());
+                    }
+                })?;
                 let spread = self.spread.max(f64::MIN_POSITIVE);
                 let distance = solution
                     .c

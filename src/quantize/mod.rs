@@ -147,4 +147,18 @@ impl WeightSource for Clustering {
     fn weight(&self, name: &str, param: &Tensor) -> Result<Tensor> {
         Clustering::weight(self, name, param)
     }
+
+    fn replaces(&self, name: &str) -> bool {
+        self.layers.contains_key(name)
+    }
+
+    fn take_divergence(&self) -> Option<(String, String)> {
+        let mut found = None;
+        for (name, layer) in &self.layers {
+            if let Some(detail) = layer.take_divergence() {
+                found.get_or_insert((name.clone(), detail));
+            }
+        }
+        found
+    }
 }
