@@ -24,13 +24,21 @@ pub enum Error {
     /// system, a missing gradient).
     #[error("numerical failure: {0}")]
     Numerical(String),
-    /// Training diverged.
-    #[error("the loss became {value} at step {step}: lower the learning rate (or raise tau)")]
-    NonFiniteLoss {
-        /// The loss.
-        value: f64,
+    /// Training diverged: a value became NaN or infinite. Nothing of the
+    /// step was applied past the stage, and no checkpoint is written.
+    #[error(
+        "training diverged at step {step}, in the {stage}{}: {detail} (lower the learning rate, or raise tau; the last checkpoint is kept)",
+        .layer.as_ref().map(|l| format!(" of `{l}`")).unwrap_or_default()
+    )]
+    Diverged {
         /// Steps taken before it.
         step: usize,
+        /// Where the non-finite value appeared.
+        stage: Stage,
+        /// The layer (weight name), where known.
+        layer: Option<String>,
+        /// What became non-finite.
+        detail: String,
     },
 
     /// The tensor cannot be split into vectors of the cluster dimension.
@@ -96,9 +104,41 @@ pub enum Error {
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 
+    /// A run that cannot be continued from its checkpoint as asked.
+    #[error("cannot continue the run: {0}")]
+    Resume(String),
+
     /// A data set or batching request that cannot be served (not a file's fault).
     #[error("data: {0}")]
     Data(String),
+}
+
+/// The stage of a training step where a value became non-finite (see
+/// [`Error::Diverged`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// The forward k-means solve of a clustered layer (its centroids).
+    ForwardKmeans,
+    /// The loss of the batch.
+    Loss,
+    /// The implicit backward of a clustered layer (its weight gradient).
+    AdjointSolve,
+    /// The backward pass of a layer that is not clustered.
+    Backward,
+    /// The optimiser's update (a parameter after it).
+    Optimizer,
+}
+
+impl std::fmt::Display for Stage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Stage::ForwardKmeans => "forward k-means",
+            Stage::Loss => "loss",
+            Stage::AdjointSolve => "adjoint solve",
+            Stage::Backward => "backward",
+            Stage::Optimizer => "optimizer",
+        })
+    }
 }
 
 /// Result alias of the library.

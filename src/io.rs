@@ -1,5 +1,6 @@
 //! File output that never leaves a half-written file behind.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// A sibling temporary path of `path` in the same directory (so that the
@@ -61,9 +62,27 @@ fn remove_stale_temporaries(path: &Path) {
     }
 }
 
-/// Writes `bytes` to `path` with [`write_atomic`].
+/// Writes `bytes` to `path` with [`write_atomic`]. An error (a full disk,
+/// an unwritable directory) names `path` and keeps the OS error's kind;
+/// the previous file is left as it was and the temporary file removed.
 pub fn write_bytes_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    write_atomic(path, |tmp| std::fs::write(tmp, bytes))
+    write_through(path, |file| file, |w| w.write_all(bytes))
+}
+
+/// [`write_atomic`] of the file that `fill` writes into the writer that
+/// `wrap` makes of the temporary file (the file itself, or in the tests
+/// one that fails part way). Errors name `path`.
+fn write_through<W: Write>(
+    path: &Path,
+    wrap: impl FnOnce(std::fs::File) -> W,
+    fill: impl FnOnce(&mut W) -> std::io::Result<()>,
+) -> std::io::Result<()> {
+    write_atomic(path, |tmp| {
+        let mut writer = wrap(std::fs::File::create(tmp)?);
+        fill(&mut writer)?;
+        writer.flush()
+    })
+    .map_err(|e| std::io::Error::new(e.kind(), format!("writing {}: {e}", path.display())))
 }
 
 /// Flushes a written file's data and metadata to the disk.
@@ -120,5 +139,67 @@ mod tests {
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
         write_atomic::<std::io::Error>(&path, |tmp| std::fs::write(tmp, b"new")).unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), b"new");
+    }
+
+    /// A file that takes `room` bytes, then fails as a full disk does
+    /// (ENOSPC).
+    struct FullAfter {
+        file: std::fs::File,
+        room: usize,
+    }
+
+    impl Write for FullAfter {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            if self.room == 0 {
+                return Err(std::io::Error::from_raw_os_error(28));
+            }
+            let n = buf.len().min(self.room);
+            self.room -= n;
+            self.file.write(&buf[..n])
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            self.file.flush()
+        }
+    }
+
+    /// A disk that fills up part way through a write: the previous file
+    /// is left as it was, the temporary file is removed, and the error
+    /// names the destination and the OS error (its kind kept).
+    #[test]
+    fn a_full_disk_leaves_the_previous_file_and_no_temporary() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run.safetensors");
+        std::fs::write(&path, b"the previous checkpoint").unwrap();
+        let e = write_through(
+            &path,
+            |file| FullAfter { file, room: 4096 },
+            |w| w.write_all(&[7u8; 100_000]),
+        )
+        .unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::StorageFull, "{e}");
+        let message = e.to_string();
+        assert!(
+            message.contains(&path.display().to_string())
+                && message.contains("No space left on device (os error 28)"),
+            "{message}"
+        );
+        assert_eq!(std::fs::read(&path).unwrap(), b"the previous checkpoint");
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, [std::ffi::OsString::from("run.safetensors")]);
+        // The same write with room enough replaces the file.
+        write_through(
+            &path,
+            |file| FullAfter {
+                file,
+                room: 200_000,
+            },
+            |w| w.write_all(&[7u8; 100_000]),
+        )
+        .unwrap();
+        assert_eq!(std::fs::read(&path).unwrap().len(), 100_000);
     }
 }

@@ -1,8 +1,8 @@
 //! Runs survive interrupts: `idkm quantize` interrupted with SIGINT in the
 //! middle of a seeded run writes a checkpoint and says how to continue;
 //! continued with `--resume`, the run ends with the weights, centroids and
-//! test accuracy of the uninterrupted run, bit for bit. A continuation with
-//! other settings is refused, naming the setting.
+//! test accuracy of the uninterrupted run, bit for bit, with SGD and with
+//! AdamW. A continuation with other settings is refused, naming the setting.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -92,14 +92,52 @@ fn past_the_first_epoch(args: &[String]) -> (std::process::Child, String) {
 
 #[test]
 fn an_interrupted_run_continues_to_the_uninterrupted_result() {
+    continues_to_the_uninterrupted_result(&[], ("--lr", "0.05", "--lr 0.02, not 0.05"));
+}
+
+/// The same with AdamW, whose moments and step count the checkpoint holds;
+/// the state of one optimiser is refused to the other, naming the flag.
+#[test]
+fn an_interrupted_adamw_run_continues_to_the_uninterrupted_result() {
+    continues_to_the_uninterrupted_result(
+        &[
+            "--optimizer",
+            "adamw",
+            "--lr",
+            "0.002",
+            "--weight-decay",
+            "0.01",
+        ],
+        ("--optimizer", "sgd", "--optimizer adamw, not sgd"),
+    );
+}
+
+/// [`quantize_args`] with `extra` flags (later ones win), run whole, then
+/// interrupted after its first epoch and continued: the two end alike, bit
+/// for bit. Before that, a continuation with `flag` set to `other` is
+/// refused with `refusal` in its message.
+fn continues_to_the_uninterrupted_result(
+    extra: &[&str],
+    (flag, other, refusal): (&str, &str, &str),
+) {
     let data = fashion_mnist();
     let dir = tempfile::tempdir().unwrap();
     let (whole, parts) = (
         dir.path().join("whole.safetensors"),
         dir.path().join("parts.safetensors"),
     );
+    let args = |output: &Path| -> Vec<String> {
+        let mut args = quantize_args(&data, output);
+        for pair in extra.chunks(2) {
+            match args.iter().position(|a| a == pair[0]) {
+                Some(i) => args[i + 1] = pair[1].to_string(),
+                None => args.extend(pair.iter().map(|s| s.to_string())),
+            }
+        }
+        args
+    };
 
-    let run = idkm(&quantize_args(&data, &whole));
+    let run = idkm(&args(&whole));
     assert!(
         run.status.success(),
         "{}",
@@ -107,7 +145,7 @@ fn an_interrupted_run_continues_to_the_uninterrupted_result() {
     );
 
     // The same run, interrupted once its first epoch is reported.
-    let (child, first_epoch) = past_the_first_epoch(&quantize_args(&data, &parts));
+    let (child, first_epoch) = past_the_first_epoch(&args(&parts));
     let interrupt = Command::new("kill")
         .args(["-INT", &child.id().to_string()])
         .status()
@@ -127,14 +165,14 @@ fn an_interrupted_run_continues_to_the_uninterrupted_result() {
     assert!(meta.contains_key("idkm.run.steps"), "{meta:?}");
 
     // Other settings are refused, naming the flag.
-    let mut other = quantize_args(&data, &parts);
-    let lr = other.iter().position(|a| a == "--lr").unwrap() + 1;
-    other[lr] = "0.05".into();
-    other.extend(["--resume".into(), parts.to_str().unwrap().into()]);
-    let refused = idkm(&other);
+    let mut different = args(&parts);
+    let at = different.iter().position(|a| a == flag).unwrap() + 1;
+    different[at] = other.into();
+    different.extend(["--resume".into(), parts.to_str().unwrap().into()]);
+    let refused = idkm(&different);
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(
-        !refused.status.success() && stderr.contains("--lr 0.02, not 0.05"),
+        !refused.status.success() && stderr.contains(refusal),
         "{stderr}"
     );
     assert_eq!(
@@ -143,7 +181,7 @@ fn an_interrupted_run_continues_to_the_uninterrupted_result() {
         "a refused continuation wrote the checkpoint"
     );
 
-    let mut resume = quantize_args(&data, &parts);
+    let mut resume = args(&parts);
     resume.extend(["--resume".into(), parts.to_str().unwrap().into()]);
     let continued = idkm(&resume);
     assert!(
@@ -166,6 +204,8 @@ fn an_interrupted_run_continues_to_the_uninterrupted_result() {
         "idkm.hard_accuracy",
         "idkm.tau",
         "idkm.run.steps",
+        "idkm.optimizer",
+        "idkm.optimizer.steps",
     ] {
         assert_eq!(meta_a.get(key), meta_b.get(key), "{key}");
     }

@@ -374,8 +374,11 @@ pub fn save(
         .map(|(name, t)| Ok((name.clone(), t.to_device(&Device::Cpu)?)))
         .collect::<Result<BTreeMap<String, Tensor>>>()?;
     crate::io::write_atomic::<std::io::Error>(path, |tmp| {
-        safetensors::serialize_to_file(&tensors, Some(metadata.clone()), tmp)
-            .map_err(std::io::Error::other)
+        safetensors::serialize_to_file(&tensors, Some(metadata.clone()), tmp).map_err(|e| match e {
+            // The OS error itself (a full disk keeps its kind and message).
+            safetensors::SafeTensorError::IoError(e) => e,
+            other => std::io::Error::other(other),
+        })
     })
     .map_err(io_error(path))
 }

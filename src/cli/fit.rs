@@ -2,12 +2,12 @@
 
 use super::common::{mib, peak_rss, OptimArgs};
 use anyhow::{bail, Context, Result};
-use candle_core::{Device, Tensor};
-use idkm::cluster::layer::ForwardStats;
+use candle_core::Device;
+use idkm::cluster::layer::SolveStats;
 use idkm::data::{Augment, Batcher, DataSplit, Dataset};
 use idkm::model::{Model, Weights};
 use idkm::quantize::{snapshot, Clustering, LutDType};
-use idkm::train::{evaluate, EpochStats, Trainer};
+use idkm::train::{evaluate, EpochStats, OptimizerState, Trainer};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -23,8 +23,10 @@ pub struct EpochReport {
     pub hard: Option<EpochStats>,
 }
 
-/// One line on an epoch's forward k-means solves.
-fn solve_summary(s: &ForwardStats) -> String {
+/// One line on an epoch's forward k-means solves and adjoint solves, with
+/// the solves that missed their tolerance counted.
+fn solve_summary(stats: &SolveStats) -> String {
+    let s = &stats.forward;
     let mut line = format!(
         "k-means: {} solves, {:.1} iterations (at most {}), {:.1} passes each; distance to the fixed point <= {:.1e} of the spread",
         s.solves,
@@ -44,6 +46,21 @@ fn solve_summary(s: &ForwardStats) -> String {
     ] {
         if count > 0 {
             line.push_str(&format!(", {count} {what}"));
+        }
+    }
+    let a = &stats.adjoint;
+    if a.solves > 0 {
+        line.push_str(&format!(
+            "; adjoint: {} solves, relative residual <= {:.1e}",
+            a.solves, a.max_residual
+        ));
+        if a.missed() > 0 {
+            line.push_str(&format!(
+                ", {} missed --solver-tol ({} best iterates, {} JFB fallbacks)",
+                a.missed(),
+                a.best_iterates,
+                a.fell_back
+            ));
         }
     }
     line
@@ -84,7 +101,7 @@ pub struct Resume {
     steps: usize,
     epoch: usize,
     batch: usize,
-    optimizer: Vec<(usize, Tensor)>,
+    optimizer: OptimizerState,
 }
 
 impl Resume {
@@ -95,7 +112,7 @@ impl Resume {
         let field = |key: &str| -> Result<&String> {
             meta.get(key).with_context(|| {
                 format!(
-                    "{} holds no run state (`{key}`): it was not written during a run of this idkm with SGD",
+                    "{} holds no run state (`{key}`): it was not written during a run of idkm",
                     path.display()
                 )
             })
@@ -156,7 +173,7 @@ fn interrupted(point: &str, output: &Path) -> anyhow::Error {
 
 /// Trains `model` for `args.epochs` epochs, with `clustering` if given,
 /// reporting each epoch and writing a checkpoint to `output` after each,
-/// with the run's state (see [`Resume`]) when the optimiser can save it.
+/// with the run's state (see [`Resume`]).
 /// From `resume`, the run continues where it stopped. An interrupt
 /// (SIGINT, SIGTERM) ends it after the current step with a checkpoint.
 #[allow(clippy::too_many_arguments)]
@@ -205,19 +222,15 @@ pub fn fit(
     // Writes the checkpoint; with the run's state, where the next step is
     // batch `batch` of epoch `epoch`.
     let save = |trainer: &Trainer, extra: &mut Vec<(&str, String)>, epoch: usize, batch: usize| {
-        let state = trainer.optimizer_state().ok();
-        if let Some(state) = &state {
-            extra.extend([
-                (RUN_STEPS, trainer.steps().to_string()),
-                (RUN_EPOCH, epoch.to_string()),
-                (RUN_BATCH, batch.to_string()),
-                (RUN_SETTINGS, settings_json.clone()),
-            ]);
-            snapshot::save_run(model, clustering, extra, state, output)
-        } else {
-            snapshot::save(model, clustering, extra, output)
-        }
-        .with_context(|| format!("writing {}", output.display()))
+        let state = trainer.optimizer_state();
+        extra.extend([
+            (RUN_STEPS, trainer.steps().to_string()),
+            (RUN_EPOCH, epoch.to_string()),
+            (RUN_BATCH, batch.to_string()),
+            (RUN_SETTINGS, settings_json.clone()),
+        ]);
+        snapshot::save_run(model, clustering, extra, Some(&state), output)
+            .with_context(|| format!("writing {}", output.display()))
     };
     let weights = match clustering {
         Some(c) => Weights::Clustered(c),
@@ -266,7 +279,6 @@ pub fn fit(
                 output,
             ));
         }
-        let solves = clustering.map(Clustering::take_stats);
         let (test, hard) = match clustering {
             None => (
                 evaluate(
@@ -295,6 +307,9 @@ pub fn fit(
                 (test, Some(hard))
             }
         };
+        // The epoch's solves, the evaluation's included: each solve to miss
+        // its tolerance is warned about once per layer and epoch.
+        let solves = clustering.map(Clustering::take_stats);
         let hard_text = hard
             .map(|h| format!("  {:>9.2}%", 100.0 * h.accuracy))
             .unwrap_or_default();
@@ -308,7 +323,7 @@ pub fn fit(
             train.seconds,
             peak_rss().map(mib).unwrap_or_else(|| "?".into()),
         )?;
-        if let Some(stats) = solves.filter(|s| s.solves > 0) {
+        if let Some(stats) = solves.filter(|s| s.forward.solves > 0) {
             writeln!(out, "        {}", solve_summary(&stats))?;
         }
         let mut extra = vec![

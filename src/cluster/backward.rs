@@ -42,6 +42,94 @@ pub enum Adjoint {
     },
 }
 
+/// A summary of adjoint solves (for the epoch log).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct AdjointStats {
+    /// Backward passes that ran a solver (not JFB, not a reused factorisation).
+    pub solves: usize,
+    /// Solves that missed their tolerance and used their best iterate.
+    pub best_iterates: usize,
+    /// Solves that missed their tolerance and fell back to JFB.
+    pub fell_back: usize,
+    /// The largest relative residual of a solve.
+    pub max_residual: f64,
+}
+
+impl AdjointStats {
+    /// Solves that missed their tolerance.
+    pub fn missed(&self) -> usize {
+        self.best_iterates + self.fell_back
+    }
+
+    /// The summary of `self` and `other` together.
+    pub fn merge(&self, other: &AdjointStats) -> AdjointStats {
+        AdjointStats {
+            solves: self.solves + other.solves,
+            best_iterates: self.best_iterates + other.best_iterates,
+            fell_back: self.fell_back + other.fell_back,
+            max_residual: self.max_residual.max(other.max_residual),
+        }
+    }
+}
+
+/// The adjoints of one layer's backward passes: the last one, and the
+/// summary since [`AdjointLog::take_stats`].
+#[derive(Debug, Default)]
+pub struct AdjointLog {
+    /// How the adjoint of the last backward pass was obtained.
+    pub last: Option<Adjoint>,
+    stats: AdjointStats,
+    /// Whether a missed tolerance was warned about since the last summary.
+    warned: bool,
+}
+
+impl AdjointLog {
+    /// Records the adjoint of a backward pass of the layer `name` (solved
+    /// to tolerance `tol`). The first solve to miss its tolerance since the
+    /// last summary is a warning; later ones are counted in the summary.
+    pub fn record(&mut self, adjoint: Adjoint, name: &str, tol: f64) {
+        self.last = Some(adjoint);
+        let report = match adjoint {
+            Adjoint::Solved(r) | Adjoint::BestIterate(r) | Adjoint::FellBackToJfb(r) => r,
+            Adjoint::JacobianFree | Adjoint::Reused { .. } => return,
+        };
+        let stats = &mut self.stats;
+        stats.solves += 1;
+        if report.rel_residual.is_finite() {
+            stats.max_residual = stats.max_residual.max(report.rel_residual);
+        }
+        let what = match adjoint {
+            Adjoint::BestIterate(_) => {
+                stats.best_iterates += 1;
+                "using its best iterate"
+            }
+            Adjoint::FellBackToJfb(_) => {
+                stats.fell_back += 1;
+                "it diverged: falling back to the Jacobian-free (JFB) gradient"
+            }
+            _ => return,
+        };
+        if !self.warned {
+            self.warned = true;
+            tracing::warn!(
+                layer = name,
+                steps = report.steps,
+                residual = report.rel_residual,
+                tol,
+                "the adjoint solve missed its tolerance ({what}): raise --solver-max-steps \
+                 (further cases this epoch are counted in the epoch summary)"
+            );
+        }
+    }
+
+    /// The summary since the last call, reset (the next missed tolerance
+    /// is warned about again).
+    pub fn take_stats(&mut self) -> AdjointStats {
+        self.warned = false;
+        std::mem::take(&mut self.stats)
+    }
+}
+
 /// Computes `dL/dW` (m x d) into `out` for upstream gradient `g` (m x d) at the
 /// fixed point `c` (k x d). The dense solver reuses `factor`, the forward
 /// solve's factorisation, when given. `name` labels the log lines.
@@ -142,7 +230,8 @@ pub fn symmetrised_cg(
 /// converged gives [`Adjoint::Solved`]; a missed tolerance with a relative
 /// residual below 1 (better than `u = 0`) gives [`Adjoint::BestIterate`];
 /// otherwise [`Adjoint::FellBackToJfb`]. Logs the outcome for the layer
-/// `name` (debug when solved, warn otherwise). Returns the outcome and
+/// `name` at debug level (a missed tolerance is warned about by the
+/// layer's [`AdjointLog`], once per summary). Returns the outcome and
 /// whether to use the solver's `u` (`true`) or the JFB adjoint `u = h`.
 pub(crate) fn fallback(report: SolveReport, tol: f64, name: &str) -> (Adjoint, bool) {
     if report.converged {
@@ -154,7 +243,7 @@ pub(crate) fn fallback(report: SolveReport, tol: f64, name: &str) -> (Adjoint, b
         );
         (Adjoint::Solved(report), true)
     } else if report.rel_residual < 1.0 {
-        tracing::warn!(
+        tracing::debug!(
             layer = name,
             steps = report.steps,
             residual = report.rel_residual,
@@ -163,7 +252,7 @@ pub(crate) fn fallback(report: SolveReport, tol: f64, name: &str) -> (Adjoint, b
         );
         (Adjoint::BestIterate(report), true)
     } else {
-        tracing::warn!(
+        tracing::debug!(
             layer = name,
             steps = report.steps,
             residual = report.rel_residual,

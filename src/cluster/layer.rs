@@ -1,8 +1,8 @@
 //! A clustered weight: soft k-means on the forward pass, with warm start,
 //! the configured gradient, hard assignment for inference and export.
 
-use super::backward::{Adjoint, BackwardConfig};
-use super::config::{Forward, Init, KmeansConfig, Method, Solver};
+use super::backward::{Adjoint, AdjointLog, AdjointStats, BackwardConfig};
+use super::config::{Init, KmeansConfig, Method, Solver};
 use super::forward::ForwardFactor;
 use super::newton::{self, ForwardReport};
 use super::ops::{FixedPoint, HardAssign, ImplicitGrad, SoftAssign};
@@ -34,7 +34,7 @@ pub struct ClusteredWeight {
     name: String,
     config: KmeansConfig,
     state: Mutex<State>,
-    adjoint: Arc<Mutex<Option<Adjoint>>>,
+    adjoint: Arc<Mutex<AdjointLog>>,
     factor: Arc<Mutex<Option<ForwardFactor>>>,
 }
 
@@ -53,6 +53,8 @@ struct State {
     stats: ForwardStats,
     /// Problems already warned about (see [`ClusteredWeight::check`]).
     warned: Warned,
+    /// What became non-finite in a forward solve, until taken.
+    diverged: Option<String>,
 }
 
 /// Which problems of the forward solve a layer has warned about (once each).
@@ -91,6 +93,25 @@ pub struct ForwardStats {
     pub unconverged: usize,
     /// Solves that ended where the curvature was not positive definite.
     pub unstable: usize,
+}
+
+/// A summary of the forward and the adjoint solves (for the epoch log).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct SolveStats {
+    /// The forward k-means solves.
+    pub forward: ForwardStats,
+    /// The adjoint solves of the backward passes.
+    pub adjoint: AdjointStats,
+}
+
+impl SolveStats {
+    /// The summary of `self` and `other` together.
+    pub fn merge(&self, other: &SolveStats) -> SolveStats {
+        SolveStats {
+            forward: self.forward.merge(&other.forward),
+            adjoint: self.adjoint.merge(&other.adjoint),
+        }
+    }
 }
 
 impl ForwardStats {
@@ -369,6 +390,7 @@ impl ClusteredWeight {
             tol: self.config.tol * spread,
             spread,
             report: Mutex::default(),
+            failure: Mutex::default(),
             factor: self.factor.clone(),
             settle: self.config.method == Method::Idkm
                 && matches!(
@@ -378,7 +400,16 @@ impl ClusteredWeight {
                     Solver::Dense
                 ),
         };
-        let c = vectors.detach().apply_op2_no_bwd(&c0, &op)?;
+        let c = match vectors.detach().apply_op2_no_bwd(&c0, &op) {
+            Ok(c) => c,
+            Err(e) => {
+                if let Some(failure) = op.failure.lock().expect("failure lock").take() {
+                    self.state.lock().expect("state lock").diverged = Some(failure);
+                }
+                return Err(e.into());
+            }
+        };
+        self.check_centroids(&c)?;
         let report = *op.report.lock().expect("report lock");
         let mut state = self.state.lock().expect("state lock");
         state.start = Some(c0);
@@ -392,18 +423,43 @@ impl ClusteredWeight {
         Ok(c)
     }
 
-    /// Warns (once per layer and kind) when a forward solve missed its
-    /// tolerance, merged centroids, ended at an unstable point or at a
-    /// badly conditioned one, with the numbers.
+    /// Fails (and records, see [`Self::take_divergence`]) when the
+    /// centroids `c` of a solve hold a non-finite value.
+    fn check_centroids(&self, c: &Tensor) -> Result<()> {
+        let host: Vec<f64> = c.detach().to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
+        let Some(index) = host.iter().position(|x| !x.is_finite()) else {
+            return Ok(());
+        };
+        let detail = format!(
+            "the solve's centroids hold {} at index {index}",
+            host[index]
+        );
+        self.state.lock().expect("state lock").diverged = Some(detail.clone());
+        Err(Error::Numerical(format!(
+            "the k-means solve of `{}`: {detail}",
+            self.name
+        )))
+    }
+
+    /// What became non-finite in a forward solve since the last call (a
+    /// step diagnosing its divergence), reset.
+    pub fn take_divergence(&self) -> Option<String> {
+        self.state.lock().expect("state lock").diverged.take()
+    }
+
+    /// Warns when a forward solve missed its tolerance (once per layer
+    /// and summary, see [`Self::take_stats`]), merged centroids, ended at
+    /// an unstable point or at a badly conditioned one (once per layer),
+    /// with the numbers.
     fn check(&self, r: &ForwardReport, warned: &mut Warned) {
         let k = self.config.k();
         let name = &self.name;
-        if !r.converged && self.config.forward == Forward::Newton && !warned.unconverged {
+        if !r.converged && !warned.unconverged {
             warned.unconverged = true;
             tracing::warn!(
                 layer = %name, iterations = r.iterations, distance = r.distance, residual = r.residual,
                 "the k-means solve stopped at --max-iter before its tolerance: the gradient is that of a nearby point \
-                 (raise --max-iter; further cases are counted in the epoch summary)"
+                 (raise --max-iter; further cases this epoch are counted in the epoch summary)"
             );
         }
         if r.distinct < k && !warned.merged {
@@ -445,6 +501,7 @@ impl ClusteredWeight {
                     self.config.max_iter,
                     self.config.tol * spread,
                 )?;
+                self.check_centroids(&c)?;
                 let host: Vec<f64> = c.detach().to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
                 let report = ForwardReport {
                     iterations: steps,
@@ -584,14 +641,21 @@ impl ClusteredWeight {
         self.state.lock().expect("state lock").report
     }
 
-    /// The summary of the forward solves since the last call, reset.
-    pub fn take_stats(&self) -> ForwardStats {
-        std::mem::take(&mut self.state.lock().expect("state lock").stats)
+    /// The summary of the forward and adjoint solves since the last call
+    /// (an epoch), reset: the next solve to miss its tolerance is warned
+    /// about again.
+    pub fn take_stats(&self) -> SolveStats {
+        let mut state = self.state.lock().expect("state lock");
+        state.warned.unconverged = false;
+        SolveStats {
+            forward: std::mem::take(&mut state.stats),
+            adjoint: self.adjoint.lock().expect("adjoint lock").take_stats(),
+        }
     }
 
     /// How the adjoint of the last backward pass was obtained.
     pub fn last_adjoint(&self) -> Option<Adjoint> {
-        *self.adjoint.lock().expect("adjoint lock")
+        self.adjoint.lock().expect("adjoint lock").last
     }
 
     /// Hard assignment for export: `(indices [m] u32, centroids [k, d])`, with

@@ -4,7 +4,7 @@
 //! `cuda` feature, `cuda_fwd` runs their CUDA kernels (f32 only) through the
 //! launchers of `cuda`.
 
-use super::backward::{implicit_backward, Adjoint, BackwardConfig};
+use super::backward::{implicit_backward, Adjoint, AdjointLog, BackwardConfig};
 use super::binned;
 use super::config::Forward;
 use super::forward::{self, ForwardFactor};
@@ -94,6 +94,8 @@ pub struct FixedPoint {
     pub spread: f64,
     /// Filled by the forward pass.
     pub report: Mutex<Option<ForwardReport>>,
+    /// Filled when the solve failed on non-finite values (what failed).
+    pub failure: Mutex<Option<String>>,
     /// Filled by a Newton forward pass on the CPU, for the backward; the
     /// previous one is the first matrix of a warm start.
     pub factor: Arc<Mutex<Option<ForwardFactor>>>,
@@ -130,7 +132,12 @@ impl FixedPoint {
                     self.spread,
                     warm,
                     self.settle,
-                )?;
+                )
+                .inspect_err(|e| {
+                    if let Error::Numerical(what) = e {
+                        *self.failure.lock().expect("failure lock") = Some(what.clone());
+                    }
+                })?;
                 let spread = self.spread.max(f64::MIN_POSITIVE);
                 let distance = solution
                     .c
@@ -256,7 +263,7 @@ pub struct SoftAssign {
     /// Backward settings.
     pub backward: BackwardConfig,
     /// Filled by each backward pass.
-    pub adjoint: Arc<Mutex<Option<Adjoint>>>,
+    pub adjoint: Arc<Mutex<AdjointLog>>,
     /// The forward solve's factorisation, which the backward reuses when it
     /// belongs to the same weights and centroids.
     pub factor: Arc<Mutex<Option<ForwardFactor>>>,
@@ -336,7 +343,12 @@ impl CustomOp3 for ImplicitGrad {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let op = &self.0;
-        let run = |adjoint: Adjoint| *op.adjoint.lock().expect("adjoint lock") = Some(adjoint);
+        let run = |adjoint: Adjoint| {
+            op.adjoint
+                .lock()
+                .expect("adjoint lock")
+                .record(adjoint, &op.tensor, op.backward.tol)
+        };
         let factor = op.factor.lock().expect("factor lock").clone();
         let out = match (s1, s2, s3) {
             (CpuStorage::F32(w), CpuStorage::F32(c), CpuStorage::F32(g)) => {
@@ -403,7 +415,10 @@ impl CustomOp3 for ImplicitGrad {
         let p = cuda::Problem::new(m, d, &op.geo)?;
         let (out, adjoint) =
             cuda::implicit_backward(dev, &p, &w, &c, &g, &op.backward, &op.tensor)?;
-        *op.adjoint.lock().expect("adjoint lock") = Some(adjoint);
+        op.adjoint
+            .lock()
+            .expect("adjoint lock")
+            .record(adjoint, &op.tensor, op.backward.tol);
         Ok((
             CudaStorage::wrap_cuda_slice(out, dev.clone()),
             l1.shape().clone(),

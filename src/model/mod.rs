@@ -27,6 +27,18 @@ use std::path::Path;
 pub trait WeightSource {
     /// The weight to use for the parameter `name`, whose float value is `param`.
     fn weight(&self, name: &str, param: &Tensor) -> Result<Tensor>;
+
+    /// Whether the weight `name` comes from this source (its gradient
+    /// from the source's backward).
+    fn replaces(&self, _name: &str) -> bool {
+        false
+    }
+
+    /// The parameter whose weight computation gave non-finite values
+    /// since the last call, with what became non-finite (reset).
+    fn take_divergence(&self) -> Option<(String, String)> {
+        None
+    }
 }
 
 /// Where conv and linear layers take their weights from on a forward pass.

@@ -45,8 +45,7 @@ pub fn write_plot(
         let root = plotters::backend::SVGBackend::with_string(&mut text, (900, 580));
         draw(records, kind, title, root).with_context(|| format!("drawing {}", svg.display()))?;
     }
-    crate::io::write_bytes_atomic(&svg, text.as_bytes())
-        .with_context(|| format!("writing {}", svg.display()))?;
+    crate::io::write_bytes_atomic(&svg, text.as_bytes())?;
     let (w, h) = (900u32, 580u32);
     let mut buf = vec![0u8; (w * h * 3) as usize];
     {
@@ -58,8 +57,7 @@ pub fn write_plot(
     enc.set_color(png::ColorType::Rgb);
     enc.set_depth(png::BitDepth::Eight);
     enc.write_header()?.write_image_data(&buf)?;
-    crate::io::write_bytes_atomic(&png, &encoded)
-        .with_context(|| format!("writing {}", png.display()))?;
+    crate::io::write_bytes_atomic(&png, &encoded)?;
     Ok(())
 }
 

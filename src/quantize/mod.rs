@@ -60,8 +60,9 @@ impl Clustering {
         Ok(())
     }
 
-    /// The summary of every layer's forward solves since the last call, reset.
-    pub fn take_stats(&self) -> crate::cluster::layer::ForwardStats {
+    /// The summary of every layer's forward and adjoint solves since the
+    /// last call, reset.
+    pub fn take_stats(&self) -> crate::cluster::layer::SolveStats {
         self.layers.values().fold(Default::default(), |all, layer| {
             all.merge(&layer.take_stats())
         })
@@ -145,5 +146,19 @@ impl Clustering {
 impl WeightSource for Clustering {
     fn weight(&self, name: &str, param: &Tensor) -> Result<Tensor> {
         Clustering::weight(self, name, param)
+    }
+
+    fn replaces(&self, name: &str) -> bool {
+        self.layers.contains_key(name)
+    }
+
+    fn take_divergence(&self) -> Option<(String, String)> {
+        let mut found = None;
+        for (name, layer) in &self.layers {
+            if let Some(detail) = layer.take_divergence() {
+                found.get_or_insert((name.clone(), detail));
+            }
+        }
+        found
     }
 }

@@ -13,6 +13,7 @@ use super::Clustering;
 use crate::cluster::{ClusteredWeight, KmeansConfig};
 use crate::error::{Error, Result};
 use crate::model::{Arch, Model};
+use crate::train::OptimizerState;
 use candle_core::{Device, Tensor};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -20,8 +21,15 @@ use std::path::Path;
 const CENTROIDS: &str = ".centroids";
 /// Name suffix of a clustered layer's warm start (its last factorisation).
 const WARM_START: &str = ".warm_start";
-/// Name prefix of the optimiser's state tensors (then the variable's index).
+/// Name prefix of the optimiser's state tensors (then the state's name
+/// for the tensor: see `train::OptimizerState`).
 const OPTIMIZER: &str = "idkm.optimizer.";
+/// Metadata: the optimiser that made the state (`sgd`, `adamw`); missing
+/// in checkpoints written before AdamW could be saved, which only SGD's
+/// runs were.
+const OPTIMIZER_KIND: &str = "idkm.optimizer";
+/// Metadata: the optimiser's step count.
+const OPTIMIZER_STEPS: &str = "idkm.optimizer.steps";
 
 /// Writes `model` (and `clustering`'s state) with `extra` metadata, atomically.
 pub fn save(
@@ -30,7 +38,7 @@ pub fn save(
     extra: &[(&str, String)],
     path: &Path,
 ) -> Result<()> {
-    save_run(model, clustering, extra, &[], path)
+    save_run(model, clustering, extra, None, path)
 }
 
 /// [`save`], with the optimiser's state of a run (see
@@ -39,18 +47,22 @@ pub fn save_run(
     model: &Model,
     clustering: Option<&Clustering>,
     extra: &[(&str, String)],
-    optimizer: &[(usize, Tensor)],
+    optimizer: Option<&OptimizerState>,
     path: &Path,
 ) -> Result<()> {
     let mut tensors = model.tensors();
-    for (i, t) in optimizer {
-        tensors.insert(format!("{OPTIMIZER}{i}"), t.clone());
-    }
     let mut metadata: HashMap<String, String> = HashMap::from([
         ("idkm.arch".into(), model.arch().to_string()),
         ("idkm.channels".into(), model.channels().to_string()),
         ("idkm.classes".into(), model.classes().to_string()),
     ]);
+    if let Some(state) = optimizer {
+        for (name, t) in &state.tensors {
+            tensors.insert(format!("{OPTIMIZER}{name}"), t.clone());
+        }
+        metadata.insert(OPTIMIZER_KIND.into(), state.kind.clone());
+        metadata.insert(OPTIMIZER_STEPS.into(), state.steps.to_string());
+    }
     if let Some(clustering) = clustering {
         let (mut configs, mut taus) = (serde_json::Map::new(), serde_json::Map::new());
         for (name, layer) in clustering.layers() {
@@ -93,8 +105,9 @@ pub struct Snapshot {
     pub clustering: Option<Clustering>,
     /// All metadata.
     pub metadata: HashMap<String, String>,
-    /// The optimiser's state, if the run saved it ([`save_run`]).
-    pub optimizer: Vec<(usize, Tensor)>,
+    /// The optimiser's state, if the run saved it ([`save_run`]; empty
+    /// tensors otherwise).
+    pub optimizer: OptimizerState,
 }
 
 /// Reads a checkpoint written by [`save`] onto `device`.
@@ -143,13 +156,22 @@ pub fn load(path: &Path, device: &Device) -> Result<Snapshot> {
         .filter(|n| n.starts_with(OPTIMIZER))
         .cloned()
         .collect();
-    let mut optimizer = Vec::new();
+    let mut optimizer = OptimizerState {
+        kind: metadata
+            .get(OPTIMIZER_KIND)
+            .cloned()
+            .unwrap_or_else(|| "sgd".into()),
+        steps: match metadata.get(OPTIMIZER_STEPS) {
+            Some(_) => number(OPTIMIZER_STEPS)?,
+            None => 0,
+        },
+        tensors: Vec::new(),
+    };
     for name in optimizer_names {
-        let index = name[OPTIMIZER.len()..]
-            .parse()
-            .map_err(|_| format_error(format!("tensor `{name}`: no variable index")))?;
         if let Some(t) = tensors.remove(&name) {
-            optimizer.push((index, t));
+            optimizer
+                .tensors
+                .push((name[OPTIMIZER.len()..].to_string(), t));
         }
     }
     model.assign(tensors, path)?;

@@ -1,9 +1,11 @@
 //! Training and evaluation loops.
 
+mod adamw;
 mod optim;
 mod step;
 
-pub use optim::{cosine_lr, Optimizer, OptimizerKind, Sgd, SgdConfig};
+pub use adamw::{AdamW, AdamWConfig};
+pub use optim::{cosine_lr, Optimizer, OptimizerKind, OptimizerState, Sgd, SgdConfig};
 pub use step::{StepOutput, TrainStep};
 
 use crate::data::Batcher;
@@ -111,12 +113,12 @@ impl Trainer {
 
     /// Continues a run that took `steps` steps, with its optimiser's saved
     /// state.
-    pub fn resume(&mut self, steps: usize, state: Vec<(usize, Tensor)>) -> Result<()> {
+    pub fn resume(&mut self, steps: usize, state: OptimizerState) -> Result<()> {
         self.step.resume(steps, state)
     }
 
     /// The optimiser's state, for a checkpoint to continue from.
-    pub fn optimizer_state(&self) -> Result<Vec<(usize, Tensor)>> {
+    pub fn optimizer_state(&self) -> OptimizerState {
         self.step.optimizer_state()
     }
 

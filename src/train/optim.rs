@@ -1,9 +1,10 @@
 //! Optimisers: SGD with momentum, Nesterov and weight decay (as PyTorch's
-//! `torch.optim.SGD`), and candle's AdamW.
+//! `torch.optim.SGD`), and AdamW (see [`super::adamw`]), with the state a
+//! run needs to continue exactly.
 
+use super::adamw::{AdamW, AdamWConfig};
 use candle_core::backprop::GradStore;
 use candle_core::{bail, CpuStorage, InplaceOp3, Layout, Result, Tensor, Var, WithDType};
-use candle_nn::{AdamW, Optimizer as _, ParamsAdamW};
 
 /// Hyper-parameters of SGD.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -131,18 +132,18 @@ impl Sgd {
 }
 
 /// The contiguous slice of a tensor's storage.
-fn contiguous<'a, T>(data: &'a [T], l: &Layout) -> Result<&'a [T]> {
+pub(super) fn contiguous<'a, T>(data: &'a [T], l: &Layout) -> Result<&'a [T]> {
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&data[a..b]),
-        None => bail!("sgd: expected contiguous tensors"),
+        None => bail!("optimizer: expected contiguous tensors"),
     }
 }
 
 /// The mutable contiguous slice of a tensor's storage.
-fn contiguous_mut<'a, T>(data: &'a mut [T], l: &Layout) -> Result<&'a mut [T]> {
+pub(super) fn contiguous_mut<'a, T>(data: &'a mut [T], l: &Layout) -> Result<&'a mut [T]> {
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&mut data[a..b]),
-        None => bail!("sgd: expected contiguous tensors"),
+        None => bail!("optimizer: expected contiguous tensors"),
     }
 }
 
@@ -164,6 +165,7 @@ macro_rules! float_inplace {
         }
     };
 }
+pub(super) use float_inplace;
 
 /// `b = momentum * b + (g + weight_decay * w)` in place on the momentum
 /// buffer `b`, with the arguments `(g, w)`.
@@ -278,7 +280,7 @@ impl InplaceOp3 for SgdDescend {
 pub enum Optimizer {
     /// SGD with momentum.
     Sgd(Sgd),
-    /// AdamW (candle-nn).
+    /// AdamW.
     AdamW(AdamW),
 }
 
@@ -291,6 +293,21 @@ pub enum OptimizerKind {
     AdamW { weight_decay: f64 },
 }
 
+/// What a run needs of its optimiser to continue exactly, as a checkpoint
+/// holds it: which optimiser made it, its step count and its tensors by
+/// name (SGD: `N`, the momentum buffer of variable N, for each variable
+/// that has one; AdamW: `m.N` and `v.N`, the first and second moments of
+/// variable N).
+#[derive(Debug, Clone, Default)]
+pub struct OptimizerState {
+    /// `sgd` or `adamw` (as `--optimizer` names them).
+    pub kind: String,
+    /// Steps the optimiser took (AdamW's bias correction; 0 for SGD).
+    pub steps: usize,
+    /// The tensors, by name.
+    pub tensors: Vec<(String, Tensor)>,
+}
+
 impl Optimizer {
     /// An optimiser of `vars` at learning rate `lr`.
     pub fn new(kind: OptimizerKind, vars: Vec<Var>, lr: f64) -> Result<Self> {
@@ -298,11 +315,8 @@ impl Optimizer {
             OptimizerKind::Sgd(config) => Optimizer::Sgd(Sgd::new(vars, lr, config)),
             OptimizerKind::AdamW { weight_decay } => Optimizer::AdamW(AdamW::new(
                 vars,
-                ParamsAdamW {
-                    lr,
-                    weight_decay,
-                    ..Default::default()
-                },
+                lr,
+                AdamWConfig::with_weight_decay(weight_decay),
             )?),
         })
     }
@@ -319,54 +333,123 @@ impl Optimizer {
     pub fn set_lr(&mut self, lr: f64) {
         match self {
             Optimizer::Sgd(o) => o.lr = lr,
-            Optimizer::AdamW(o) => o.set_learning_rate(lr),
+            Optimizer::AdamW(o) => o.lr = lr,
         }
     }
 
-    /// The state a run needs to continue exactly: SGD's momentum buffer of
-    /// each variable that has one, by the variable's index. AdamW's moments
-    /// live inside candle-nn's optimiser and cannot be saved: an error.
-    pub fn state(&self) -> crate::error::Result<Vec<(usize, Tensor)>> {
+    /// The name `--optimizer` gives this optimiser.
+    pub fn name(&self) -> &'static str {
         match self {
-            Optimizer::Sgd(o) => Ok(o
-                .velocity
-                .iter()
-                .enumerate()
-                .filter_map(|(i, b)| b.as_ref().map(|b| (i, b.clone())))
-                .collect()),
-            Optimizer::AdamW(_) => Err(crate::error::Error::Config(
-                "a run with AdamW cannot be saved to continue: its moments are not exposed (use --optimizer sgd)".into(),
-            )),
+            Optimizer::Sgd(_) => "sgd",
+            Optimizer::AdamW(_) => "adamw",
         }
     }
 
-    /// Restores [`Self::state`]: each buffer must match its variable's shape.
-    pub fn load_state(&mut self, state: Vec<(usize, Tensor)>) -> crate::error::Result<()> {
-        let Optimizer::Sgd(o) = self else {
-            return Err(crate::error::Error::Config(
-                "a run with AdamW cannot be continued (use --optimizer sgd)".into(),
-            ));
+    /// The variables it updates, in order.
+    pub fn vars(&self) -> &[Var] {
+        match self {
+            Optimizer::Sgd(o) => &o.vars,
+            Optimizer::AdamW(o) => o.vars(),
+        }
+    }
+
+    /// The state a run needs to continue exactly (see [`OptimizerState`]).
+    pub fn state(&self) -> OptimizerState {
+        let (steps, tensors) = match self {
+            Optimizer::Sgd(o) => (
+                0,
+                o.velocity
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, b)| b.as_ref().map(|b| (i.to_string(), b.clone())))
+                    .collect(),
+            ),
+            Optimizer::AdamW(o) => (
+                o.steps(),
+                o.moments()
+                    .enumerate()
+                    .flat_map(|(i, (m, v))| {
+                        [(format!("m.{i}"), m.clone()), (format!("v.{i}"), v.clone())]
+                    })
+                    .collect(),
+            ),
         };
-        for (i, buffer) in state {
-            let var = o.vars.get(i).ok_or_else(|| crate::error::Error::Shape {
-                tensor: format!("momentum buffer {i}"),
-                expected: format!("one of {} variables", o.vars.len()),
-                got: format!("index {i}"),
-            })?;
-            if buffer.dims() != var.dims() {
-                return Err(crate::error::Error::Shape {
-                    tensor: format!("momentum buffer {i}"),
+        OptimizerState {
+            kind: self.name().into(),
+            steps,
+            tensors,
+        }
+    }
+
+    /// Restores [`Self::state`]: it must be this optimiser's, and each
+    /// tensor must match its variable's shape.
+    pub fn load_state(&mut self, state: OptimizerState) -> crate::error::Result<()> {
+        use crate::error::Error;
+        if state.kind != self.name() {
+            return Err(Error::Resume(format!(
+                "the checkpoint holds the state of {}, not of {}: continue it with --optimizer {}",
+                state.kind,
+                self.name(),
+                state.kind
+            )));
+        }
+        let vars = self.vars().to_vec();
+        // Each tensor by kind ("" for SGD, "m" or "v" for AdamW) and index,
+        // checked against its variable.
+        let mut named = std::collections::BTreeMap::new();
+        for (name, tensor) in state.tensors {
+            let (prefix, index) = name.rsplit_once('.').unwrap_or(("", &name));
+            let var = index
+                .parse::<usize>()
+                .ok()
+                .and_then(|i| vars.get(i).map(|v| (i, v)));
+            let Some((i, var)) = var else {
+                return Err(Error::Shape {
+                    tensor: format!("optimizer state `{name}`"),
+                    expected: format!("one of {} variables", vars.len()),
+                    got: format!("`{name}`"),
+                });
+            };
+            if tensor.dims() != var.dims() {
+                return Err(Error::Shape {
+                    tensor: format!("optimizer state `{name}`"),
                     expected: format!("{:?}", var.dims()),
-                    got: format!("{:?}", buffer.dims()),
+                    got: format!("{:?}", tensor.dims()),
                 });
             }
-            // A buffer of its own on the variable's device: updated in place.
-            o.velocity[i] = Some(
-                buffer
-                    .to_device(var.device())?
-                    .to_dtype(var.dtype())?
-                    .copy()?,
-            );
+            named.insert((prefix.to_string(), i), tensor);
+        }
+        match self {
+            Optimizer::Sgd(o) => {
+                for ((prefix, i), buffer) in named {
+                    if !prefix.is_empty() {
+                        return Err(Error::Resume(format!(
+                            "the SGD state holds `{prefix}.{i}`, which SGD does not keep"
+                        )));
+                    }
+                    let var = &o.vars[i];
+                    // A buffer of its own on the variable's device: updated in place.
+                    o.velocity[i] = Some(
+                        buffer
+                            .to_device(var.device())?
+                            .to_dtype(var.dtype())?
+                            .copy()?,
+                    );
+                }
+            }
+            Optimizer::AdamW(o) => {
+                for i in 0..vars.len() {
+                    let moment = |p: &str| {
+                        named.get(&(p.to_string(), i)).ok_or_else(|| {
+                            Error::Resume(format!(
+                                "the AdamW state lacks `{p}.{i}` (a moment of variable {i})"
+                            ))
+                        })
+                    };
+                    o.set_moments(i, moment("m")?, moment("v")?)?;
+                }
+                o.set_steps(state.steps);
+            }
         }
         Ok(())
     }
