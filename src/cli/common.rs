@@ -347,18 +347,16 @@ pub fn parse_budget(text: &str) -> std::result::Result<u64, String> {
 const EVAL_BATCH: usize = 256;
 
 impl BudgetArgs {
-    /// Checks the run against the budget before it starts.
+    /// Checks the run against the budget before it starts; returns the
+    /// predicted peak, for [`out_of_memory`].
     pub fn check(
         &self,
         model: &Model,
         clustering: Option<&Clustering>,
         split: &DataSplit,
         optim: &OptimArgs,
-    ) -> Result<()> {
+    ) -> Result<u64> {
         use idkm::memory::{self, ModelShape, Workload};
-        let Some((budget, source)) = budget_or_available(self.memory_budget) else {
-            return Ok(());
-        };
         let shape = ModelShape::of(model);
         let specs = match clustering {
             Some(c) => memory::clustering_specs(&shape, c),
@@ -375,13 +373,54 @@ impl BudgetArgs {
             data_bytes: memory::storage_bytes(&split.train.images)
                 + memory::storage_bytes(&split.test.images),
         };
+        let Some((budget, source)) = budget_or_available(self.memory_budget) else {
+            return Ok(memory::estimate(&shape, &specs, &work).total());
+        };
         match memory::check_budget(&shape, &specs, &work, budget) {
             Ok(e) => {
                 tracing::info!(predicted = %memory::gib(e.total()), budget = %memory::gib(budget), "within the memory budget");
-                Ok(())
+                Ok(e.total())
             }
             Err(msg) => bail!("{msg} [budget: {source}]"),
         }
+    }
+}
+
+/// Whether `err` is a device's out-of-memory error (the CUDA driver's
+/// `CUDA_ERROR_OUT_OF_MEMORY`, as candle passes it on) anywhere in its
+/// chain of causes.
+pub fn is_out_of_memory(err: &anyhow::Error) -> bool {
+    err.chain().any(|cause| {
+        let text = cause.to_string().to_ascii_lowercase();
+        text.contains("out_of_memory") || text.contains("out of memory")
+    })
+}
+
+/// `err` as it should reach the user: a device's out-of-memory error
+/// becomes a message with the memory model's prediction for the run
+/// (`predicted` bytes, from [`BudgetArgs::check`]) and what to change; any
+/// other error is returned as it is. (The CUDA driver does not say how many
+/// bytes the failed allocation asked for.)
+pub fn out_of_memory(err: anyhow::Error, predicted: u64, device: &Device) -> anyhow::Error {
+    if !is_out_of_memory(&err) {
+        return err;
+    }
+    let predicted = idkm::memory::human(predicted);
+    err.context(format!(
+        "the {} ran out of memory during the run; the memory model predicts a peak of {predicted} for it. \
+         To fit: --method idkm-jfb (no adjoint system), fewer --bits, a smaller --batch-size, \
+         or give --memory-budget the device's memory so that the run is checked before it starts \
+         (`idkm profile --predict-only` prints the prediction of each choice)",
+        device_name(device)
+    ))
+}
+
+/// How a message names `device`.
+fn device_name(device: &Device) -> &'static str {
+    if device.is_cuda() {
+        "GPU"
+    } else {
+        "device"
     }
 }
 
@@ -441,5 +480,38 @@ pub fn kmeans_settings(config: &KmeansConfig) -> Settings {
             .map(|(k, v)| (format!("--{}", k.replace('_', "-")), v.to_string()))
             .collect(),
         other => Settings::from([("clustering".into(), other.to_string())]),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The driver's error as candle passes it on, under the step's context:
+    /// the message keeps it and adds the prediction and what to change; any
+    /// other error is left as it is.
+    #[test]
+    fn a_device_out_of_memory_error_names_the_prediction_and_what_to_change() {
+        let driver = candle_core::Error::Msg(
+            "DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")".into(),
+        );
+        let err = anyhow::Error::from(driver).context("training step 3");
+        let text = format!("{:#}", out_of_memory(err, 3 << 30, &Device::Cpu));
+        for part in [
+            "ran out of memory",
+            "predicts a peak of 3.00 GiB",
+            "--method idkm-jfb",
+            "--batch-size",
+            "--memory-budget",
+            "training step 3",
+            "CUDA_ERROR_OUT_OF_MEMORY",
+        ] {
+            assert!(text.contains(part), "`{part}` missing from: {text}");
+        }
+        let other = anyhow::anyhow!("shape mismatch for `fc.weight`");
+        assert_eq!(
+            format!("{:#}", out_of_memory(other, 3 << 30, &Device::Cpu)),
+            "shape mismatch for `fc.weight`"
+        );
     }
 }

@@ -2,7 +2,8 @@
 //! linear weights.
 
 use super::common::{
-    kmeans_settings, BudgetArgs, DataArgs, KmeansArgs, Loaded, ModelArgs, OptimArgs, ResumeArgs,
+    kmeans_settings, out_of_memory, BudgetArgs, DataArgs, KmeansArgs, Loaded, ModelArgs, OptimArgs,
+    ResumeArgs,
 };
 use super::fit::{fit, Resume};
 use anyhow::{bail, Context, Result};
@@ -92,7 +93,8 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
             Clustering::new(&model, &plan).context("planning the clustering")?
         }
     };
-    a.budget
+    let predicted = a
+        .budget
         .check(&model, Some(&clustering), &split, &a.optim)?;
     println!(
         "{} on {} ({} train / {} test)",
@@ -131,6 +133,7 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
         &device,
         &settings,
         resume,
-    )?;
+    )
+    .map_err(|e| out_of_memory(e, predicted, &device))?;
     Ok(())
 }

@@ -1,6 +1,6 @@
 //! `idkm train`: float training from scratch or from a checkpoint.
 
-use super::common::{BudgetArgs, DataArgs, ModelArgs, OptimArgs, ResumeArgs};
+use super::common::{out_of_memory, BudgetArgs, DataArgs, ModelArgs, OptimArgs, ResumeArgs};
 use super::fit::{fit, Resume};
 use anyhow::{bail, Context, Result};
 use idkm::device::DeviceSpec;
@@ -54,7 +54,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
             (loaded.model, None)
         }
     };
-    a.budget.check(&model, None, &split, &a.optim)?;
+    let predicted = a.budget.check(&model, None, &split, &a.optim)?;
     println!(
         "{} on {} ({} train / {} test), {} parameters",
         model.arch(),
@@ -73,6 +73,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         &device,
         &settings,
         resume,
-    )?;
+    )
+    .map_err(|e| out_of_memory(e, predicted, &device))?;
     Ok(())
 }
