@@ -2,10 +2,11 @@
 //! refused with status 2 and a message that names the file (and the tensor
 //! or flag) and what was expected, never a panic.
 
+mod common;
+
 use candle_core::{Device, Tensor};
-use idkm::cluster::KmeansConfig;
 use idkm::model::{Arch, Model};
-use idkm::quantize::{Clustering, LutDType, QuantizePlan};
+use idkm::quantize::LutDType;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -30,14 +31,6 @@ fn refused(args: &[&str], needles: &[&str]) {
     }
 }
 
-fn data() -> String {
-    idkm::data::fashion_mnist_dir()
-        .expect("Fashion-MNIST is not installed: `apt-get install dataset-fashion-mnist` (.ci/run does this)")
-        .to_str()
-        .unwrap()
-        .to_string()
-}
-
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
@@ -53,14 +46,7 @@ fn state_dict(path: &Path) -> BTreeMap<String, Tensor> {
 /// A palettized export of a 2-bit small CNN at `path`, with `edit` applied
 /// to its tensors.
 fn export(path: &Path, edit: impl FnOnce(&mut BTreeMap<String, Tensor>)) {
-    let model = Model::new(Arch::SmallCnn, 1, 10, 0, &Device::Cpu).unwrap();
-    let plan = QuantizePlan::new(KmeansConfig {
-        bits: 2,
-        tau: Some(1e-3),
-        ..Default::default()
-    });
-    let clustering = Clustering::new(&model, &plan).unwrap();
-    clustering.prepare(&model).unwrap();
+    let (model, clustering) = common::clustered_small_cnn();
     clustering
         .palettize(&model, LutDType::F32)
         .unwrap()
@@ -83,7 +69,7 @@ fn eval_refused(path: &Path, needles: &[&str]) {
             "--model",
             s(path),
             "--data",
-            &data(),
+            &common::fashion_mnist_arg(),
             "--test-limit",
             "10",
         ],
@@ -210,7 +196,7 @@ fn non_finite_weights_in_a_checkpoint() {
             "--model",
             s(&path),
             "--data",
-            &data(),
+            &common::fashion_mnist_arg(),
             "--train-limit",
             "64",
             "--test-limit",
@@ -225,7 +211,7 @@ fn non_finite_weights_in_a_checkpoint() {
 #[test]
 fn a_data_directory_with_a_missing_or_short_file() {
     let dir = tempfile::tempdir().unwrap();
-    let src = PathBuf::from(data());
+    let src = common::fashion_mnist();
     for name in [
         "train-images-idx3-ubyte.gz",
         "train-labels-idx1-ubyte.gz",

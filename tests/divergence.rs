@@ -3,6 +3,8 @@
 //! solve, backward, optimizer) and, where known, the layer; the last
 //! checkpoint is kept.
 
+mod common;
+
 use candle_core::{DType, Device, Tensor};
 use idkm::cluster::{ClusteredWeight, KmeansConfig};
 use idkm::model::{Arch, Model, Weights};
@@ -105,8 +107,7 @@ fn non_finite_centroids_name_the_forward_k_means_and_the_layer() {
 /// and the checkpoint already at the output path is left as it was.
 #[test]
 fn a_non_finite_update_names_the_optimizer_and_keeps_the_checkpoint() {
-    let data = idkm::data::fashion_mnist_dir()
-        .expect("Fashion-MNIST is not installed: `apt-get install dataset-fashion-mnist` (.ci/run does this)");
+    let data = common::fashion_mnist();
     let dir = tempfile::tempdir().unwrap();
     let output = dir.path().join("run.safetensors");
     std::fs::write(&output, b"the last good checkpoint").unwrap();

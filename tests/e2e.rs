@@ -14,13 +14,8 @@ use idkm::quantize::{Clustering, LutDType, Palettized, QuantizePlan};
 use idkm::train::{evaluate, OptimizerKind, SgdConfig, Trainer};
 use std::process::Command;
 
-fn fashion_mnist() -> std::path::PathBuf {
-    data::fashion_mnist_dir()
-        .expect("Fashion-MNIST is not installed: `apt-get install dataset-fashion-mnist` (.ci/run does this)")
-}
-
 fn subset(train: usize, test: usize) -> DataSplit {
-    let mut split = data::load(&fashion_mnist()).unwrap();
+    let mut split = data::load(&common::fashion_mnist()).unwrap();
     split.train = split.train.take(train).unwrap();
     split.test = split.test.take(test).unwrap();
     split
@@ -179,7 +174,7 @@ fn idkm(args: &[&str]) -> String {
 #[test]
 fn quantize_export_eval_commands_agree() {
     let dir = tempfile::tempdir().unwrap();
-    let data = fashion_mnist();
+    let data = common::fashion_mnist();
     let data = data.to_str().unwrap();
     let (ckpt, export) = (
         dir.path().join("q.safetensors"),
@@ -321,7 +316,7 @@ fn a_pytorch_checkpoint_from_the_hub_through_the_pipeline() {
         ("HF_ENDPOINT", endpoint.as_str()),
     ];
     let offline = [("HF_HOME", home_dir.as_str()), ("HF_HUB_OFFLINE", "1")];
-    let data = fashion_mnist();
+    let data = common::fashion_mnist();
     let data = data.to_str().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let file = |name: &str| dir.path().join(name).to_str().unwrap().to_string();

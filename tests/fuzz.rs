@@ -9,11 +9,12 @@
 //! second); `just fuzz` runs many more. A mutation that made a reader
 //! panic is printed with its seed, to become a regression test.
 
+mod common;
+
 use candle_core::Device;
 use idkm::cluster::KmeansConfig;
 use idkm::loader::{self, Request};
-use idkm::model::{Arch, Model};
-use idkm::quantize::{Clustering, LutDType, Palettized, QuantizePlan};
+use idkm::quantize::{LutDType, Palettized, QuantizePlan};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::panic::AssertUnwindSafe;
@@ -126,14 +127,7 @@ fn model_readers_never_panic_on_corrupted_files() {
         })
         .collect();
     // An idkm checkpoint of a clustered small CNN and its palettized export.
-    let model = Model::new(Arch::SmallCnn, 1, 10, 0, &Device::Cpu).unwrap();
-    let plan = QuantizePlan::new(KmeansConfig {
-        bits: 2,
-        tau: Some(1e-3),
-        ..Default::default()
-    });
-    let clustering = Clustering::new(&model, &plan).unwrap();
-    clustering.prepare(&model).unwrap();
+    let (model, clustering) = common::clustered_small_cnn();
     let checkpoint = dir.path().join("checkpoint.safetensors");
     idkm::quantize::snapshot::save(&model, Some(&clustering), &[], &checkpoint).unwrap();
     let export = dir.path().join("export.safetensors");

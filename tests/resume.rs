@@ -4,17 +4,11 @@
 //! test accuracy of the uninterrupted run, bit for bit, with SGD and with
 //! AdamW. A continuation with other settings is refused, naming the setting.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
-
-fn fashion_mnist() -> String {
-    idkm::data::fashion_mnist_dir()
-        .expect("Fashion-MNIST is not installed: `apt-get install dataset-fashion-mnist` (.ci/run does this)")
-        .to_str()
-        .unwrap()
-        .to_string()
-}
 
 /// The run's flags, writing to `output`.
 fn quantize_args(data: &str, output: &Path) -> Vec<String> {
@@ -120,7 +114,7 @@ fn continues_to_the_uninterrupted_result(
     extra: &[&str],
     (flag, other, refusal): (&str, &str, &str),
 ) {
-    let data = fashion_mnist();
+    let data = common::fashion_mnist_arg();
     let dir = tempfile::tempdir().unwrap();
     let (whole, parts) = (
         dir.path().join("whole.safetensors"),
@@ -216,7 +210,7 @@ fn continues_to_the_uninterrupted_result(
 /// one the first interrupt wrote.
 #[test]
 fn a_second_interrupt_exits_at_once_leaving_the_last_checkpoint() {
-    let data = fashion_mnist();
+    let data = common::fashion_mnist_arg();
     let dir = tempfile::tempdir().unwrap();
     let output = dir.path().join("run.safetensors");
     let (mut child, _) = past_the_first_epoch(&quantize_args(&data, &output));

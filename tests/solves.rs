@@ -3,15 +3,9 @@
 //! one Newton iteration per forward solve (`--max-iter 1`) and one CG step
 //! per adjoint solve (`--solver-max-steps 1`), where every solve misses.
 
-use std::process::Command;
+mod common;
 
-fn fashion_mnist() -> String {
-    idkm::data::fashion_mnist_dir()
-        .expect("Fashion-MNIST is not installed: `apt-get install dataset-fashion-mnist` (.ci/run does this)")
-        .to_str()
-        .unwrap()
-        .to_string()
-}
+use std::process::Command;
 
 /// `text` without ANSI escape sequences (the log's colours).
 fn plain(text: &str) -> String {
@@ -34,7 +28,7 @@ fn plain(text: &str) -> String {
 
 #[test]
 fn unconverged_solves_are_counted_per_epoch_and_warned_once_per_layer_and_epoch() {
-    let data = fashion_mnist();
+    let data = common::fashion_mnist_arg();
     let dir = tempfile::tempdir().unwrap();
     let output = dir.path().join("q.safetensors");
     let epochs = 2;

@@ -131,7 +131,7 @@ pub fn newton_fixed_point<T: Real>(
             // Every iteration's passes would order each chunk's weights by
             // value again: order them once, for the whole solve.
             let mut sorted = w.to_vec();
-            sorted.par_sort_unstable_by(|a, b| a.partial_cmp(b).expect("finite weights"));
+            sorted.par_sort_unstable_by(|a, b| a.wide().total_cmp(&b.wide()));
             newton::solve(
                 &mut WeightsMap::new(&sorted, *geo),
                 &start,

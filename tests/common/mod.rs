@@ -194,3 +194,33 @@ pub fn rel_poisoned(a: &[f64], b: &[f64]) -> f64 {
 pub fn wide(v: &[f32]) -> Vec<f64> {
     v.iter().map(|&x| x as f64).collect()
 }
+
+/// The directory of Debian's Fashion-MNIST package, which the end-to-end
+/// tests need (`.ci/run` installs it).
+pub fn fashion_mnist() -> std::path::PathBuf {
+    idkm::data::fashion_mnist_dir().expect(
+        "Fashion-MNIST is not installed: `apt-get install dataset-fashion-mnist` (.ci/run does this)",
+    )
+}
+
+/// [`fashion_mnist`] as a command-line argument.
+pub fn fashion_mnist_arg() -> String {
+    fashion_mnist().display().to_string()
+}
+
+/// A freshly initialised small CNN (one channel, 10 classes, seed 0) and
+/// its 2-bit clustering at an absolute temperature, initialised.
+pub fn clustered_small_cnn() -> (idkm::model::Model, idkm::quantize::Clustering) {
+    use idkm::cluster::KmeansConfig;
+    use idkm::model::{Arch, Model};
+    use idkm::quantize::{Clustering, QuantizePlan};
+    let model = Model::new(Arch::SmallCnn, 1, 10, 0, &Device::Cpu).unwrap();
+    let plan = QuantizePlan::new(KmeansConfig {
+        bits: 2,
+        tau: Some(1e-3),
+        ..Default::default()
+    });
+    let clustering = Clustering::new(&model, &plan).unwrap();
+    clustering.prepare(&model).unwrap();
+    (model, clustering)
+}

@@ -12,8 +12,9 @@ pub(super) const MIN_CHUNK_ROWS: usize = 1024;
 /// tile of rows in order of value spans a fraction of the gap between
 /// centroids and its window holds only the few centroids within reach: with
 /// 128 chunks of a layer of 150,000 weights at 8 bits, a tile spanned seven
-/// gaps and attended to 24 centroids on average, which made the matrix
-/// pass (window^2 multiply-adds a row) 15x slower than with wide chunks.
+/// gaps and attended to 24 centroids on average (the matrix pass costs
+/// window^2 multiply-adds a row): `idkm cluster` on such a layer took
+/// 1.36 s instead of 0.47 s.
 pub(super) const WINDOWED_ROWS_PER_CENTROID: usize = 64;
 
 /// At least this many rows per chunk for a pass with geometry `geo`:
