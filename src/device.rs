@@ -58,6 +58,24 @@ impl std::fmt::Display for DeviceSpec {
 
 crate::names::serde_by_name!(DeviceSpec);
 
+/// The free and the total memory of `device` in bytes, where it can say
+/// (a CUDA device); `None` for the CPU or when the query fails.
+#[cfg(feature = "cuda")]
+pub fn memory_info(device: &candle_core::Device) -> Option<(u64, u64)> {
+    let candle_core::Device::Cuda(cuda) = device else {
+        return None;
+    };
+    let (free, total) = cuda.cuda_stream().context().mem_get_info().ok()?;
+    Some((free as u64, total as u64))
+}
+
+/// The free and the total memory of `device` in bytes, where it can say
+/// (a CUDA device, in a build with `--features cuda`).
+#[cfg(not(feature = "cuda"))]
+pub fn memory_info(_device: &candle_core::Device) -> Option<(u64, u64)> {
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::DeviceSpec;

@@ -7,7 +7,7 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use idkm::cluster::{ClusteredWeight, KmeansConfig};
-use idkm::model::{Arch, Model, Weights};
+use idkm::model::{Arch, Model, WeightSource, Weights};
 use idkm::quantize::Clustering;
 use idkm::train::{Optimizer, OptimizerKind, SgdConfig, TrainStep};
 use std::collections::BTreeMap;
@@ -100,6 +100,42 @@ fn non_finite_centroids_name_the_forward_k_means_and_the_layer() {
             .unwrap();
         assert_eq!(same, 0.0, "`{name}` was updated");
     }
+}
+
+/// A weight source whose backward goes bad while its forward stays finite,
+/// as a clustered layer's implicit backward can: `w + sqrt(w - w)` is `w`
+/// forward, and its gradient is NaN (`inf - inf`).
+struct NanBackward(&'static str);
+
+impl WeightSource for NanBackward {
+    fn weight(&self, name: &str, param: &Tensor) -> idkm::Result<Tensor> {
+        if name != self.0 {
+            return Ok(param.clone());
+        }
+        Ok((param + (param - param)?.sqrt()?)?)
+    }
+
+    fn replaces(&self, name: &str) -> bool {
+        name == self.0
+    }
+}
+
+#[test]
+fn a_non_finite_gradient_of_a_clustered_layer_names_the_adjoint_solve() {
+    let model = model();
+    let mut step = step(&model);
+    let (x, y) = batch();
+    let source = NanBackward("conv2.weight");
+    let e = step
+        .run(&model, &Weights::Clustered(&source), &x, &y)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("diverged at step 0, in the adjoint solve of `conv2.weight`")
+            && e.contains("its gradient holds NaN"),
+        "{e}"
+    );
+    assert_eq!(step.count(), 0, "the failed step counted");
 }
 
 /// `idkm train` at a learning rate that overflows the update: the

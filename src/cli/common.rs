@@ -399,15 +399,23 @@ pub fn is_out_of_memory(err: &anyhow::Error) -> bool {
 /// `err` as it should reach the user: a device's out-of-memory error
 /// becomes a message with the memory model's prediction for the run
 /// (`predicted` bytes, from [`BudgetArgs::check`]) and what to change; any
-/// other error is returned as it is. (The CUDA driver does not say how many
-/// bytes the failed allocation asked for.)
+/// other error is returned as it is. On a GPU it also gives the device's
+/// total and free memory; the CUDA driver does not say how many bytes the
+/// failed allocation asked for.
 pub fn out_of_memory(err: anyhow::Error, predicted: u64, device: &Device) -> anyhow::Error {
     if !is_out_of_memory(&err) {
         return err;
     }
     let predicted = idkm::memory::human(predicted);
+    let has = idkm::device::memory_info(device).map_or(String::new(), |(free, total)| {
+        format!(
+            " (it has {}, of which {} are free now that the run's tensors are released)",
+            idkm::memory::human(total),
+            idkm::memory::human(free)
+        )
+    });
     err.context(format!(
-        "the {} ran out of memory during the run; the memory model predicts a peak of {predicted} for it. \
+        "the {}{has} ran out of memory during the run; the memory model predicts a peak of {predicted} for it. \
          To fit: --method idkm-jfb (no adjoint system), fewer --bits, a smaller --batch-size, \
          or give --memory-budget the device's memory so that the run is checked before it starts \
          (`idkm profile --predict-only` prints the prediction of each choice)",
