@@ -160,9 +160,13 @@ fn profile_runs_each_configuration_in_a_child_and_writes_json_table_and_plots() 
                     m.seconds_per_step > 0.0 && m.peak_rss_bytes.is_some() && m.loss.is_finite()
                 );
                 // The idkm binary runs the system allocator without counting.
+                // These processes are small (about 25 MiB), so that the few
+                // MiB by which a process's own base (binary, C library,
+                // thread stacks) differs between machines count as well.
                 let err = r.rss_error().unwrap();
+                let off = m.peak_rss_bytes.unwrap().abs_diff(r.predicted.total());
                 assert!(
-                    err.abs() < 0.15,
+                    err.abs() < 0.15 || off < 6 << 20,
                     "{}: predicted {} vs RSS {:?} ({err:+.3})",
                     r.config.label(),
                     r.predicted.total(),

@@ -53,6 +53,17 @@ impl<T: Real> KmeansMap for WeightsMap<'_, T> {
         ))
     }
 
+    fn evaluate_with_curvature(&mut self, c: &[f64], _k: usize) -> Result<(Evaluation, Vec<f64>)> {
+        let c: Vec<T> = c.iter().map(|&x| T::of(x)).collect();
+        self.passes += 1;
+        let (moments, energy, curvature) = pass::reduce_energy_curvature(self.w, &c, &self.geo);
+        let eval = Evaluation {
+            moments,
+            energy: Some(energy),
+        };
+        Ok((eval, curvature))
+    }
+
     fn matvec(&mut self, c: &[f64], f: &[f64], inv_mass: &[f64], u: &[f64]) -> Result<Vec<f64>> {
         let narrow = |x: &[f64]| x.iter().map(|&v| T::of(v)).collect::<Vec<T>>();
         self.passes += 1;

@@ -15,12 +15,13 @@
 //! `2 (D - M)`, where `M` is the matrix of [`super::streaming::adjoint_matrix`]
 //! at `f = c` and unit masses (symmetric). A Newton step solves
 //! `(D - M) dC = D r`; where `D - M` is not positive definite (near a
-//! saddle, or far from a minimum) it is shifted to `D - M + lambda D`
-//! (Levenberg-Marquardt: `lambda -> inf` is a short plain step). Steps are
-//! accepted by backtracking on the energy (Armijo) or, near convergence,
-//! where the energy's rounding hides its decrease, on the residual
-//! `||D r||`; a plain step, which never raises the energy, is the last
-//! resort. The iteration stops at a point where `D - M` is positive definite
+//! saddle, or far from a minimum) the curvature is damped to
+//! `D - theta M`, the largest `theta = 1 / (1 + lambda)` that is positive
+//! definite (`theta = 0` is the plain step). Steps are accepted by
+//! backtracking on the energy (Armijo) or, near convergence, where the
+//! energy's rounding hides its decrease, on the residual `||D r||` with no
+//! rise of the energy beyond its rounding; a plain step, which never
+//! raises the energy, is the last resort. The iteration stops at a point where `D - M` is positive definite
 //! (a minimum of E: every eigenvalue of J below 1, a stable fixed point) and
 //! the Newton step, which estimates the distance to the fixed point, is
 //! below the tolerance. At the fixed point `D - M` is also the matrix of the
@@ -28,7 +29,7 @@
 //! ([`Factor`]).
 //!
 //! The Euclidean distance has no such energy: Newton on `F(C) - C` with
-//! `(I - J) dC = r` (damped to `((1 + lambda) I - J)` where it is singular),
+//! `(I - J) dC = r` (damped to `I - theta J` where it is singular),
 //! accepted on the residual, with plain steps as the last resort.
 
 use super::config::{Distance, DENSE_MAX_UNKNOWNS};
@@ -57,6 +58,15 @@ pub trait KmeansMap {
     /// `f` and `inv_mass`: `J^T` for `f = F(C)` and the inverse masses, the
     /// curvature `M` for `f = c` and unit masses.
     fn matrix(&mut self, c: &[f64], f: &[f64], inv_mass: &[f64]) -> Result<Vec<f64>>;
+    /// [`Self::evaluate`] and the curvature `M` (the [`Self::matrix`] at
+    /// `f = c` and unit masses) at `c` (k centroids), for the squared
+    /// distance. A map that can compute both from one attention per row
+    /// does so in one pass.
+    fn evaluate_with_curvature(&mut self, c: &[f64], k: usize) -> Result<(Evaluation, Vec<f64>)> {
+        let eval = self.evaluate(c)?;
+        let curvature = self.matrix(c, c, &vec![1.0; k])?;
+        Ok((eval, curvature))
+    }
     /// `matrix(c, f, inv_mass) u` without the matrix: one
     /// [`super::streaming::adjoint_matvec`] pass (for many unknowns).
     fn matvec(&mut self, c: &[f64], f: &[f64], inv_mass: &[f64], u: &[f64]) -> Result<Vec<f64>>;
@@ -137,6 +147,11 @@ const FIRST_SHIFT: f64 = 1e-3;
 
 /// Armijo's sufficient-decrease fraction.
 const ARMIJO: f64 = 1e-4;
+
+/// The rounding of the free energy, in roundings of the passes (the map's
+/// epsilon) times its magnitude: a step that raises the energy by more
+/// is refused whatever it does to the residual.
+const ENERGY_ROUNDING: f64 = 64.0;
 
 /// A centroid may not lose its last weights to a step: a step that leaves
 /// a live centroid with less attention mass than this is refused.
@@ -289,6 +304,8 @@ struct Point {
     mass: Vec<f64>,
     /// `||D r||`.
     merit: f64,
+    /// The curvature `M` at `c`, where the evaluation computed it.
+    curvature: Option<Vec<f64>>,
 }
 
 impl Point {
@@ -314,6 +331,7 @@ impl Point {
             r,
             mass,
             merit,
+            curvature: None,
         }
     }
 
@@ -363,6 +381,19 @@ impl<M: KmeansMap> Solver<'_, M> {
         Ok(Point::new(c, eval, &self.dead, self.s.d))
     }
 
+    /// [`Self::evaluate`], with the curvature at `c` when `curvature` is
+    /// set and the distance is squared (the next Newton matrix, from the
+    /// same pass where the map can).
+    fn evaluate_for_newton(&mut self, c: Vec<f64>, curvature: bool) -> Result<Point> {
+        if !curvature || self.s.distance != Distance::Squared {
+            return self.evaluate(c);
+        }
+        let (eval, m) = self.map.evaluate_with_curvature(&c, self.s.k)?;
+        let mut p = Point::new(c, eval, &self.dead, self.s.d);
+        p.curvature = Some(m);
+        Ok(p)
+    }
+
     /// The shifted matrix and its factor at `p`, the shift and the unshifted
     /// matrix; no factor for the Euclidean distance where the spectral
     /// radius of J is at least 1 (an unstable region, which plain steps
@@ -370,7 +401,10 @@ impl<M: KmeansMap> Solver<'_, M> {
     fn factor(&mut self, p: &Point) -> Result<(Option<Factor>, f64, Vec<f64>)> {
         let n = p.c.len();
         let (raw, symmetric) = match self.s.distance {
-            Distance::Squared => (self.map.matrix(&p.c, &p.c, &vec![1.0; self.s.k])?, true),
+            Distance::Squared => match &p.curvature {
+                Some(m) => (m.clone(), true),
+                None => (self.map.matrix(&p.c, &p.c, &vec![1.0; self.s.k])?, true),
+            },
             Distance::Euclidean => {
                 let inv_mass = p.eval.moments.inverse_mass();
                 (self.map.matrix(&p.c, &p.f(), &inv_mass)?, false)
@@ -492,7 +526,12 @@ impl<M: KmeansMap> Solver<'_, M> {
                         .zip(delta)
                         .map(|((r, s), d)| r * s * d)
                         .sum::<f64>();
-                e1 <= e0 + ARMIJO * alpha * slope || (unshifted && next.merit < p.merit)
+                // Near convergence the energy's rounding hides its decrease:
+                // there a smaller residual is accepted, but never a rise of
+                // the energy beyond its rounding (a step out of the basin).
+                let rounding = ENERGY_ROUNDING * self.map.epsilon() * e0.abs();
+                e1 <= e0 + ARMIJO * alpha * slope
+                    || (unshifted && next.merit < p.merit && e1 <= e0 + rounding)
             }
             None => next.merit < (1.0 - ARMIJO * alpha) * p.merit,
         }
@@ -563,7 +602,12 @@ pub fn solve<M: KmeansMap>(
     };
     let mut c = c0.to_vec();
     solver.map.round(&mut c);
-    let mut p = solver.evaluate(c)?;
+    let warm_dead = |f: &Factor| match f {
+        Factor::Symmetric { dead, .. } | Factor::General { dead, .. } => dead.len() == n,
+    };
+    let warm = warm.filter(|f| warm_dead(f));
+    // A cold dense solve needs the matrix at the start at once.
+    let mut p = solver.evaluate_for_newton(c, warm.is_none() && n <= DENSE_MAX_UNKNOWNS)?;
     solver.dead = p
         .eval
         .moments
@@ -571,14 +615,13 @@ pub fn solve<M: KmeansMap>(
         .iter()
         .flat_map(|&s| std::iter::repeat_n(s <= DEAD_MASS, d))
         .collect();
+    let curvature = p.curvature.take();
     p = Point::new(p.c, p.eval, &solver.dead, d);
+    p.curvature = curvature;
     if n > DENSE_MAX_UNKNOWNS {
         return solve_krylov(solver, p);
     }
-    let warm_dead = |f: &Factor| match f {
-        Factor::Symmetric { dead, .. } | Factor::General { dead, .. } => dead.len() == n,
-    };
-    let mut current: Option<Assembled> = warm.filter(|f| warm_dead(f)).map(|factor| Assembled {
+    let mut current: Option<Assembled> = warm.map(|factor| Assembled {
         factor: factor.clone(),
         at: None,
         shift: 0.0,
@@ -595,10 +638,13 @@ pub fn solve<M: KmeansMap>(
             .as_ref()
             .filter(|cur| cur.at.as_ref() != Some(&p.c) && cur.shift == 0.0 && !chord_failed)
             .map(|cur| cur.factor.step(&p.r, &p.mass));
-        let keep = chord_step.as_ref().is_some_and(|step| {
-            first_warm
-                || (previous_step.is_finite() && max_norm(step, d) <= CHORD_RATE * previous_step)
-        });
+        // A chord step only where no matrix at p is at hand.
+        let keep = p.curvature.is_none()
+            && chord_step.as_ref().is_some_and(|step| {
+                first_warm
+                    || (previous_step.is_finite()
+                        && max_norm(step, d) <= CHORD_RATE * previous_step)
+            });
         if !keep
             && current
                 .as_ref()
@@ -626,7 +672,16 @@ pub fn solve<M: KmeansMap>(
         }
         let cur = current.as_ref().expect("a matrix");
         let fresh = cur.at.as_ref() == Some(&p.c);
-        let delta = cur.factor.step(&p.r, &p.mass);
+        // A shifted matrix `(1 + lambda) D - M` is `(1 + lambda)` times
+        // `D - theta M` with `theta = 1 / (1 + lambda)`: the step of the
+        // curvature damped towards the plain step's (`theta = 0`), at its
+        // full length rather than shortened `(1 + lambda)` times.
+        let delta: Vec<f64> = cur
+            .factor
+            .step(&p.r, &p.mass)
+            .into_iter()
+            .map(|x| x * (1.0 + cur.shift))
+            .collect();
         let size = max_norm(&delta, d);
         let unshifted = cur.shift == 0.0;
         tracing::trace!(
@@ -672,7 +727,7 @@ pub fn solve<M: KmeansMap>(
             };
             if settle && far {
                 // The matrix of the fixed point, for the backward and the report.
-                let q = solver.evaluate(c)?;
+                let q = solver.evaluate_for_newton(c, true)?;
                 let (factor, shift, matrix) = solver.factor(&q)?;
                 let stable = factor.is_some() && shift == 0.0;
                 solver.report.stable = Some(stable);
@@ -697,14 +752,16 @@ pub fn solve<M: KmeansMap>(
         }
         previous_step = if unshifted { size } else { f64::INFINITY };
         // Line search: full step, then halvings; then a new matrix (after a
-        // chord step), or a plain step.
+        // chord step), or a plain step. Once Newton steps use matrices
+        // assembled at their points, each trial point computes its own
+        // (needed if it is accepted) in the pass that evaluates it.
         let mut next = None;
         let mut alpha = 1.0;
         for halving in 0..=MAX_HALVINGS {
             let mut trial: Vec<f64> = p.c.iter().zip(&delta).map(|(c, x)| c + alpha * x).collect();
             solver.map.round(&mut trial);
             if solver.admissible(&trial, &p.c) {
-                let q = solver.evaluate(trial)?;
+                let q = solver.evaluate_for_newton(trial, fresh)?;
                 if solver.accepts(&p, &q, &delta, alpha, unshifted) {
                     if halving > 0 {
                         solver.report.backtracks += 1;
@@ -728,7 +785,7 @@ pub fn solve<M: KmeansMap>(
                 previous_step = f64::INFINITY;
                 let mut f = p.f();
                 solver.map.round(&mut f);
-                solver.evaluate(f)?
+                solver.evaluate_for_newton(f, true)?
             }
         };
     }

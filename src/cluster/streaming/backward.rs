@@ -229,17 +229,8 @@ impl<T: Real, const D: usize> Pass for Assemble<'_, T, D> {
 
     #[inline(always)]
     fn chunk(&self, rows: Range<usize>, out: &mut [f64]) {
-        let n = self.geo.k * D;
         let mut tile = Tile::<T, D>::new(self.geo);
-        // Lanes of x_(j,e) = b_ij (w_i - c_j)_e, y_(l,e') = (w_i - f_l)_e'
-        // and a_il y_(l,e'), each quantity's TILE rows contiguous, so that
-        // each entry of a tile's block is a dot product along the rows. A
-        // tile with a window of centroids adds only the window's block.
-        let (mut x, mut y, mut ay) = (
-            vec![T::zero(); n * TILE],
-            vec![T::zero(); n * TILE],
-            vec![T::zero(); n * TILE],
-        );
+        let mut scratch = AssembleLanes::new(self.geo.k * D);
         let visit = Visit::new(self.w, rows.clone(), self.c, self.geo);
         let count = if self.count.is_empty() {
             &[][..]
@@ -247,51 +238,91 @@ impl<T: Real, const D: usize> Pass for Assemble<'_, T, D> {
             &self.count[rows.clone()]
         };
         let (w, mut wbuf) = (&self.w[rows], [[T::zero(); D]; TILE]);
-        // The rows' counts (ones when uncounted) weigh x alone: each term
-        // is linear in x.
         let (ones, mut nbuf) = ([[T::of(1.0); 1]; TILE], [[T::zero(); 1]; TILE]);
         for at in visit.tiles() {
             let win = visit.attend(&mut tile, w, at, &mut wbuf, self.c);
-            let (c, f) = (&self.c[win.clone()], &self.f[win.clone()]);
             let times = if count.is_empty() {
                 &ones[..]
             } else {
                 visit.rows(count, at, &mut nbuf)
             };
             tile.weigh();
-            let (len, nw, first) = (tile.n, c.len() * D, win.start * D);
-            for (j, (cj, fj)) in c.iter().zip(f).enumerate() {
-                for e in 0..D {
-                    let q = j * D + e;
-                    let (b, a, wv) = (lanes(&tile.b, j, len), tile.a(j), tile.w(e));
-                    let xq = &mut x[q * TILE..q * TILE + len];
-                    let yq = &mut y[q * TILE..q * TILE + len];
-                    let ayq = &mut ay[q * TILE..q * TILE + len];
-                    for (i, &wi) in wv.iter().enumerate() {
-                        xq[i] = times[i][0] * b[i] * (wi - cj[e]);
-                        yq[i] = wi - fj[e];
-                        ayq[i] = a[i] * yq[i];
-                    }
+            self.add_tile(&tile, win, times, &mut scratch, out);
+        }
+    }
+}
+
+/// Scratch lanes of [`Assemble`]: `x_(j,e) = b_ij (w_i - c_j)_e`,
+/// `y_(l,e') = (w_i - f_l)_e'` and `a_il y_(l,e')`, each quantity's
+/// [`TILE`] rows contiguous, so that each entry of a tile's block is a dot
+/// product along the rows.
+pub(super) struct AssembleLanes<T> {
+    x: Vec<T>,
+    y: Vec<T>,
+    ay: Vec<T>,
+}
+
+impl<T: Real> AssembleLanes<T> {
+    /// Lanes for `n` unknowns.
+    pub(super) fn new(n: usize) -> Self {
+        Self {
+            x: vec![T::zero(); n * TILE],
+            y: vec![T::zero(); n * TILE],
+            ay: vec![T::zero(); n * TILE],
+        }
+    }
+}
+
+impl<T: Real, const D: usize> Assemble<'_, T, D> {
+    /// Adds the block of an attended and weighed `tile` (see
+    /// [`Tile::weigh`]) whose window of centroids is `win`, its rows
+    /// standing for `times` weights each, into `out` (n x n). The counts
+    /// weigh x alone: each term is linear in x. A tile with a window of
+    /// centroids adds only the window's block.
+    #[inline(always)]
+    pub(super) fn add_tile(
+        &self,
+        tile: &Tile<T, D>,
+        win: Range<usize>,
+        times: &[[T; 1]],
+        scratch: &mut AssembleLanes<T>,
+        out: &mut [f64],
+    ) {
+        let n = self.geo.k * D;
+        let AssembleLanes { x, y, ay } = scratch;
+        let (c, f) = (&self.c[win.clone()], &self.f[win.clone()]);
+        let (len, nw, first) = (tile.n, c.len() * D, win.start * D);
+        for (j, (cj, fj)) in c.iter().zip(f).enumerate() {
+            for e in 0..D {
+                let q = j * D + e;
+                let (b, a, wv) = (lanes(&tile.b, j, len), tile.a(j), tile.w(e));
+                let xq = &mut x[q * TILE..q * TILE + len];
+                let yq = &mut y[q * TILE..q * TILE + len];
+                let ayq = &mut ay[q * TILE..q * TILE + len];
+                for (i, &wi) in wv.iter().enumerate() {
+                    xq[i] = times[i][0] * b[i] * (wi - cj[e]);
+                    yq[i] = wi - fj[e];
+                    ayq[i] = a[i] * yq[i];
                 }
             }
-            for p in 0..nw {
-                let j = p / D;
-                let xp = lanes(&x, p, len);
-                // The block-diagonal term is summed in the same order as
-                // the outer products, so that the two cancel exactly where
-                // they should (a_il = 1).
-                let mut diag = [T::zero(); D];
-                for (e, dg) in diag.iter_mut().enumerate() {
-                    *dg = dot_lanes(xp, lanes(&y, j * D + e, len));
+        }
+        for p in 0..nw {
+            let j = p / D;
+            let xp = lanes(x, p, len);
+            // The block-diagonal term is summed in the same order as the
+            // outer products, so that the two cancel exactly where they
+            // should (a_il = 1).
+            let mut diag = [T::zero(); D];
+            for (e, dg) in diag.iter_mut().enumerate() {
+                *dg = dot_lanes(xp, lanes(y, j * D + e, len));
+            }
+            let row = (first + p) * n + first;
+            for (q, o) in out[row..row + nw].iter_mut().enumerate() {
+                let mut v = dot_lanes(xp, lanes(ay, q, len));
+                if q / D == j {
+                    v -= diag[q % D];
                 }
-                let row = (first + p) * n + first;
-                for (q, o) in out[row..row + nw].iter_mut().enumerate() {
-                    let mut v = dot_lanes(xp, lanes(&ay, q, len));
-                    if q / D == j {
-                        v -= diag[q % D];
-                    }
-                    *o += v.wide();
-                }
+                *o += v.wide();
             }
         }
     }

@@ -40,6 +40,7 @@
 //! `xc_ij = a_ij (x_ij - sum_l a_il x_il)`.
 
 mod backward;
+mod curvature;
 mod dispatch;
 mod forward;
 mod tile;
@@ -49,6 +50,7 @@ pub use backward::{
     adjoint_matrix, adjoint_matvec, centroid_cotangent, cotangent_reduce, counted_adjoint_matrix,
     weight_grad,
 };
+pub use curvature::reduce_energy_curvature;
 pub use forward::{
     counted_reduce, counted_reduce_energy, fixed_point, hard_assign, soft_assign_output,
     soft_assign_reduce,
