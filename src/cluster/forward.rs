@@ -53,7 +53,7 @@ impl<T: Real> KmeansMap for WeightsMap<'_, T> {
         ))
     }
 
-    fn evaluate_with_curvature(&mut self, c: &[f64], _k: usize) -> Result<(Evaluation, Vec<f64>)> {
+    fn evaluate_with_curvature(&mut self, c: &[f64]) -> Result<(Evaluation, Option<Vec<f64>>)> {
         let c: Vec<T> = c.iter().map(|&x| T::of(x)).collect();
         self.passes += 1;
         let (moments, energy, curvature) = pass::reduce_energy_curvature(self.w, &c, &self.geo);
@@ -61,7 +61,7 @@ impl<T: Real> KmeansMap for WeightsMap<'_, T> {
             moments,
             energy: Some(energy),
         };
-        Ok((eval, curvature))
+        Ok((eval, Some(curvature)))
     }
 
     fn matvec(&mut self, c: &[f64], f: &[f64], inv_mass: &[f64], u: &[f64]) -> Result<Vec<f64>> {

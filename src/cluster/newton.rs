@@ -21,12 +21,12 @@
 //! backtracking on the energy (Armijo) or, near convergence, where the
 //! energy's rounding hides its decrease, on the residual `||D r||` with no
 //! rise of the energy beyond its rounding; a plain step, which never
-//! raises the energy, is the last resort. The iteration stops at a point where `D - M` is positive definite
-//! (a minimum of E: every eigenvalue of J below 1, a stable fixed point) and
-//! the Newton step, which estimates the distance to the fixed point, is
-//! below the tolerance. At the fixed point `D - M` is also the matrix of the
-//! symmetrised adjoint system, so its Cholesky factor serves the backward
-//! ([`Factor`]).
+//! raises the energy, is the last resort. The iteration stops at a point
+//! where `D - M` is positive definite (a minimum of E: every eigenvalue of
+//! J below 1, a stable fixed point) and the Newton step, which estimates
+//! the distance to the fixed point, is below the tolerance. At the fixed
+//! point `D - M` is also the matrix of the symmetrised adjoint system, so
+//! its Cholesky factor serves the backward ([`Factor`]).
 //!
 //! The Euclidean distance has no such energy: Newton on `F(C) - C` with
 //! `(I - J) dC = r` (damped to `I - theta J` where it is singular),
@@ -58,14 +58,13 @@ pub trait KmeansMap {
     /// `f` and `inv_mass`: `J^T` for `f = F(C)` and the inverse masses, the
     /// curvature `M` for `f = c` and unit masses.
     fn matrix(&mut self, c: &[f64], f: &[f64], inv_mass: &[f64]) -> Result<Vec<f64>>;
-    /// [`Self::evaluate`] and the curvature `M` (the [`Self::matrix`] at
-    /// `f = c` and unit masses) at `c` (k centroids), for the squared
-    /// distance. A map that can compute both from one attention per row
-    /// does so in one pass.
-    fn evaluate_with_curvature(&mut self, c: &[f64], k: usize) -> Result<(Evaluation, Vec<f64>)> {
-        let eval = self.evaluate(c)?;
-        let curvature = self.matrix(c, c, &vec![1.0; k])?;
-        Ok((eval, curvature))
+    /// [`Self::evaluate`] and, where the map computes both from one
+    /// attention per row in one pass, the curvature `M` at `c` (the
+    /// [`Self::matrix`] at `f = c` and unit masses; squared distance). A
+    /// map that cannot returns no curvature, and the solver assembles the
+    /// matrix only where it needs it.
+    fn evaluate_with_curvature(&mut self, c: &[f64]) -> Result<(Evaluation, Option<Vec<f64>>)> {
+        Ok((self.evaluate(c)?, None))
     }
     /// `matrix(c, f, inv_mass) u` without the matrix: one
     /// [`super::streaming::adjoint_matvec`] pass (for many unknowns).
@@ -388,9 +387,9 @@ impl<M: KmeansMap> Solver<'_, M> {
         if !curvature || self.s.distance != Distance::Squared {
             return self.evaluate(c);
         }
-        let (eval, m) = self.map.evaluate_with_curvature(&c, self.s.k)?;
+        let (eval, m) = self.map.evaluate_with_curvature(&c)?;
         let mut p = Point::new(c, eval, &self.dead, self.s.d);
-        p.curvature = Some(m);
+        p.curvature = m;
         Ok(p)
     }
 
