@@ -222,7 +222,7 @@ pub(super) struct Assemble<'a, T, const D: usize> {
 
 impl<T: Real, const D: usize> Pass for Assemble<'_, T, D> {
     fn min_chunk_rows(&self) -> usize {
-        min_chunk_rows(self.geo)
+        matrix_chunk_rows(self.geo)
     }
 
     type Out = f64;

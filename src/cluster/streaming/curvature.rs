@@ -44,7 +44,7 @@ struct Curvature<'a, T, const D: usize> {
 
 impl<T: Real, const D: usize> Pass for Curvature<'_, T, D> {
     fn min_chunk_rows(&self) -> usize {
-        min_chunk_rows(self.assemble.geo)
+        matrix_chunk_rows(self.assemble.geo)
     }
 
     type Out = f64;
