@@ -8,8 +8,11 @@ use super::*;
 /// At `c`: the moments (as [`counted_reduce`]), the free energy (as
 /// [`counted_reduce_energy`]) and the curvature `M`, the matrix of
 /// [`adjoint_matrix`] at `f = c` with unit masses, in one pass over the
-/// weights `w` (m x d; every row counted once). The same sums as the two
-/// passes, bit for bit. No kernel: the forward Newton solve on the CPU
+/// weights `w` (m x d; every row counted once). The matrix is
+/// [`adjoint_matrix`]'s bit for bit; the moments and the energy are the
+/// sums of [`counted_reduce_energy`] over the matrix pass's longer chunks
+/// (see [`matrix_chunk_rows`]), so they agree with it up to the rounding
+/// of the partial sums. No kernel: the forward Newton solve on the CPU
 /// uses it.
 pub fn reduce_energy_curvature<T: Real>(
     w: &[T],
@@ -78,10 +81,23 @@ impl<T: Real, const D: usize> Pass for Curvature<'_, T, D> {
 mod tests {
     use super::*;
 
-    /// The fused pass gives the two passes' sums bit for bit: scalar
-    /// weights at 8 bits (windowed tiles, several chunks) and pairs at 4.
+    /// Within `tol` of the sum of the magnitudes of `expected`, entry by
+    /// entry.
+    fn close(got: &[f64], expected: &[f64], tol: f64) -> bool {
+        let scale = tol * expected.iter().map(|x| x.abs()).sum::<f64>();
+        got.len() == expected.len()
+            && got
+                .iter()
+                .zip(expected)
+                .all(|(a, b)| (a - b).abs() <= scale)
+    }
+
+    /// The fused pass gives the matrix pass's matrix bit for bit and the
+    /// reduce's moments and energy up to the rounding of their partial
+    /// sums (grouped into other chunks): scalar weights at 8 bits
+    /// (windowed tiles, several chunks) and pairs at 4.
     #[test]
-    fn one_pass_matches_the_reduce_and_the_matrix_bit_for_bit() {
+    fn one_pass_matches_the_reduce_and_the_matrix() {
         let mut state = 7u64;
         let mut next = || {
             state = state.wrapping_mul(6364136223846793005).wrapping_add(1);
@@ -101,9 +117,11 @@ mod tests {
             };
             let (moments, energy, curvature) = reduce_energy_curvature(&w, &c, &geo);
             let (expected, expected_energy) = counted_reduce_energy(&w, &[], &c, &geo);
-            assert_eq!(moments.mass, expected.mass);
-            assert_eq!(moments.weighted, expected.weighted);
-            assert_eq!(energy, expected_energy);
+            assert!(close(&moments.mass, &expected.mass, 1e-9));
+            assert!(close(&moments.weighted, &expected.weighted, 1e-9));
+            // Each row's energy is rounded to f32 and added in f32 lanes
+            // over a few tiles: an f32 rounding of the total.
+            assert!(close(&[energy], &[expected_energy], f32::EPSILON.into()));
             assert_eq!(curvature, adjoint_matrix(&w, &c, &c, &vec![1.0; k], &geo));
             assert!(curvature.iter().any(|&x| x != 0.0));
         }
