@@ -141,8 +141,7 @@ pub fn newton_fixed_point<T: Real>(
         None if pass::windowed(geo) => {
             // Every iteration's passes would order each chunk's weights by
             // value again: order them once, for the whole solve.
-            let mut sorted = w.to_vec();
-            sorted.par_sort_unstable_by(|a, b| a.wide().total_cmp(&b.wide()));
+            let sorted = T::sorted(w);
             newton::solve(
                 &mut WeightsMap::new(&sorted, *geo),
                 &start,

@@ -59,7 +59,7 @@ impl<T: Real, const D: usize> Pass for Curvature<'_, T, D> {
         let (head, matrix) = out.split_at_mut(k * (D + 1) + 1);
         let mut tile = Tile::<T, D>::new(geo);
         let mut sums = LaneSums::<T>::new(head.len());
-        let mut scratch = AssembleLanes::new(k * D);
+        let mut scratch = AssembleLanes::new(k * D, D);
         let visit = Visit::new(w, rows.clone(), c, geo);
         let (w, mut wbuf) = (&w[rows], [[T::zero(); D]; TILE]);
         let ones = [[T::of(1.0); 1]; TILE];

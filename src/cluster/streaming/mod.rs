@@ -80,6 +80,22 @@ pub trait Real: num_traits::Float + candle_core::WithDType + std::fmt::Debug {
     /// keeps the products of the attention out of the subnormal range, where
     /// the CPU is slow.
     fn softmax_exp(self) -> Self;
+    /// The values of `w` in ascending order (that of `total_cmp`).
+    fn sorted(w: &[Self]) -> Vec<Self>;
+}
+
+/// `w` sorted as the unsigned integers `key` maps it to, in the same order
+/// (`value` maps them back): integers sort faster than floats compared by
+/// `total_cmp` (41-48 ms instead of 73-80 ms for 2.4 million f32 on 2
+/// cores), and the keys' buffer becomes the result's.
+fn sorted_by_key<F: Send + Sync + Copy, K: Ord + Send + Copy>(
+    w: &[F],
+    key: impl Fn(F) -> K + Sync + Send,
+    value: impl Fn(K) -> F,
+) -> Vec<F> {
+    let mut keys: Vec<K> = w.par_iter().map(|&x| key(x)).collect();
+    keys.par_sort_unstable();
+    keys.into_iter().map(value).collect()
 }
 
 impl Real for f32 {
@@ -122,6 +138,19 @@ impl Real for f32 {
             y * two_n
         }
     }
+
+    fn sorted(w: &[Self]) -> Vec<Self> {
+        // As for f64 (below).
+        const SIGN: u32 = 1 << 31;
+        sorted_by_key(
+            w,
+            |x| match x.to_bits() {
+                b if b & SIGN != 0 => !b,
+                b => b | SIGN,
+            },
+            |k| f32::from_bits(if k & SIGN != 0 { k & !SIGN } else { !k }),
+        )
+    }
 }
 
 impl Real for f64 {
@@ -138,6 +167,20 @@ impl Real for f64 {
     #[inline(always)]
     fn softmax_exp(self) -> Self {
         self.exp()
+    }
+
+    fn sorted(w: &[Self]) -> Vec<Self> {
+        // Negative values with all bits flipped, the others with the sign
+        // bit set: the integers are in the order of the values.
+        const SIGN: u64 = 1 << 63;
+        sorted_by_key(
+            w,
+            |x| match x.to_bits() {
+                b if b & SIGN != 0 => !b,
+                b => b | SIGN,
+            },
+            |k| f64::from_bits(if k & SIGN != 0 { k & !SIGN } else { !k }),
+        )
     }
 }
 
@@ -486,6 +529,24 @@ mod tests {
             let f32_err = windowed_vs_full(&w, &g, &c, &geo);
             assert!(f32_err < 2e-5, "f32: {f32_err:e}");
         }
+    }
+
+    fn sorts_as_total_cmp<T: Real>() {
+        let mut w: Vec<T> = uniform(10_001, 7)
+            .iter()
+            .map(|&x| T::of(f64::from(x) * 1e3))
+            .collect();
+        w.extend([0.0, -0.0, f64::MIN_POSITIVE, -f64::MAX].map(T::of));
+        let mut expected = w.clone();
+        expected.sort_by(|a, b| a.wide().total_cmp(&b.wide()));
+        let bits = |x: &[T]| x.iter().map(|v| v.wide().to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&T::sorted(&w)), bits(&expected));
+    }
+
+    #[test]
+    fn sorts_floats_as_total_cmp_does() {
+        sorts_as_total_cmp::<f32>();
+        sorts_as_total_cmp::<f64>();
     }
 
     #[test]
