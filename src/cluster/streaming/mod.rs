@@ -63,7 +63,7 @@ use visit::*;
 
 use super::config::Distance;
 use rayon::prelude::*;
-use std::ops::Range;
+use std::ops::{BitAnd, BitOr, Not, Range};
 
 /// Float types the passes run on: `f32` (training) and `f64` (gradient checks).
 pub trait Real: num_traits::Float + candle_core::WithDType + std::fmt::Debug {
@@ -84,18 +84,36 @@ pub trait Real: num_traits::Float + candle_core::WithDType + std::fmt::Debug {
     fn sorted(w: &[Self]) -> Vec<Self>;
 }
 
-/// `w` sorted as the unsigned integers `key` maps it to, in the same order
-/// (`value` maps them back): integers sort faster than floats compared by
-/// `total_cmp` (41-48 ms instead of 73-80 ms for 2.4 million f32 on 2
-/// cores), and the keys' buffer becomes the result's.
-fn sorted_by_key<F: Send + Sync + Copy, K: Ord + Send + Copy>(
-    w: &[F],
-    key: impl Fn(F) -> K + Sync + Send,
-    value: impl Fn(K) -> F,
-) -> Vec<F> {
-    let mut keys: Vec<K> = w.par_iter().map(|&x| key(x)).collect();
+/// `w` sorted as unsigned integers in the order of the values: the bits
+/// (`to_bits`, with the sign bit `sign`) of a negative value all flipped,
+/// of the others with the sign bit set; `from_bits` maps them back.
+/// Integers sort faster than floats compared by `total_cmp` (40-44 ms
+/// instead of 60-73 ms for 2.4 million f32 on 2 cores), and the keys'
+/// buffer becomes the result's.
+fn sorted_by_bits<F, K>(w: &[F], to_bits: fn(F) -> K, from_bits: fn(K) -> F, sign: K) -> Vec<F>
+where
+    F: Send + Sync + Copy,
+    K: Ord
+        + Send
+        + Sync
+        + Copy
+        + Default
+        + Not<Output = K>
+        + BitAnd<Output = K>
+        + BitOr<Output = K>,
+{
+    let zero = K::default();
+    let mut keys: Vec<K> = w
+        .par_iter()
+        .map(|&x| match to_bits(x) {
+            b if b & sign != zero => !b,
+            b => b | sign,
+        })
+        .collect();
     keys.par_sort_unstable();
-    keys.into_iter().map(value).collect()
+    keys.into_iter()
+        .map(|k| from_bits(if k & sign != zero { k & !sign } else { !k }))
+        .collect()
 }
 
 impl Real for f32 {
@@ -140,16 +158,7 @@ impl Real for f32 {
     }
 
     fn sorted(w: &[Self]) -> Vec<Self> {
-        // As for f64 (below).
-        const SIGN: u32 = 1 << 31;
-        sorted_by_key(
-            w,
-            |x| match x.to_bits() {
-                b if b & SIGN != 0 => !b,
-                b => b | SIGN,
-            },
-            |k| f32::from_bits(if k & SIGN != 0 { k & !SIGN } else { !k }),
-        )
+        sorted_by_bits(w, f32::to_bits, f32::from_bits, 1 << 31)
     }
 }
 
@@ -170,17 +179,7 @@ impl Real for f64 {
     }
 
     fn sorted(w: &[Self]) -> Vec<Self> {
-        // Negative values with all bits flipped, the others with the sign
-        // bit set: the integers are in the order of the values.
-        const SIGN: u64 = 1 << 63;
-        sorted_by_key(
-            w,
-            |x| match x.to_bits() {
-                b if b & SIGN != 0 => !b,
-                b => b | SIGN,
-            },
-            |k| f64::from_bits(if k & SIGN != 0 { k & !SIGN } else { !k }),
-        )
+        sorted_by_bits(w, f64::to_bits, f64::from_bits, 1 << 63)
     }
 }
 
