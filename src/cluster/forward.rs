@@ -41,6 +41,15 @@ impl<T: Real> KmeansMap for WeightsMap<'_, T> {
         })
     }
 
+    fn evaluate_moments(&mut self, c: &[f64]) -> Result<Evaluation> {
+        let c: Vec<T> = c.iter().map(|&x| T::of(x)).collect();
+        self.passes += 1;
+        Ok(Evaluation {
+            moments: pass::counted_reduce(self.w, &[], &c, &self.geo),
+            energy: None,
+        })
+    }
+
     fn matrix(&mut self, c: &[f64], f: &[f64], inv_mass: &[f64]) -> Result<Vec<f64>> {
         let narrow = |x: &[f64]| x.iter().map(|&v| T::of(v)).collect::<Vec<T>>();
         self.passes += 1;

@@ -54,6 +54,12 @@ pub trait KmeansMap {
     fn round(&self, c: &mut [f64]);
     /// One k-means pass at `c`.
     fn evaluate(&mut self, c: &[f64]) -> Result<Evaluation>;
+    /// [`Self::evaluate`] where the caller needs no free energy (the chord
+    /// steps of [`refine`], which search no line): a map whose energy
+    /// costs extra in its pass (a logarithm a row) leaves it out.
+    fn evaluate_moments(&mut self, c: &[f64]) -> Result<Evaluation> {
+        self.evaluate(c)
+    }
     /// The matrix of [`super::streaming::adjoint_matrix`] at `c`, with
     /// `f` and `inv_mass`: `J^T` for `f = F(C)` and the inverse masses, the
     /// curvature `M` for `f = c` and unit masses.
@@ -966,7 +972,7 @@ pub fn refine<M: KmeansMap>(
     };
     let mut passes = map.passes();
     for _ in 0..steps {
-        let eval = map.evaluate(&solution.c)?;
+        let eval = map.evaluate_moments(&solution.c)?;
         let (weights, bins) = map.passes();
         (solution.report.weight_passes, solution.report.bin_passes) = (
             solution.report.weight_passes + weights - passes.0,
