@@ -77,7 +77,7 @@ const MOVE_REACH: f64 = 0.5;
 /// Fewest weights per bin slot (empty or not) at which bins are built,
 /// unless they take at most [`FEW_SLOTS`]: the slots' tallies (24 bytes
 /// each, while the bins are built) then take at most 3 bytes a weight, or
-/// 6 MiB.
+/// 6 MiB, on each of the threads that tally (see [`TALLY_SPLIT_WEIGHTS`]).
 const MIN_WEIGHTS_PER_SLOT: usize = 8;
 
 /// Fewest weights at which [`Slots::tally`] tallies the two halves of
