@@ -23,7 +23,11 @@
 //! `IDKM_STEP_TAU` (1e-4: the temperature at 4 bits; at b bits every method
 //! runs with `tau 4^(4-b)`, which keeps the attention as local relative to
 //! the centroid spacing, proportional to `2^-b`, as at 4 bits),
-//! `IDKM_STEP_METHODS` (dkm,idkm,idkm-jfb), `IDKM_STEP_BUDGET_GIB` (16, and
+//! `IDKM_STEP_METHODS` (dkm,idkm,idkm-jfb), `IDKM_STEP_ROUNDS` (1: run
+//! all configurations this many times, one round after another, and
+//! report each one's median round; with more than one, `step-rounds.md`
+//! lists every round's time and its ratio to the same round's fp32 step,
+//! which a machine's slow spells move less than the times), `IDKM_STEP_BUDGET_GIB` (16, and
 //! never more than the memory available less 1 GiB), `IDKM_STEP_WARMUP`
 //! (1), `IDKM_STEP_STEPS` (3: measured steps, averaged), `IDKM_STEP_TIMEOUT_S` (600 per
 //! configuration; one predicted to need more, from the fp32 step's time and
@@ -83,7 +87,13 @@ fn main() -> anyhow::Result<()> {
                 .unwrap_or(std::path::Path::new(".")),
             "step",
         );
-        for p in profile::write_outputs(&records, dir, name, &title(&records), &command)? {
+        let rounds = command
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("IDKM_STEP_ROUNDS="))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(1);
+        let title = title(&records, rounds);
+        for p in profile::write_outputs(&records, dir, name, &title, &command)? {
             eprintln!("wrote {}", p.display());
         }
         return Ok(());
@@ -120,6 +130,7 @@ fn main() -> anyhow::Result<()> {
     let newton = KmeansConfig::default();
     let methods: Vec<Method> = list("IDKM_STEP_METHODS", "dkm,idkm,idkm-jfb")?;
     let warmup: usize = env_or("IDKM_STEP_WARMUP", "1").parse()?;
+    let rounds: usize = env_or("IDKM_STEP_ROUNDS", "1").parse::<usize>()?.max(1);
     let steps: usize = env_or("IDKM_STEP_STEPS", "3").parse()?;
     let timeout: f64 = env_or("IDKM_STEP_TIMEOUT_S", "600").parse()?;
     let out_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -218,8 +229,57 @@ fn main() -> anyhow::Result<()> {
         Ok(cmd)
     };
     let report = |r: &Record| eprintln!("{}", profile::table_row(r));
-    let records = profile::profile(&shape, &configs, budget, timeout, command, report)?;
-    finish(&records, batch, steps, &bits, budget, &out_dir)
+    let all: Vec<StepConfig> = (0..rounds).flat_map(|_| configs.clone()).collect();
+    let records = profile::profile(&shape, &all, budget, timeout, command, report)?;
+    let run = Run {
+        batch,
+        steps,
+        bits: &bits,
+        budget,
+        rounds,
+    };
+    if rounds > 1 {
+        let (records, table) = profile::median_of_rounds(&records, rounds);
+        println!("{table}");
+        let path = out_dir.join("step-rounds.md");
+        let text = format!(
+            "{}\n\n`{}`\n\n{table}",
+            title(&records, rounds),
+            run.command()
+        );
+        std::fs::create_dir_all(&out_dir)?;
+        idkm::io::write_bytes_atomic(&path, text.as_bytes())?;
+        eprintln!("wrote {}", path.display());
+        return finish(&records, &run, &out_dir);
+    }
+    finish(&records, &run, &out_dir)
+}
+
+/// What a run of the benchmark measured, for its command line and titles.
+struct Run<'a> {
+    batch: usize,
+    steps: usize,
+    bits: &'a [u32],
+    budget: u64,
+    rounds: usize,
+}
+
+impl Run<'_> {
+    /// The command that repeats the run.
+    fn command(&self) -> String {
+        let rounds = if self.rounds > 1 {
+            format!(" IDKM_STEP_ROUNDS={}", self.rounds)
+        } else {
+            String::new()
+        };
+        format!(
+            "IDKM_STEP_BATCH={} IDKM_STEP_BITS={} IDKM_STEP_STEPS={}{rounds} IDKM_STEP_BUDGET_GIB={:.0} cargo bench --profile dev --bench step",
+            self.batch,
+            self.bits.iter().map(|b| b.to_string()).collect::<Vec<_>>().join(","),
+            self.steps,
+            self.budget as f64 / (1u64 << 30) as f64,
+        )
+    }
 }
 
 /// A Newton row (the defaults) or a plain row (absolute `tau`, plain steps
@@ -257,22 +317,11 @@ fn solve_config(
     }
 }
 
-fn finish(
-    records: &[Record],
-    batch: usize,
-    steps: usize,
-    bits: &[u32],
-    budget: u64,
-    out_dir: &std::path::Path,
-) -> anyhow::Result<()> {
-    let command = format!(
-        "IDKM_STEP_BATCH={batch} IDKM_STEP_BITS={} IDKM_STEP_STEPS={steps} IDKM_STEP_BUDGET_GIB={:.0} cargo bench --profile dev --bench step",
-        bits.iter().map(|b| b.to_string()).collect::<Vec<_>>().join(","),
-        budget as f64 / (1u64 << 30) as f64,
-    );
+fn finish(records: &[Record], run: &Run, out_dir: &std::path::Path) -> anyhow::Result<()> {
     println!("{}", profile::table(records));
     println!("{}", profile::layer_table(records));
-    let written = profile::write_outputs(records, out_dir, "step", &title(records), &command)?;
+    let title = title(records, run.rounds);
+    let written = profile::write_outputs(records, out_dir, "step", &title, &run.command())?;
     for p in written {
         eprintln!("wrote {}", p.display());
     }
@@ -280,8 +329,8 @@ fn finish(
 }
 
 /// The title of the tables and plots, from the first record's
-/// configuration: the model, the batch and the steps measured.
-fn title(records: &[Record]) -> String {
+/// configuration: the model, the batch, the steps measured and the rounds.
+fn title(records: &[Record], rounds: usize) -> String {
     let Some(c) = records.first().map(|r| &r.config) else {
         return String::new();
     };
@@ -289,7 +338,15 @@ fn title(records: &[Record]) -> String {
         1 => "one training step".to_string(),
         n => format!("mean of {n} training steps"),
     };
-    format!("{}, batch {}, {steps} (SGD), this machine", c.arch, c.batch)
+    let rounds = if rounds > 1 {
+        format!(", the median of {rounds} rounds")
+    } else {
+        String::new()
+    };
+    format!(
+        "{}, batch {}, {steps}{rounds} (SGD), this machine",
+        c.arch, c.batch
+    )
 }
 
 /// `IDKM_STEP_BREAKDOWN=1`: where one step's memory goes, phase by phase

@@ -4,10 +4,12 @@
 //! and plots.
 
 mod plot;
+mod rounds;
 mod run;
 mod table;
 
 pub use plot::{write_outputs, write_plot, PlotKind};
+pub use rounds::{median_of_rounds, median_rounds};
 pub use run::{child_main, profile, run_child, run_steps, RESULT_PREFIX};
 pub use table::{layer_table, table, table_row};
 
