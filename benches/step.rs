@@ -238,7 +238,7 @@ fn main() -> anyhow::Result<()> {
         budget,
         rounds,
     };
-    if rounds > 1 {
+    let records = if rounds > 1 {
         let (records, table) = profile::median_of_rounds(&records, rounds);
         println!("{table}");
         let path = out_dir.join("step-rounds.md");
@@ -250,8 +250,10 @@ fn main() -> anyhow::Result<()> {
         std::fs::create_dir_all(&out_dir)?;
         idkm::io::write_bytes_atomic(&path, text.as_bytes())?;
         eprintln!("wrote {}", path.display());
-        return finish(&records, &run, &out_dir);
-    }
+        records
+    } else {
+        records
+    };
     finish(&records, &run, &out_dir)
 }
 
