@@ -1,10 +1,12 @@
 //! The forward k-means solve of one layer on the CPU: Newton's method
 //! ([`super::newton`]) on bins of the weights where they pay, corrected on
-//! the weights, or on the weights themselves; and the factorisation it
-//! leaves for the backward.
+//! the weights, or on the weights themselves (a cold start of a large layer
+//! from the fixed point of groups of them); and the factorisation it leaves
+//! for the backward.
 
 use super::binned::BinnedMap;
-use super::newton::{self, Evaluation, Factor, KmeansMap, Settings, Solution};
+use super::config::Distance;
+use super::newton::{self, Evaluation, Factor, ForwardReport, KmeansMap, Settings, Solution};
 use super::streaming::{self as pass, Geometry, Real};
 use crate::error::Result;
 use rayon::prelude::*;
@@ -111,7 +113,9 @@ pub fn bounds<T: Real>(w: &[T], d: usize) -> Vec<(f64, f64)> {
 
 /// The fixed point from `c0` by Newton's method (see [`newton::solve`]),
 /// on bins of the weights where they pay (then corrected on the weights by
-/// up to [`REFINE_STEPS`] chord steps), else on the weights. `tol` is the
+/// up to [`REFINE_STEPS`] chord steps), else on the weights (from the fixed
+/// point of groups of them, for a cold start of a large layer: see
+/// [`coarse_start`]). `tol` is the
 /// absolute stopping tolerance, `spread` the weights' spread; `warm` and
 /// `settle` as for [`newton::solve`].
 #[allow(clippy::too_many_arguments)]
@@ -151,14 +155,28 @@ pub fn newton_fixed_point<T: Real>(
             // Every iteration's passes would order each chunk's weights by
             // value again: order them once, for the whole solve.
             let sorted = T::sorted(w);
-            newton::solve(
+            let coarse = match warm {
+                None if geo.distance == Distance::Squared
+                    && sorted.len() >= COARSE_START_WEIGHTS =>
+                {
+                    Some(coarse_start(&sorted, &start, range.clone(), settings, geo)?)
+                }
+                _ => None,
+            };
+            let from = coarse.as_ref().map_or(&start, |(c, _)| c);
+            let mut solution = newton::solve(
                 &mut WeightsMap::new(&sorted, *geo),
-                &start,
+                from,
                 range,
                 settings,
                 warm,
                 settle,
-            )?
+            )?;
+            if let Some((_, report)) = coarse {
+                solution.report.iterations += report.iterations;
+                solution.report.bin_passes += report.bin_passes;
+            }
+            solution
         }
         None => newton::solve(
             &mut WeightsMap::new(w, *geo),
@@ -171,6 +189,105 @@ pub fn newton_fixed_point<T: Real>(
     };
     solution.report.tau = geo.tau;
     Ok(solution)
+}
+
+/// Sorted weights per group in [`coarse_start`]. Heavy-tailed 2.4 M
+/// weights at 8 bits: in groups of 16 the solve does not converge within
+/// its iterations, in groups of 4 it does, and the solve on the weights
+/// then takes 34 passes instead of 103.
+const COARSE_GROUP: usize = 4;
+
+/// Fewest weights at which a cold solve on the weights starts from the
+/// fixed point of their groups ([`coarse_start`]).
+const COARSE_START_WEIGHTS: usize = 1 << 18;
+
+/// A cold start for the solve on the sorted weights `sorted`: the fixed
+/// point, from `c0`, of their groups of [`COARSE_GROUP`] consecutive
+/// weights, each group its mean and count (bins of equal counts), or `c0`
+/// where that solve does not converge to a stable fixed point. From the
+/// optimal 1-D centroids most of a cold solve's iterations are damped
+/// ones, far from the fixed point; on the groups they cost about a quarter
+/// of a pass each, and the solve on the weights starts nearer its fixed
+/// point. Also the groups' report, whose passes are bin passes.
+fn coarse_start<T: Real>(
+    sorted: &[T],
+    c0: &[f64],
+    range: Vec<(f64, f64)>,
+    settings: Settings,
+    geo: &Geometry,
+) -> Result<(Vec<f64>, ForwardReport)> {
+    let (mean, count): (Vec<T>, Vec<T>) = sorted
+        .chunks(COARSE_GROUP)
+        .map(|group| {
+            let sum: f64 = group.iter().map(|x| x.wide()).sum();
+            let n = group.len() as f64;
+            (T::of(sum / n), T::of(n))
+        })
+        .unzip();
+    let mut groups = GroupsMap {
+        mean: &mean,
+        count: &count,
+        geo: *geo,
+        passes: 0,
+    };
+    let solution = newton::solve(&mut groups, c0, range, settings, None, false)?;
+    let report = solution.report;
+    let usable = report.converged && report.stable == Some(true);
+    tracing::trace!(?report, usable, "coarse start on groups of the weights");
+    Ok((if usable { solution.c } else { c0.to_vec() }, report))
+}
+
+/// The k-means map of weights grouped into points with counts.
+struct GroupsMap<'a, T> {
+    mean: &'a [T],
+    count: &'a [T],
+    geo: Geometry,
+    passes: usize,
+}
+
+impl<T: Real> KmeansMap for GroupsMap<'_, T> {
+    fn round(&self, c: &mut [f64]) {
+        c.iter_mut().for_each(|x| *x = T::of(*x).wide());
+    }
+
+    fn evaluate(&mut self, c: &[f64]) -> Result<Evaluation> {
+        self.passes += 1;
+        let (moments, energy) =
+            pass::counted_reduce_energy(self.mean, self.count, &narrow::<T>(c), &self.geo);
+        Ok(Evaluation {
+            moments,
+            energy: Some(energy),
+        })
+    }
+
+    fn matrix(&mut self, c: &[f64], f: &[f64], inv_mass: &[f64]) -> Result<Vec<f64>> {
+        self.passes += 1;
+        Ok(pass::counted_adjoint_matrix(
+            self.mean,
+            self.count,
+            &narrow::<T>(c),
+            &narrow::<T>(f),
+            inv_mass,
+            &self.geo,
+        ))
+    }
+
+    fn matvec(&mut self, c: &[f64], f: &[f64], inv_mass: &[f64], u: &[f64]) -> Result<Vec<f64>> {
+        // Through the matrix: the groups are few.
+        Ok(super::linalg::matvec(&self.matrix(c, f, inv_mass)?, u))
+    }
+
+    fn passes(&self) -> (usize, usize) {
+        (0, self.passes)
+    }
+
+    fn epsilon(&self) -> f64 {
+        T::epsilon().wide()
+    }
+}
+
+fn narrow<T: Real>(c: &[f64]) -> Vec<T> {
+    c.iter().map(|&x| T::of(x)).collect()
 }
 
 /// A fingerprint of the weights `w`: a sum with position-dependent
@@ -262,5 +379,107 @@ impl ForwardFactor {
         let same = self.centroids.len() == c0.len()
             && self.centroids.iter().zip(c0).all(|(a, b)| *a == b.wide());
         same.then_some(&self.factor)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::{init, temperature};
+
+    /// Heavy-tailed weights: nine in ten from a normal of spread 0.02, one
+    /// in ten from one five times wider (Box-Muller on a fixed LCG).
+    fn heavy_tailed(n: usize) -> Vec<f32> {
+        let mut state = 0x2545_f491_4f6c_dd1d_u64;
+        let mut uniform = move || {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((state >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+        };
+        (0..n)
+            .map(|i| {
+                let (u, v) = (uniform(), uniform());
+                let normal = (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos();
+                let spread = if i % 10 == 0 { 0.1 } else { 0.02 };
+                (spread * normal) as f32
+            })
+            .collect()
+    }
+
+    /// A cold solve of a large layer at 6 bits from the optimal 1-D
+    /// centroids, with the groups' fixed point as its start and without:
+    /// both reach a stable fixed point with all centroids distinct; from
+    /// the groups, one of no higher free energy, in fewer passes over the
+    /// weights.
+    #[test]
+    fn a_cold_start_from_the_groups_takes_fewer_passes_to_as_low_an_energy() {
+        let w = heavy_tailed(COARSE_START_WEIGHTS);
+        let k = 64;
+        let c0 = init::optimal_1d(&w, k, 0);
+        let tau =
+            temperature::from_error(temperature::hard_mse(&w, &c0, 1), 1, Distance::Squared, 0.5)
+                .expect("a temperature");
+        let geo = Geometry {
+            k,
+            d: 1,
+            tau,
+            distance: Distance::Squared,
+        };
+        let spread = (w.iter().map(|&x| f64::from(x).powi(2)).sum::<f64>() / w.len() as f64).sqrt();
+        let tol = 1e-6 * spread;
+        assert!(
+            BinnedMap::new(&w, &c0, geo).is_none(),
+            "bins pay here: the test needs a solve on the weights"
+        );
+        let grouped =
+            newton_fixed_point(&w, &c0, &geo, 100, tol, spread, None, true).expect("solved");
+        let start: Vec<f64> = c0.iter().map(|&x| f64::from(x)).collect();
+        let settings = Settings {
+            k,
+            d: 1,
+            distance: Distance::Squared,
+            tol,
+            spread,
+            max_iter: 100,
+        };
+        let sorted = f32::sorted(&w);
+        let direct = newton::solve(
+            &mut WeightsMap::new(&sorted, geo),
+            &start,
+            bounds(&w, 1),
+            settings,
+            None,
+            true,
+        )
+        .expect("solved");
+        for (name, r) in [("grouped", grouped.report), ("direct", direct.report)] {
+            assert!(
+                r.converged && r.stable == Some(true) && r.distinct == k,
+                "{name}: {r:?}"
+            );
+        }
+        assert!(grouped.report.bin_passes > 0, "{:?}", grouped.report);
+        assert!(
+            grouped.report.weight_passes < direct.report.weight_passes,
+            "{:?} against {:?}",
+            grouped.report,
+            direct.report
+        );
+        let gap = grouped
+            .c
+            .iter()
+            .zip(&direct.c)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max);
+        // Here the two starts lead to different fixed points, 1.5e-2 of the
+        // spread apart; the groups' has the lower free energy.
+        let energy = |c: &[f64]| pass::counted_reduce_energy(&w, &[], &narrow::<f32>(c), &geo).1;
+        let (from_groups, from_start) = (energy(&grouped.c), energy(&direct.c));
+        assert!(
+            from_groups <= from_start,
+            "free energy {from_groups:e} against {from_start:e} ({:e} of the spread apart)",
+            gap / spread
+        );
     }
 }

@@ -106,7 +106,8 @@ pub struct ForwardReport {
     pub iterations: usize,
     /// Passes over the weights: k-means passes plus matrix assemblies.
     pub weight_passes: usize,
-    /// Passes over bins of the weights (see `binned`).
+    /// Passes over bins of the weights (see `binned`), or over groups of
+    /// them (the cold start of a large layer, see `forward`).
     pub bin_passes: usize,
     /// `max_j ||F(C)_j - C_j||` at the last evaluation, over the spread.
     pub residual: f64,
