@@ -19,7 +19,9 @@ pub fn table_row(record: &Record) -> String {
 }
 
 /// The records as a Markdown table (also readable on a terminal): method,
-/// bits, t, seconds per step, measured peak RSS and counted
+/// bits, t, seconds per step and of the first warm-up step (from the
+/// initial centroids: a cold start, unless the row is `steady`), measured
+/// peak RSS and counted
 /// peak, prediction and its error, ratios to the fp32 row,
 /// solver steps.
 pub fn table(records: &[Record]) -> String {
@@ -28,8 +30,8 @@ pub fn table(records: &[Record]) -> String {
         .find(|r| r.config.method.is_none())
         .and_then(|r| r.measured().cloned());
     let mut s = String::new();
-    s.push_str("| config | s/step | peak RSS MiB | counted MiB | predicted MiB | error | x fp32 mem | x fp32 time | k-means iters | solver steps (max) | worst residual |\n");
-    s.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    s.push_str("| config | s/step | first step s | peak RSS MiB | counted MiB | predicted MiB | error | x fp32 mem | x fp32 time | k-means iters | solver steps (max) | worst residual |\n");
+    s.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     for r in records {
         let label = r.config.label();
         let pred = mib(r.predicted.total());
@@ -59,6 +61,10 @@ pub fn table(records: &[Record]) -> String {
                 } else {
                     format!("{:.1}", m.seconds_per_step)
                 };
+                let first = m
+                    .warmup_seconds
+                    .first()
+                    .map_or_else(|| "-".into(), |s| format!("{s:.1}"));
                 let iters = {
                     let it: Vec<usize> = m.layers.iter().filter_map(|l| l.forward_iters).collect();
                     match (it.iter().min(), it.iter().max()) {
@@ -83,13 +89,13 @@ pub fn table(records: &[Record]) -> String {
                     .unwrap_or_else(|| "-".into());
                 let _ = writeln!(
                     s,
-                    "| {label} | {secs} | {rss} | {counted} | {pred} | {err} | {xmem} | {xtime} | {iters} | {steps} | {resid} |"
+                    "| {label} | {secs} | {first} | {rss} | {counted} | {pred} | {err} | {xmem} | {xtime} | {iters} | {steps} | {resid} |"
                 );
             }
             Outcome::DoesNotFit { budget_bytes } => {
                 let _ = writeln!(
                     s,
-                    "| {label} | does not fit (predicted {}, budget {}) | - | - | {pred} | - | - | - | - | - | - |",
+                    "| {label} | does not fit (predicted {}, budget {}) | - | - | - | {pred} | - | - | - | - | - | - |",
                     gib(r.predicted.total()),
                     gib(*budget_bytes)
                 );
@@ -100,7 +106,7 @@ pub fn table(records: &[Record]) -> String {
             } => {
                 let _ = writeln!(
                     s,
-                    "| {label} | not run: ~{:.0} s per step predicted, over the {:.0} s limit | - | - | {pred} | - | - | - | - | - | - |",
+                    "| {label} | not run: ~{:.0} s per step predicted, over the {:.0} s limit | - | - | - | {pred} | - | - | - | - | - | - |",
                     predicted_seconds, limit_seconds
                 );
             }
@@ -108,7 +114,7 @@ pub fn table(records: &[Record]) -> String {
                 let reason = reason.replace('|', "/");
                 let _ = writeln!(
                     s,
-                    "| {label} | failed: {reason} | - | - | {pred} | - | - | - | - | - | - |"
+                    "| {label} | failed: {reason} | - | - | - | {pred} | - | - | - | - | - | - |"
                 );
             }
         }

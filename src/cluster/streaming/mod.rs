@@ -84,16 +84,23 @@ pub trait Real: num_traits::Float + candle_core::WithDType + std::fmt::Debug {
     fn sorted(w: &[Self]) -> Vec<Self>;
 }
 
+/// Keys whose median [`sorted_by_bits`] estimates to split the keys in two.
+const PIVOT_SAMPLE: usize = 1024;
+
 /// `w` sorted as unsigned integers in the order of the values: the bits
 /// (`to_bits`, with the sign bit `sign`) of a negative value all flipped,
-/// of the others with the sign bit set; `from_bits` maps them back.
-/// Integers sort faster than floats compared by `total_cmp` (40-44 ms
-/// instead of 60-73 ms for 2.4 million f32 on 2 cores), and the keys'
+/// of the others with the sign bit set; `from_bits` maps them back. The
+/// keys are split at the median of a sample (the lower ones to the front
+/// of the buffer, the others to its back, without a branch), and each part
+/// is radix sorted on a thread of its own: 2.4 million Student-t f32 in
+/// 26-39 ms, against 46-62 ms for a parallel comparison sort of the same
+/// keys and 35-45 ms for one radix sort of them all (2 cores). The keys'
 /// buffer becomes the result's.
 fn sorted_by_bits<F, K>(w: &[F], to_bits: fn(F) -> K, from_bits: fn(K) -> F, sign: K) -> Vec<F>
 where
     F: Send + Sync + Copy,
-    K: Ord
+    K: radsort::Key
+        + Ord
         + Send
         + Sync
         + Copy
@@ -103,14 +110,33 @@ where
         + BitOr<Output = K>,
 {
     let zero = K::default();
-    let mut keys: Vec<K> = w
-        .par_iter()
-        .map(|&x| match to_bits(x) {
-            b if b & sign != zero => !b,
-            b => b | sign,
-        })
+    let key = |x: F| match to_bits(x) {
+        b if b & sign != zero => !b,
+        b => b | sign,
+    };
+    let mut sample: Vec<K> = w
+        .iter()
+        .step_by((w.len() / PIVOT_SAMPLE).max(1))
+        .map(|&x| key(x))
         .collect();
-    keys.par_sort_unstable();
+    sample.sort_unstable();
+    let Some(&pivot) = sample.get(sample.len() / 2) else {
+        return Vec::new();
+    };
+    let mut keys = vec![zero; w.len()];
+    // Each key is written at both ends; the end whose part it joins moves
+    // on, and the other copy is overwritten by the next key.
+    let (mut low, mut high) = (0, w.len());
+    for &x in w {
+        let k = key(x);
+        keys[low] = k;
+        keys[high - 1] = k;
+        let below = k < pivot;
+        low += usize::from(below);
+        high -= usize::from(!below);
+    }
+    let (below, above) = keys.split_at_mut(low);
+    rayon::join(|| radsort::sort(below), || radsort::sort(above));
     keys.into_iter()
         .map(|k| from_bits(if k & sign != zero { k & !sign } else { !k }))
         .collect()
@@ -540,6 +566,13 @@ mod tests {
         expected.sort_by(|a, b| a.wide().total_cmp(&b.wide()));
         let bits = |x: &[T]| x.iter().map(|v| v.wide().to_bits()).collect::<Vec<_>>();
         assert_eq!(bits(&T::sorted(&w)), bits(&expected));
+        // Few keys, and keys all equal to the pivot (one part empty).
+        for w in [vec![], vec![1.0], vec![2.0, -1.0], vec![-0.5; 3000]] {
+            let w: Vec<T> = w.into_iter().map(T::of).collect();
+            let mut expected = w.clone();
+            expected.sort_by(|a, b| a.wide().total_cmp(&b.wide()));
+            assert_eq!(bits(&T::sorted(&w)), bits(&expected));
+        }
     }
 
     #[test]
