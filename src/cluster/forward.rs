@@ -114,10 +114,10 @@ pub fn bounds<T: Real>(w: &[T], d: usize) -> Vec<(f64, f64)> {
 /// The fixed point from `c0` by Newton's method (see [`newton::solve`]),
 /// on bins of the weights where they pay (then corrected on the weights by
 /// up to [`REFINE_STEPS`] chord steps), else on the weights (from the fixed
-/// point of groups of them, for a cold start of a large layer: see
-/// [`coarse_start`]). `tol` is the
-/// absolute stopping tolerance, `spread` the weights' spread; `warm` and
-/// `settle` as for [`newton::solve`].
+/// point of groups of them, for a `cold` start of a large layer, one from
+/// the initialisation rather than from an earlier fixed point: see
+/// [`coarse_start`]). `tol` is the absolute stopping tolerance, `spread`
+/// the weights' spread; `warm` and `settle` as for [`newton::solve`].
 #[allow(clippy::too_many_arguments)]
 pub fn newton_fixed_point<T: Real>(
     w: &[T],
@@ -127,6 +127,7 @@ pub fn newton_fixed_point<T: Real>(
     tol: f64,
     spread: f64,
     warm: Option<&Factor>,
+    cold: bool,
     settle: bool,
 ) -> Result<Solution> {
     let settings = Settings {
@@ -155,13 +156,13 @@ pub fn newton_fixed_point<T: Real>(
             // Every iteration's passes would order each chunk's weights by
             // value again: order them once, for the whole solve.
             let sorted = T::sorted(w);
-            let coarse = match warm {
-                None if geo.distance == Distance::Squared
-                    && sorted.len() >= COARSE_START_WEIGHTS =>
-                {
-                    Some(coarse_start(&sorted, &start, range.clone(), settings, geo)?)
-                }
-                _ => None,
+            let coarse = if cold
+                && geo.distance == Distance::Squared
+                && sorted.len() >= COARSE_START_WEIGHTS
+            {
+                Some(coarse_start(&sorted, &start, range.clone(), settings, geo)?)
+            } else {
+                None
             };
             let from = coarse.as_ref().map_or(&start, |(c, _)| c);
             let mut solution = newton::solve(
@@ -433,7 +434,7 @@ mod tests {
             "bins pay here: the test needs a solve on the weights"
         );
         let grouped =
-            newton_fixed_point(&w, &c0, &geo, 100, tol, spread, None, true).expect("solved");
+            newton_fixed_point(&w, &c0, &geo, 100, tol, spread, None, true, true).expect("solved");
         let start: Vec<f64> = c0.iter().map(|&x| f64::from(x)).collect();
         let settings = Settings {
             k,
@@ -460,6 +461,16 @@ mod tests {
             );
         }
         assert!(grouped.report.bin_passes > 0, "{:?}", grouped.report);
+        // From a fixed point (not the initialisation) the solve stays on
+        // the weights, and is done within a few passes.
+        let near: Vec<f32> = grouped.c.iter().map(|&x| x as f32).collect();
+        let again = newton_fixed_point(&w, &near, &geo, 100, tol, spread, None, false, true)
+            .expect("solved");
+        assert!(
+            again.report.bin_passes == 0 && again.report.weight_passes <= 4,
+            "{:?}",
+            again.report
+        );
         assert!(
             grouped.report.weight_passes < direct.report.weight_passes,
             "{:?} against {:?}",
