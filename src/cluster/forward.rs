@@ -386,25 +386,15 @@ impl ForwardFactor {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cluster::{init, temperature};
+    use crate::cluster::{init, sample, temperature};
 
     /// Heavy-tailed weights: nine in ten from a normal of spread 0.02, one
-    /// in ten from one five times wider (Box-Muller on a fixed LCG).
+    /// in ten from one five times wider.
     fn heavy_tailed(n: usize) -> Vec<f32> {
-        let mut state = 0x2545_f491_4f6c_dd1d_u64;
-        let mut uniform = move || {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((state >> 11) as f64 + 0.5) / (1u64 << 53) as f64
-        };
-        (0..n)
-            .map(|i| {
-                let (u, v) = (uniform(), uniform());
-                let normal = (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos();
-                let spread = if i % 10 == 0 { 0.1 } else { 0.02 };
-                (spread * normal) as f32
-            })
+        sample::normal(n, 1.0, 7)
+            .iter()
+            .enumerate()
+            .map(|(i, x)| (x * if i % 10 == 0 { 0.1 } else { 0.02 }) as f32)
             .collect()
     }
 

@@ -29,6 +29,8 @@ pub mod linalg;
 pub mod newton;
 pub mod ops;
 pub mod reference;
+#[cfg(test)]
+mod sample;
 pub mod solve;
 pub mod streaming;
 pub mod temperature;
