@@ -274,8 +274,14 @@ impl Run<'_> {
         } else {
             String::new()
         };
+        // The build that ran: `--profile dev` has debug assertions.
+        let profile = if cfg!(debug_assertions) {
+            " --profile dev"
+        } else {
+            ""
+        };
         format!(
-            "IDKM_STEP_BATCH={} IDKM_STEP_BITS={} IDKM_STEP_STEPS={}{rounds} IDKM_STEP_BUDGET_GIB={:.0} cargo bench --profile dev --bench step",
+            "IDKM_STEP_BATCH={} IDKM_STEP_BITS={} IDKM_STEP_STEPS={}{rounds} IDKM_STEP_BUDGET_GIB={:.0} cargo bench{profile} --bench step",
             self.batch,
             self.bits.iter().map(|b| b.to_string()).collect::<Vec<_>>().join(","),
             self.steps,
