@@ -1074,6 +1074,12 @@ mod tests {
         }
     }
 
+    /// The settled solve of scalar centroids from `c0` in `range`, with
+    /// [`settings`].
+    fn solve_from(map: &mut impl KmeansMap, c0: &[f64], range: (f64, f64)) -> Solution {
+        solve(map, c0, vec![range], settings(c0.len()), None, true).unwrap()
+    }
+
     #[test]
     fn converges_quadratically_to_a_stable_fixed_point() {
         // Three clumps; a start between them.
@@ -1087,15 +1093,7 @@ mod tests {
             distance: Distance::Squared,
         };
         let mut map = Plain { w: &w, geo };
-        let sol = solve(
-            &mut map,
-            &[-0.5, 0.1, 0.9],
-            vec![(-2.0, 2.0)],
-            settings(3),
-            None,
-            true,
-        )
-        .unwrap();
+        let sol = solve_from(&mut map, &[-0.5, 0.1, 0.9], (-2.0, 2.0));
         let r = sol.report;
         assert!(
             r.converged && r.stable == Some(true) && r.distinct == 3,
@@ -1181,15 +1179,7 @@ mod tests {
             plain: Plain { w: &w, geo },
             noise,
         };
-        let sol = solve(
-            &mut map,
-            &[-0.5, 0.5],
-            vec![(-5.0, 5.0)],
-            settings(2),
-            None,
-            true,
-        )
-        .unwrap();
+        let sol = solve_from(&mut map, &[-0.5, 0.5], (-5.0, 5.0));
         let r = sol.report;
         assert!(
             r.converged && r.stable == Some(true) && r.distinct == 2,
@@ -1202,15 +1192,7 @@ mod tests {
         assert!(r.residual <= STALLED * noise, "{r:?}");
         // Still at the fixed point of the exact map, to the rounding
         // times the condition of I - J.
-        let exact = solve(
-            &mut Plain { w: &w, geo },
-            &sol.c,
-            vec![(-5.0, 5.0)],
-            settings(2),
-            None,
-            true,
-        )
-        .unwrap();
+        let exact = solve_from(&mut Plain { w: &w, geo }, &sol.c, (-5.0, 5.0));
         let cond = r.cond.expect("a condition number");
         for (a, b) in sol.c.iter().zip(&exact.c) {
             assert!(
