@@ -77,14 +77,17 @@ fn unconverged_solves_are_counted_per_epoch_and_warned_once_per_layer_and_epoch(
             before.rsplit(' ').next().unwrap().parse().unwrap()
         };
         // 4 steps of 2 layers, and the evaluation's solve of each layer.
-        assert_eq!(count(" solves at --max-iter"), 10, "{line}");
+        assert_eq!(count(" solves short of --tol"), 10, "{line}");
         assert_eq!(count(" missed --solver-tol"), 8, "{line}");
     }
 
     // One warning of each kind per layer and epoch, naming the layer.
     let layers = ["conv2.weight", "fc1.weight"];
     for (what, kind) in [
-        ("the k-means solve stopped at --max-iter", "forward"),
+        (
+            "the k-means solve stopped short of its tolerance",
+            "forward",
+        ),
         ("the adjoint solve missed its tolerance", "adjoint"),
     ] {
         for layer in layers {

@@ -41,7 +41,7 @@ fn solve_summary(stats: &SolveStats) -> String {
     line.push_str(&format!(", >= {} distinct centroids", s.min_distinct));
     for (count, what) in [
         (s.plain_steps, "plain fallback steps"),
-        (s.unconverged, "solves at --max-iter"),
+        (s.unconverged, "solves short of --tol"),
         (s.unstable, "unstable ends"),
     ] {
         if count > 0 {

@@ -464,9 +464,11 @@ impl ClusteredWeight {
         if !r.converged && !warned.unconverged {
             warned.unconverged = true;
             tracing::warn!(
-                layer = %name, iterations = r.iterations, distance = r.distance, residual = r.residual,
-                "the k-means solve stopped at --max-iter before its tolerance: the gradient is that of a nearby point \
-                 (raise --max-iter; further cases this epoch are counted in the epoch summary)"
+                layer = %name, iterations = r.iterations, distance = r.distance, residual = r.residual, cond = r.cond,
+                "the k-means solve stopped short of its tolerance (at --max-iter, or where the rounding of the passes hides \
+                 the residual: see the distance and the condition): the gradient is that of a nearby point \
+                 (raise --max-iter, or lower --tau-scale where the condition is large; further cases this epoch are \
+                 counted in the epoch summary)"
             );
         }
         if r.distinct < k && !warned.merged {
