@@ -163,10 +163,10 @@ fn forward_summary(cfg: &idkm::cluster::KmeansConfig, r: &ForwardReport) -> Stri
     };
     let outcome = if r.converged {
         "converged"
-    } else if r.iterations >= cfg.max_iter {
-        "stopped at --max-iter"
-    } else {
+    } else if r.at_rounding {
         "stopped short of --tol where the rounding of the passes hides the residual"
+    } else {
+        "stopped at --max-iter"
     };
     let mut line = match cfg.forward {
         Forward::Newton => format!(

@@ -122,8 +122,12 @@ pub struct ForwardReport {
     pub backtracks: usize,
     /// Plain steps taken because no Newton step was accepted.
     pub plain_steps: usize,
-    /// Whether the stopping test was met (not `max_iter`).
+    /// Whether the stopping test was met (not `max_iter`, not a stop at
+    /// the rounding with the last Newton step above the tolerance).
     pub converged: bool,
+    /// Whether the solve stopped where the rounding of the passes hides
+    /// the residual (see [`STAGNANT_ITERATIONS`]).
+    pub at_rounding: bool,
     /// Whether the fixed point is stable: every eigenvalue of J below 1 in
     /// magnitude (for the squared distance, `D - M` positive definite: a
     /// minimum of the energy); `None` where not tested (plain steps).
@@ -659,6 +663,7 @@ pub fn solve<M: KmeansMap>(
             // Converged if the last Newton step was within the tolerance;
             // else the distance to the fixed point stays unknown below it.
             solver.report.converged = solver.report.distance * spread <= settings.tol;
+            solver.report.at_rounding = true;
             break;
         }
         solver.report.iterations += 1;
@@ -1031,16 +1036,26 @@ mod tests {
     use super::*;
     use crate::cluster::streaming::{self as pass, Geometry};
 
-    /// The map on f64 weights through the streaming passes.
+    /// The map on f64 weights through the streaming passes. With `noise`,
+    /// the passes round: each centroid's next value is off by up to
+    /// `noise` (a hash of the centroids), and `epsilon` says so.
     struct Plain<'a> {
         w: &'a [f64],
         geo: Geometry,
+        noise: f64,
     }
 
     impl KmeansMap for Plain<'_> {
         fn round(&self, _: &mut [f64]) {}
         fn evaluate(&mut self, c: &[f64]) -> Result<Evaluation> {
-            let (moments, energy) = pass::counted_reduce_energy(self.w, &[], c, &self.geo);
+            let (mut moments, energy) = pass::counted_reduce_energy(self.w, &[], c, &self.geo);
+            let hash = c.iter().fold(0u64, |h, x| {
+                (h ^ x.to_bits()).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+            });
+            for (j, (w, s)) in moments.weighted.iter_mut().zip(&moments.mass).enumerate() {
+                let unit = ((hash >> (8 * j)) & 0xff) as f64 / 255.0 - 0.5;
+                *w += s * self.noise * unit;
+            }
             Ok(Evaluation {
                 moments,
                 energy: Some(energy),
@@ -1062,7 +1077,7 @@ mod tests {
             (0, 0)
         }
         fn epsilon(&self) -> f64 {
-            f64::EPSILON
+            self.noise.max(f64::EPSILON)
         }
     }
 
@@ -1095,7 +1110,11 @@ mod tests {
             tau: 0.05,
             distance: Distance::Squared,
         };
-        let mut map = Plain { w: &w, geo };
+        let mut map = Plain {
+            w: &w,
+            geo,
+            noise: 0.0,
+        };
         let sol = solve_from(&mut map, &[-0.5, 0.1, 0.9], (-2.0, 2.0));
         let r = sol.report;
         assert!(
@@ -1119,52 +1138,6 @@ mod tests {
         }
     }
 
-    /// [`Plain`] whose passes round: each centroid's next value is off by
-    /// up to `noise` (a hash of the centroids), and `epsilon` says so.
-    struct Rounding<'a> {
-        plain: Plain<'a>,
-        noise: f64,
-    }
-
-    impl KmeansMap for Rounding<'_> {
-        fn round(&self, _: &mut [f64]) {}
-        fn evaluate(&mut self, c: &[f64]) -> Result<Evaluation> {
-            let mut eval = self.plain.evaluate(c)?;
-            let hash = c.iter().fold(0u64, |h, x| {
-                (h ^ x.to_bits()).wrapping_mul(0x9e37_79b9_7f4a_7c15)
-            });
-            for (j, (w, s)) in eval
-                .moments
-                .weighted
-                .iter_mut()
-                .zip(&eval.moments.mass)
-                .enumerate()
-            {
-                let unit = ((hash >> (8 * j)) & 0xff) as f64 / 255.0 - 0.5;
-                *w += s * self.noise * unit;
-            }
-            Ok(eval)
-        }
-        fn matrix(&mut self, c: &[f64], f: &[f64], inv_mass: &[f64]) -> Result<Vec<f64>> {
-            self.plain.matrix(c, f, inv_mass)
-        }
-        fn matvec(
-            &mut self,
-            c: &[f64],
-            f: &[f64],
-            inv_mass: &[f64],
-            u: &[f64],
-        ) -> Result<Vec<f64>> {
-            self.plain.matvec(c, f, inv_mass, u)
-        }
-        fn passes(&self) -> (usize, usize) {
-            (0, 0)
-        }
-        fn epsilon(&self) -> f64 {
-            self.noise
-        }
-    }
-
     #[test]
     fn stops_where_rounding_hides_the_residual_of_a_flat_fixed_point() {
         // One normal clump split in two just below its critical temperature
@@ -1178,16 +1151,13 @@ mod tests {
             distance: Distance::Squared,
         };
         let noise = 1e-9;
-        let mut map = Rounding {
-            plain: Plain { w: &w, geo },
-            noise,
-        };
+        let mut map = Plain { w: &w, geo, noise };
         let sol = solve_from(&mut map, &[-0.5, 0.5], (-5.0, 5.0));
         let r = sol.report;
         // Stopped long before `max_iter`, short of the tolerance: the
         // distance to the fixed point is not known below the rounding.
         assert!(
-            !r.converged && r.stable == Some(true) && r.distinct == 2,
+            !r.converged && r.at_rounding && r.stable == Some(true) && r.distinct == 2,
             "{r:?}"
         );
         assert!(r.iterations < 30, "{r:?}");
@@ -1197,7 +1167,15 @@ mod tests {
         assert!(r.residual <= STALLED * noise, "{r:?}");
         // Still at the fixed point of the exact map, to the rounding
         // times the condition of I - J.
-        let exact = solve_from(&mut Plain { w: &w, geo }, &sol.c, (-5.0, 5.0));
+        let exact = solve_from(
+            &mut Plain {
+                w: &w,
+                geo,
+                noise: 0.0,
+            },
+            &sol.c,
+            (-5.0, 5.0),
+        );
         let cond = r.cond.expect("a condition number");
         for (a, b) in sol.c.iter().zip(&exact.c) {
             assert!(
