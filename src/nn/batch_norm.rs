@@ -107,8 +107,8 @@ fn shifted_moments<T: Float>(xs: &[T], shift: T) -> (f64, f64) {
 }
 
 /// `(Σ g, Σ g (x - mean))` over a plane, where `g` is the output gradient
-/// `dy` after the activation's mask (from the output `y`).
-fn grad_moments<T: Float>(xs: &[T], ys: &[T], dy: &[T], mean: T, act: Activation) -> (f64, f64) {
+/// `dy` after the activation's mask (from the output `y`; `RELU`).
+fn grad_moments<T: Float, const RELU: bool>(xs: &[T], ys: &[T], dy: &[T], mean: T) -> (f64, f64) {
     let (mut s1, mut s2) = (0.0, 0.0);
     for ((xb, yb), gb) in xs.chunks(BLOCK).zip(ys.chunks(BLOCK)).zip(dy.chunks(BLOCK)) {
         let ((xc, xr), (yc, yr), (gc, gr)) = (
@@ -119,13 +119,13 @@ fn grad_moments<T: Float>(xs: &[T], ys: &[T], dy: &[T], mean: T, act: Activation
         let (mut u, mut v) = ([T::zero(); LANES], [T::zero(); LANES]);
         for ((x, y), g) in xc.iter().zip(yc).zip(gc) {
             for l in 0..LANES {
-                let g = masked(act, g[l], y[l]);
+                let g = masked::<T, RELU>(g[l], y[l]);
                 u[l] += g;
                 v[l] += g * (x[l] - mean);
             }
         }
         for ((&x, &y), &g) in xr.iter().zip(yr).zip(gr) {
-            let g = masked(act, g, y);
+            let g = masked::<T, RELU>(g, y);
             u[0] += g;
             v[0] += g * (x - mean);
         }
@@ -194,10 +194,13 @@ fn normalise<T: Float>(
     y
 }
 
-/// The output gradient after the activation's mask.
+/// The output gradient after the activation's mask: `dy`, or with `RELU`
+/// `dy` where the output `y` is positive and 0 elsewhere. A select, not a
+/// branch, and the activation a constant, so that the loops vectorise (a
+/// branch on a flag read in the loop kept the input gradient scalar).
 #[inline(always)]
-fn masked<T: Float>(act: Activation, dy: T, y: T) -> T {
-    if act == Activation::Relu && y <= T::zero() {
+fn masked<T: Float, const RELU: bool>(dy: T, y: T) -> T {
+    if RELU && y <= T::zero() {
         T::zero()
     } else {
         dy
@@ -220,13 +223,36 @@ fn grad_sums<T: Float>(
             let m = T::narrow(mean[ch]);
             for b in 0..d.n {
                 let (xs, ys, gs) = (d.plane(x, b, ch), d.plane(y, b, ch), d.plane(dy, b, ch));
-                let (a, q) = grad_moments(xs, ys, gs, m, act);
+                let (a, q) = match act {
+                    Activation::Relu => grad_moments::<T, true>(xs, ys, gs, m),
+                    Activation::Identity => grad_moments::<T, false>(xs, ys, gs, m),
+                };
                 sg += a;
                 sgx += q;
             }
             (sg, sgx)
         })
         .collect()
+}
+
+/// One plane of [`input_grad`]: `dx = g * scale + x * a + c` and, if
+/// asked, the residual's gradient `dr = g`.
+fn input_grad_plane<T: Float, const RELU: bool>(
+    dx: &mut [T],
+    dr: Option<&mut [T]>,
+    xs: &[T],
+    ys: &[T],
+    gs: &[T],
+    (scale, a, c): (T, T, T),
+) {
+    for ((dx, &x), (&y, &g)) in dx.iter_mut().zip(xs).zip(ys.iter().zip(gs)) {
+        *dx = masked::<T, RELU>(g, y) * scale + x * a + c;
+    }
+    if let Some(dr) = dr {
+        for (r, (&y, &g)) in dr.iter_mut().zip(ys.iter().zip(gs)) {
+            *r = masked::<T, RELU>(g, y);
+        }
+    }
 }
 
 /// The input gradient `g * scale + x * a + b` per channel and, with
@@ -252,15 +278,14 @@ fn input_grad<T: Float>(
         .enumerate()
         .for_each(|(b, (dx, mut dr))| {
             for (ch, dxs) in dx.chunks_exact_mut(d.plane).enumerate() {
-                let (scale, a, c) = coef[ch];
                 let (xs, ys, gs) = (d.plane(x, b, ch), d.plane(y, b, ch), d.plane(dy, b, ch));
-                for ((dx, &x), (&y, &g)) in dxs.iter_mut().zip(xs).zip(ys.iter().zip(gs)) {
-                    *dx = masked(act, g, y) * scale + x * a + c;
-                }
-                if let Some(dr) = dr.as_deref_mut() {
-                    let drs = &mut dr[ch * d.plane..][..d.plane];
-                    for (r, (&y, &g)) in drs.iter_mut().zip(ys.iter().zip(gs)) {
-                        *r = masked(act, g, y);
+                let dr = dr
+                    .as_deref_mut()
+                    .map(|dr| &mut dr[ch * d.plane..][..d.plane]);
+                match act {
+                    Activation::Relu => input_grad_plane::<T, true>(dxs, dr, xs, ys, gs, coef[ch]),
+                    Activation::Identity => {
+                        input_grad_plane::<T, false>(dxs, dr, xs, ys, gs, coef[ch])
                     }
                 }
             }
