@@ -435,7 +435,7 @@ fn newton_fixed_point_matches_twin() {
         let case = Case::new(20_011, k, d, Distance::Squared, seed, false);
         let spread = spread(&case.w, d);
         let want = forward::newton_fixed_point(
-            &case.w, &case.c, &case.geo, 100, 1e-6, spread, None, false, false,
+            &case.w, &case.c, &case.geo, 100, 1e-6, spread, None, false,
         )
         .unwrap();
         let settings = Settings {

@@ -1,8 +1,8 @@
 //! The forward k-means solve of one layer on the CPU: Newton's method
 //! ([`super::newton`]) on bins of the weights where they pay, corrected on
-//! the weights, or on the weights themselves (a cold start of a large layer
-//! from the fixed point of groups of them); and the factorisation it leaves
-//! for the backward.
+//! the weights, or on the weights themselves (in a large layer from the
+//! fixed point of runs of them); and the factorisation it leaves for the
+//! backward.
 
 use super::binned::BinnedMap;
 use super::config::Distance;
@@ -113,10 +113,9 @@ pub fn bounds<T: Real>(w: &[T], d: usize) -> Vec<(f64, f64)> {
 
 /// The fixed point from `c0` by Newton's method (see [`newton::solve`]),
 /// on bins of the weights where they pay (then corrected on the weights by
-/// up to [`REFINE_STEPS`] chord steps), else on the weights (from the fixed
-/// point of groups of them, for a `cold` start of a large layer, one from
-/// the initialisation rather than from an earlier fixed point: see
-/// [`coarse_start`]). `tol` is the absolute stopping tolerance, `spread`
+/// up to [`REFINE_STEPS`] chord steps), else on the weights (in a large
+/// layer from the fixed point of runs of them, see [`coarse_start`]; `warm`
+/// then goes unused). `tol` is the absolute stopping tolerance, `spread`
 /// the weights' spread; `warm` and `settle` as for [`newton::solve`].
 #[allow(clippy::too_many_arguments)]
 pub fn newton_fixed_point<T: Real>(
@@ -127,7 +126,6 @@ pub fn newton_fixed_point<T: Real>(
     tol: f64,
     spread: f64,
     warm: Option<&Factor>,
-    cold: bool,
     settle: bool,
 ) -> Result<Solution> {
     let settings = Settings {
@@ -156,15 +154,16 @@ pub fn newton_fixed_point<T: Real>(
             // Every iteration's passes would order each chunk's weights by
             // value again: order them once, for the whole solve.
             let sorted = T::sorted(w);
-            let coarse = if cold
-                && geo.distance == Distance::Squared
-                && sorted.len() >= COARSE_START_WEIGHTS
-            {
-                Some(coarse_start(&sorted, &start, range.clone(), settings, geo)?)
-            } else {
-                None
-            };
+            let coarse =
+                if geo.distance == Distance::Squared && sorted.len() >= COARSE_START_WEIGHTS {
+                    coarse_start(&sorted, &start, range.clone(), settings, geo)?
+                } else {
+                    None
+                };
             let from = coarse.as_ref().map_or(&start, |(c, _)| c);
+            // From the runs' fixed point the matrix there steps straight
+            // to the weights'; an earlier fixed point's factor would not.
+            let warm = if coarse.is_some() { None } else { warm };
             let mut solution = newton::solve(
                 &mut WeightsMap::new(&sorted, *geo),
                 from,
@@ -192,39 +191,49 @@ pub fn newton_fixed_point<T: Real>(
     Ok(solution)
 }
 
-/// Sorted weights per group in [`coarse_start`]. Heavy-tailed 2.4 M
-/// weights at 8 bits: in groups of 16 the solve does not converge within
-/// its iterations, in groups of 4 it does, and the solve on the weights
-/// then takes 34 passes instead of 103.
-const COARSE_GROUP: usize = 4;
+/// Widest span of a group of sorted weights in [`coarse_start`], in units
+/// of the attention's reach `sqrt(tau)`: a group's weights then see every
+/// centroid alike to within a fraction of a percent, and the weights' first
+/// Newton step from the groups' fixed point was 1e-5 to 6e-5 of the spread
+/// (2.4 M weights at 8 bits). Groups of a fixed count (4) averaged the
+/// few, far-apart weights of the tails, whose centroids then stood up to
+/// 1e-2 of the spread off, and the solve on the weights took 23 iterations
+/// from there.
+const COARSE_SPAN: f64 = 0.1;
 
-/// Fewest weights at which a cold solve on the weights starts from the
-/// fixed point of their groups ([`coarse_start`]).
-const COARSE_START_WEIGHTS: usize = 1 << 18;
+/// The groups of [`coarse_start`] number at most the weights over this, so
+/// that their means and counts hold at most 2 bytes a weight (1, and up to
+/// as much again while the vectors grow) beside the sorted copy.
+const COARSE_MAX_SHARE: usize = 8;
 
-/// A cold start for the solve on the sorted weights `sorted`: the fixed
-/// point, from `c0`, of their groups of [`COARSE_GROUP`] consecutive
-/// weights, each group its mean and count (bins of equal counts), or `c0`
-/// where that solve does not converge to a stable fixed point. From the
-/// optimal 1-D centroids most of a cold solve's iterations are damped
-/// ones, far from the fixed point; on the groups they cost about a quarter
-/// of a pass each, and the solve on the weights starts nearer its fixed
-/// point. Also the groups' report, whose passes are bin passes.
+/// Fewest weights at which a solve on the weights starts from the fixed
+/// point of their groups ([`coarse_start`]). Below it a pass over the
+/// weights is cheap anyway.
+const COARSE_START_WEIGHTS: usize = 1 << 16;
+
+/// A start for the solve on the sorted weights `sorted`: the fixed point,
+/// from `c0`, of their groups of consecutive weights no more than
+/// [`COARSE_SPAN`] `sqrt(tau)` apart, each group its mean and count, or
+/// `c0` where that solve does not converge to a stable fixed point. From
+/// the optimal 1-D centroids most of a cold solve's iterations are damped
+/// ones, far from the fixed point, and a warm start (the last step's fixed
+/// point, the weights moved since) at 8 bits takes 4-10; on the groups (in
+/// the dense middle hundreds of weights each) they cost a fraction of a
+/// pass, and the solve on the weights then takes two passes. Also the
+/// groups' report, whose passes are bin passes. None where the groups
+/// would be more than [`COARSE_MAX_SHARE`] of the weights (a temperature
+/// so low that few weights share a group).
 fn coarse_start<T: Real>(
     sorted: &[T],
     c0: &[f64],
     range: Vec<(f64, f64)>,
     settings: Settings,
     geo: &Geometry,
-) -> Result<(Vec<f64>, ForwardReport)> {
-    let (mean, count): (Vec<T>, Vec<T>) = sorted
-        .chunks(COARSE_GROUP)
-        .map(|group| {
-            let sum: f64 = group.iter().map(|x| x.wide()).sum();
-            let n = group.len() as f64;
-            (T::of(sum / n), T::of(n))
-        })
-        .unzip();
+) -> Result<Option<(Vec<f64>, ForwardReport)>> {
+    let most = sorted.len() / COARSE_MAX_SHARE;
+    let Some((mean, count)) = span_groups(sorted, COARSE_SPAN * geo.tau.sqrt(), most) else {
+        return Ok(None);
+    };
     let mut groups = GroupsMap {
         mean: &mean,
         count: &count,
@@ -234,8 +243,37 @@ fn coarse_start<T: Real>(
     let solution = newton::solve(&mut groups, c0, range, settings, None, false)?;
     let report = solution.report;
     let usable = report.converged && report.stable == Some(true);
-    tracing::trace!(?report, usable, "coarse start on groups of the weights");
-    Ok((if usable { solution.c } else { c0.to_vec() }, report))
+    tracing::trace!(
+        ?report,
+        usable,
+        groups = mean.len(),
+        "coarse start on groups of the weights"
+    );
+    Ok(Some((
+        if usable { solution.c } else { c0.to_vec() },
+        report,
+    )))
+}
+
+/// The means and counts of the runs of consecutive `sorted` weights that
+/// lie within `span` of their run's first weight, or None if there are more
+/// than `most` runs.
+fn span_groups<T: Real>(sorted: &[T], span: f64, most: usize) -> Option<(Vec<T>, Vec<T>)> {
+    let (mut mean, mut count) = (Vec::new(), Vec::new());
+    let mut rest = sorted;
+    while let Some(first) = rest.first() {
+        if mean.len() == most {
+            return None;
+        }
+        let top = first.wide() + span;
+        let len = rest.partition_point(|x| x.wide() <= top).max(1);
+        let (group, tail) = rest.split_at(len);
+        let sum: f64 = group.iter().map(|x| x.wide()).sum();
+        mean.push(T::of(sum / len as f64));
+        count.push(T::of(len as f64));
+        rest = tail;
+    }
+    Some((mean, count))
 }
 
 /// The k-means map of weights grouped into points with counts.
@@ -398,13 +436,45 @@ mod tests {
             .collect()
     }
 
+    /// Runs of sorted weights: each within the span of its first weight,
+    /// together every weight once, with its mean and count.
+    #[test]
+    fn span_groups_cover_the_sorted_weights_in_runs_within_the_span() {
+        let mut w = heavy_tailed(5000);
+        w.sort_by(f32::total_cmp);
+        let span = 1e-3;
+        assert!(span_groups(&w, span, 50).is_none(), "more than 50 runs");
+        let (mean, count) = span_groups(&w, span, w.len()).expect("runs");
+        assert_eq!(count.iter().sum::<f32>() as usize, w.len());
+        assert!(
+            mean.len() > 50 && mean.len() < w.len() / 4,
+            "{} groups",
+            mean.len()
+        );
+        let mut rest = &w[..];
+        for (&m, &n) in mean.iter().zip(&count) {
+            let (group, tail) = rest.split_at(n as usize);
+            assert!(f64::from(group[group.len() - 1] - group[0]) <= span);
+            if let Some(&next) = tail.first() {
+                assert!(
+                    f64::from(next) > f64::from(group[0]) + span,
+                    "a run ended early"
+                );
+            }
+            let avg = group.iter().map(|&x| f64::from(x)).sum::<f64>() / group.len() as f64;
+            assert!((f64::from(m) - avg).abs() <= 1e-7 * avg.abs().max(1e-3));
+            rest = tail;
+        }
+    }
+
     /// A cold solve of a large layer at 6 bits from the optimal 1-D
     /// centroids, with the groups' fixed point as its start and without:
-    /// both reach a stable fixed point with all centroids distinct; from
-    /// the groups, one of no higher free energy, in fewer passes over the
-    /// weights.
+    /// both reach a stable fixed point with all centroids distinct, of
+    /// free energies within 0.2 % of each other; from the groups in a few
+    /// passes over the weights, and so a warm start after the weights
+    /// moved.
     #[test]
-    fn a_cold_start_from_the_groups_takes_fewer_passes_to_as_low_an_energy() {
+    fn a_cold_start_from_the_groups_reaches_a_like_fixed_point_in_a_few_passes() {
         let w = heavy_tailed(COARSE_START_WEIGHTS);
         let k = 64;
         let c0 = init::optimal_1d(&w, k, 0);
@@ -424,7 +494,7 @@ mod tests {
             "bins pay here: the test needs a solve on the weights"
         );
         let grouped =
-            newton_fixed_point(&w, &c0, &geo, 100, tol, spread, None, true, true).expect("solved");
+            newton_fixed_point(&w, &c0, &geo, 100, tol, spread, None, true).expect("solved");
         let start: Vec<f64> = c0.iter().map(|&x| f64::from(x)).collect();
         let settings = Settings {
             k,
@@ -450,16 +520,27 @@ mod tests {
                 "{name}: {r:?}"
             );
         }
-        assert!(grouped.report.bin_passes > 0, "{:?}", grouped.report);
-        // From a fixed point (not the initialisation) the solve stays on
-        // the weights, and is done within a few passes.
-        let near: Vec<f32> = grouped.c.iter().map(|&x| x as f32).collect();
-        let again = newton_fixed_point(&w, &near, &geo, 100, tol, spread, None, false, true)
-            .expect("solved");
+        // The groups' fixed point is the weights' but for the groups'
+        // spans: the solve on the weights confirms it within a few passes
+        // (groups of 4 weights, which averaged the sparse tails, had left
+        // 20-30 for the weights).
         assert!(
-            again.report.bin_passes == 0 && again.report.weight_passes <= 4,
+            grouped.report.bin_passes > 0 && grouped.report.weight_passes <= 4,
             "{:?}",
-            again.report
+            grouped.report
+        );
+        // A warm start, as in training: from that fixed point, for weights
+        // moved since, the groups' solve again leaves the weights' one two
+        // or three passes.
+        let noise = sample::normal(w.len(), 1e-3 * spread, 9);
+        let moved: Vec<f32> = w.iter().zip(&noise).map(|(&x, &e)| x + e as f32).collect();
+        let near: Vec<f32> = grouped.c.iter().map(|&x| x as f32).collect();
+        let again =
+            newton_fixed_point(&moved, &near, &geo, 100, tol, spread, None, true).expect("solved");
+        let r = again.report;
+        assert!(
+            r.converged && r.distinct == k && r.bin_passes > 0 && r.weight_passes <= 3,
+            "{r:?}"
         );
         assert!(
             grouped.report.weight_passes < direct.report.weight_passes,
@@ -473,12 +554,15 @@ mod tests {
             .zip(&direct.c)
             .map(|(a, b)| (a - b).abs())
             .fold(0.0, f64::max);
-        // Here the two starts lead to different fixed points, 1.5e-2 of the
-        // spread apart; the groups' has the lower free energy.
+        // Here the two starts lead to different fixed points, 8.5e-2 of the
+        // spread apart (the largest gap of a centroid, in the tails), of
+        // free energies within 0.1 % of each other (the direct start's
+        // lower on this draw; groups of 4 weights had reached one lower
+        // than it): neither start finds the lower minimum in general.
         let energy = |c: &[f64]| pass::counted_reduce_energy(&w, &[], &narrow::<f32>(c), &geo).1;
         let (from_groups, from_start) = (energy(&grouped.c), energy(&direct.c));
         assert!(
-            from_groups <= from_start,
+            (from_groups - from_start).abs() <= 2e-3 * from_start.abs(),
             "free energy {from_groups:e} against {from_start:e} ({:e} of the spread apart)",
             gap / spread
         );

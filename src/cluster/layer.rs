@@ -55,9 +55,6 @@ struct State {
     warned: Warned,
     /// What became non-finite in a forward solve, until taken.
     diverged: Option<String>,
-    /// Whether `centroids` are the initialisation's rather than a solve's
-    /// or restored ones: the next solve then starts cold.
-    initialised: bool,
 }
 
 /// Which problems of the forward solve a layer has warned about (once each).
@@ -301,7 +298,6 @@ impl ClusteredWeight {
             }
         }
         // Initialisation (and the temperature) runs once per layer, on the host.
-        self.state.lock().expect("state lock").initialised = last.is_none();
         let host = vectors.detach().to_device(&Device::Cpu)?;
         let c = match host.dtype() {
             DType::F64 => self.initial(
@@ -385,7 +381,6 @@ impl ClusteredWeight {
     /// Runs k-means to its fixed point without a graph and remembers it.
     fn fixed_point(&self, vectors: &Tensor) -> Result<Tensor> {
         let c0 = self.start(vectors)?;
-        let cold = self.state.lock().expect("state lock").initialised;
         let spread = Self::spread(vectors)?;
         let op = FixedPoint {
             tensor: self.name.clone(),
@@ -397,7 +392,6 @@ impl ClusteredWeight {
             report: Mutex::default(),
             failure: Mutex::default(),
             factor: self.factor.clone(),
-            cold,
             settle: self.config.method == Method::Idkm
                 && matches!(
                     self.config
@@ -420,7 +414,6 @@ impl ClusteredWeight {
         let mut state = self.state.lock().expect("state lock");
         state.start = Some(c0);
         state.centroids = Some(c.clone());
-        state.initialised = false;
         if let Some(r) = report {
             tracing::trace!(layer = %self.name, ?r, "k-means fixed point");
             state.stats.add(&r);
@@ -525,7 +518,6 @@ impl ClusteredWeight {
                 let mut state = self.state.lock().expect("state lock");
                 state.start = Some(c0);
                 state.centroids = Some(c.detach());
-                state.initialised = false;
                 state.stats.add(&report);
                 state.report = Some(report);
                 out
@@ -621,7 +613,6 @@ impl ClusteredWeight {
         }
         let mut state = self.state.lock().expect("state lock");
         state.centroids = Some(centroids.detach());
-        state.initialised = false;
         Ok(())
     }
 

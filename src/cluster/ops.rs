@@ -99,9 +99,6 @@ pub struct FixedPoint {
     /// Filled by a Newton forward pass on the CPU, for the backward; the
     /// previous one is the first matrix of a warm start.
     pub factor: Arc<Mutex<Option<ForwardFactor>>>,
-    /// Whether the solve starts from the initialisation rather than from
-    /// an earlier fixed point (see [`forward::newton_fixed_point`]).
-    pub cold: bool,
     /// Whether the backward will solve the adjoint system with the dense
     /// solver: the solve then factors the matrix of the fixed point itself.
     pub settle: bool,
@@ -134,7 +131,6 @@ impl FixedPoint {
                     self.tol,
                     self.spread,
                     warm,
-                    self.cold,
                     self.settle,
                 )
                 .inspect_err(|e| {
