@@ -2,6 +2,7 @@
 //! hard assignments.
 
 use super::*;
+use std::cmp::Ordering;
 
 /// Soft-assignment and reduce (one k-means step's sums).
 ///
@@ -178,9 +179,80 @@ impl<T: Real, const D: usize> Pass for Output<'_, T, D> {
 }
 
 /// Hard assignment `index_i = argmin_j dist(w_i, c_j)` (ties go to the lower
-/// index). Kernel: `hard_assign`.
+/// index). Kernel: `hard_assign`. Scalar weights compare with the
+/// centroids around them in value order ([`NearestScalar`]): the same
+/// index as comparing with all of them, in about `log k` steps instead of
+/// `k` (2.4 million weights at 8 bits took most of `idkm cluster`'s time).
 pub fn hard_assign<T: Real>(w: &[T], c: &[T], d: usize, out: &mut [u32]) {
-    map_rows(out, &HardAssign { w, c, d })
+    if d == 1 && !c.is_empty() {
+        map_rows(out, &NearestScalar::new(w, c))
+    } else {
+        map_rows(out, &HardAssign { w, c, d })
+    }
+}
+
+/// [`hard_assign`] of scalar weights: the centroids in value order, each
+/// with the lowest index among the centroids of its value.
+pub(super) struct NearestScalar<'a, T> {
+    w: &'a [T],
+    /// The centroid values, ascending.
+    values: Vec<T>,
+    /// The lowest index of a centroid of each value.
+    index: Vec<u32>,
+}
+
+impl<'a, T: Real> NearestScalar<'a, T> {
+    fn new(w: &'a [T], c: &[T]) -> Self {
+        let mut order: Vec<u32> = (0..c.len() as u32).collect();
+        order.sort_by(|&a, &b| {
+            let (x, y) = (c[a as usize], c[b as usize]);
+            x.partial_cmp(&y).unwrap_or(Ordering::Equal).then(a.cmp(&b))
+        });
+        let (mut values, mut index) = (Vec::new(), Vec::new());
+        for j in order {
+            let v = c[j as usize];
+            // Equal values keep the first (lowest) index of their run.
+            if values.last() != Some(&v) {
+                values.push(v);
+                index.push(j);
+            }
+        }
+        Self { w, values, index }
+    }
+}
+
+impl<T: Real> Pass for NearestScalar<'_, T> {
+    type Out = u32;
+
+    #[inline(always)]
+    fn chunk(&self, rows: Range<usize>, out: &mut [u32]) {
+        let (values, index) = (&self.values, &self.index);
+        for (&x, oi) in self.w[rows].iter().zip(out.iter_mut()) {
+            // (x - c)^2 in T does not shrink away from x on either side, so
+            // the nearest centroids are the two around x and those beside
+            // them that round to the same distance; of those, the lowest
+            // index, as comparing with every centroid gives.
+            let dist = |p: usize| (x - values[p]) * (x - values[p]);
+            let above = values.partition_point(|&v| v <= x);
+            let nearest = [
+                above.checked_sub(1),
+                (above < values.len()).then_some(above),
+            ];
+            let best = nearest
+                .iter()
+                .flatten()
+                .map(|&p| dist(p))
+                .fold(T::infinity(), |a, b| if b < a { b } else { a });
+            let mut lowest = u32::MAX;
+            for p in (0..above).rev().take_while(|&p| dist(p) == best) {
+                lowest = lowest.min(index[p]);
+            }
+            for p in (above..values.len()).take_while(|&p| dist(p) == best) {
+                lowest = lowest.min(index[p]);
+            }
+            *oi = lowest;
+        }
+    }
 }
 
 /// [`hard_assign`] on one chunk.

@@ -280,6 +280,54 @@ mod tests {
     use super::forward::*;
     use super::*;
 
+    /// Scalar hard assignment by value order gives the index that comparing
+    /// with every centroid gives, ties (duplicate centroids, weights at a
+    /// midpoint or on a centroid, signed zeros) to the lowest index.
+    #[test]
+    fn scalar_hard_assignment_matches_the_exhaustive_one() {
+        let mut c: Vec<f32> = uniform(37, 5);
+        c[7] = c[3];
+        c[20] = c[3];
+        c[11] = 0.0;
+        c[12] = -0.0;
+        let mut w = uniform(4000, 6);
+        w[0] = 0.5 * (c[3] + c[9]);
+        w[1] = c[20];
+        w[2] = -0.0;
+        w[3] = 2.0;
+        w[4] = -2.0;
+        for k in [1, 2, 37] {
+            let c = &c[..k];
+            let mut fast = vec![u32::MAX; w.len()];
+            hard_assign(&w, c, 1, &mut fast);
+            let mut all = vec![u32::MAX; w.len()];
+            map_rows(&mut all, &HardAssign { w: &w, c, d: 1 });
+            assert_eq!(fast, all, "k = {k}");
+        }
+        // Far from tiny centroids every distance rounds to the same value:
+        // the lowest index, not the nearest value.
+        let (far, tiny) = ([1000.0f32, -1000.0], [3e-9f32, 1e-9, 2e-9]);
+        let mut fast = vec![u32::MAX; 2];
+        hard_assign(&far, &tiny, 1, &mut fast);
+        assert_eq!(fast, [0, 0]);
+        let (w64, c64): (Vec<f64>, Vec<f64>) = (
+            w.iter().map(|&x| f64::from(x)).collect(),
+            c.iter().map(|&x| f64::from(x)).collect(),
+        );
+        let mut fast = vec![0; w.len()];
+        hard_assign(&w64, &c64, 1, &mut fast);
+        let mut all = vec![0; w.len()];
+        map_rows(
+            &mut all,
+            &HardAssign {
+                w: &w64,
+                c: &c64,
+                d: 1,
+            },
+        );
+        assert_eq!(fast, all);
+    }
+
     /// `n` values uniform in [-1, 1), from a fixed linear congruential sequence.
     fn uniform(n: usize, seed: u64) -> Vec<f32> {
         let mut state = seed
