@@ -160,10 +160,13 @@ pub fn newton_fixed_point<T: Real>(
                 } else {
                     None
                 };
-            let from = coarse.as_ref().map_or(&start, |(c, _)| c);
+            let runs = coarse.as_ref().and_then(|(c, _)| c.as_ref());
             // From the runs' fixed point the matrix there steps straight
             // to the weights'; an earlier fixed point's factor would not.
-            let warm = if coarse.is_some() { None } else { warm };
+            let (from, warm) = match runs {
+                Some(c) => (c, None),
+                None => (&start, warm),
+            };
             let mut solution = newton::solve(
                 &mut WeightsMap::new(&sorted, *geo),
                 from,
@@ -213,8 +216,8 @@ const COARSE_START_WEIGHTS: usize = 1 << 16;
 
 /// A start for the solve on the sorted weights `sorted`: the fixed point,
 /// from `c0`, of their groups of consecutive weights no more than
-/// [`COARSE_SPAN`] `sqrt(tau)` apart, each group its mean and count, or
-/// `c0` where that solve does not converge to a stable fixed point. From
+/// [`COARSE_SPAN`] `sqrt(tau)` apart, each group its mean and count (None
+/// where that solve does not converge to a stable fixed point). From
 /// the optimal 1-D centroids most of a cold solve's iterations are damped
 /// ones, far from the fixed point, and a warm start (the last step's fixed
 /// point, the weights moved since) at 8 bits takes 4-10; on the groups (in
@@ -229,7 +232,7 @@ fn coarse_start<T: Real>(
     range: Vec<(f64, f64)>,
     settings: Settings,
     geo: &Geometry,
-) -> Result<Option<(Vec<f64>, ForwardReport)>> {
+) -> Result<Option<(Option<Vec<f64>>, ForwardReport)>> {
     let most = sorted.len() / COARSE_MAX_SHARE;
     let Some((mean, count)) = span_groups(sorted, COARSE_SPAN * geo.tau.sqrt(), most) else {
         return Ok(None);
@@ -249,10 +252,7 @@ fn coarse_start<T: Real>(
         groups = mean.len(),
         "coarse start on groups of the weights"
     );
-    Ok(Some((
-        if usable { solution.c } else { c0.to_vec() },
-        report,
-    )))
+    Ok(Some((usable.then_some(solution.c), report)))
 }
 
 /// The means and counts of the runs of consecutive `sorted` weights that
