@@ -57,7 +57,8 @@ pub trait KmeansMap {
     fn evaluate(&mut self, c: &[f64]) -> Result<Evaluation>;
     /// [`Self::evaluate`] where the caller needs no free energy (the chord
     /// steps of [`refine`], which search no line): a map whose energy
-    /// costs extra in its pass (a logarithm a row) leaves it out.
+    /// costs extra in its pass (a logarithm a row of counted points, a tile
+    /// of weights) leaves it out.
     fn evaluate_moments(&mut self, c: &[f64]) -> Result<Evaluation> {
         self.evaluate(c)
     }

@@ -8,6 +8,10 @@ use super::*;
 /// element-wise loops over the rows that the compiler vectorises.
 pub(super) const TILE: usize = 32;
 
+/// Largest product of row sums that [`Tile::add_energy`] keeps before
+/// taking its logarithm: one more factor (at most k) stays finite.
+const FOLD_PRODUCT: f64 = 1e250;
+
 /// The tiles of `rows`: `(first row, number of rows)`.
 pub(super) fn tiles(rows: Range<usize>) -> impl Iterator<Item = (usize, usize)> {
     let end = rows.end;
@@ -268,13 +272,29 @@ impl<T: Real, const D: usize> Tile<T, D> {
         let n = self.n;
         sums.touch(x..x + 1);
         let lanes = sums.get(x, n);
+        let Some(count) = count else {
+            // One logarithm a tile, not one a row: each row's sum is at
+            // least 1 (its largest term is 1) and at most k, so the
+            // product of a tile's sums only grows, and is folded into the
+            // logarithm before it can leave f64's range.
+            let (mut rows, mut product) = (0.0, 1.0);
+            for (&m, &s) in self.row[..n].iter().zip(&self.sum[..n]) {
+                rows += m.wide();
+                product *= s.wide();
+                if product > FOLD_PRODUCT {
+                    rows += product.ln();
+                    product = 1.0;
+                }
+            }
+            lanes[0] += T::of(-tau.wide() * (rows + product.ln()));
+            return;
+        };
         for (r, (e, (&m, &s))) in lanes
             .iter_mut()
             .zip(self.row.iter().zip(&self.sum))
             .enumerate()
         {
-            let energy = -tau * (m + s.ln());
-            *e += count.map_or(energy, |count| energy * count[r][0]);
+            *e += -tau * (m + s.ln()) * count[r][0];
         }
     }
 
