@@ -6,7 +6,7 @@
 
 use super::binned::BinnedMap;
 use super::config::Distance;
-use super::newton::{self, Evaluation, Factor, ForwardReport, KmeansMap, Settings, Solution};
+use super::newton::{self, Evaluation, Factor, KmeansMap, Settings, Solution};
 use super::streaming::{self as pass, Geometry, Real};
 use crate::error::Result;
 use rayon::prelude::*;
@@ -160,7 +160,7 @@ pub fn newton_fixed_point<T: Real>(
                 } else {
                     None
                 };
-            let runs = coarse.as_ref().and_then(|(c, _)| c.as_ref());
+            let runs = coarse.as_ref().and_then(|start| start.c.as_ref());
             // From the runs' fixed point the matrix there steps straight
             // to the weights'; an earlier fixed point's factor would not.
             let (from, warm) = match runs {
@@ -175,9 +175,9 @@ pub fn newton_fixed_point<T: Real>(
                 warm,
                 settle,
             )?;
-            if let Some((_, report)) = coarse {
-                solution.report.iterations += report.iterations;
-                solution.report.bin_passes += report.bin_passes;
+            if let Some(coarse) = coarse {
+                solution.report.iterations += coarse.iterations;
+                solution.report.bin_passes += coarse.passes;
             }
             solution
         }
@@ -194,15 +194,21 @@ pub fn newton_fixed_point<T: Real>(
     Ok(solution)
 }
 
-/// Widest span of a group of sorted weights in [`coarse_start`], in units
-/// of the attention's reach `sqrt(tau)`: a group's weights then see every
-/// centroid alike to within a fraction of a percent, and the weights' first
-/// Newton step from the groups' fixed point was 1e-5 to 6e-5 of the spread
-/// (2.4 M weights at 8 bits). Groups of a fixed count (4) averaged the
-/// few, far-apart weights of the tails, whose centroids then stood up to
-/// 1e-2 of the spread off, and the solve on the weights took 23 iterations
-/// from there.
-const COARSE_SPAN: f64 = 0.1;
+/// Widest spans of a group of sorted weights in [`coarse_start`], coarse
+/// to fine, in units of the attention's reach `sqrt(tau)`. At 0.1 a
+/// group's weights see every centroid alike to within a fraction of a
+/// percent, and the weights' first Newton step from the groups' fixed
+/// point was 1e-5 to 6e-5 of the spread (2.4 M weights at 8 bits). But
+/// where the fixed point is badly conditioned (cond(I - J) in the
+/// thousands) that fraction of a percent is more than the energy's
+/// smallest curvature: the groups' minimum was a saddle of the weights'
+/// energy, and their solve took 22 damped passes from it. The finer
+/// groups, from the coarse ones' fixed point, then cost a few passes over
+/// four times as many groups, and left every solve on the weights of
+/// ResNet18-CIFAR's large layers two passes, cold or warm. Groups of a
+/// fixed count (4) averaged the few, far-apart weights of the tails,
+/// whose centroids then stood up to 1e-2 of the spread off.
+const COARSE_SPANS: [f64; 2] = [0.1, 0.025];
 
 /// The groups of [`coarse_start`] number at most the weights over this, so
 /// that their means and counts hold at most 2 bytes a weight (1, and up to
@@ -214,45 +220,76 @@ const COARSE_MAX_SHARE: usize = 8;
 /// weights is cheap anyway.
 const COARSE_START_WEIGHTS: usize = 1 << 16;
 
-/// A start for the solve on the sorted weights `sorted`: the fixed point,
-/// from `c0`, of their groups of consecutive weights no more than
-/// [`COARSE_SPAN`] `sqrt(tau)` apart, each group its mean and count (None
-/// where that solve does not converge to a stable fixed point). From
-/// the optimal 1-D centroids most of a cold solve's iterations are damped
-/// ones, far from the fixed point, and a warm start (the last step's fixed
-/// point, the weights moved since) at 8 bits takes 4-10; on the groups (in
-/// the dense middle hundreds of weights each) they cost a fraction of a
-/// pass, and the solve on the weights then takes two passes. Also the
-/// groups' report, whose passes are bin passes. None where the groups
-/// would be more than [`COARSE_MAX_SHARE`] of the weights (a temperature
-/// so low that few weights share a group).
+/// The start [`coarse_start`] finds: the last stable fixed point of the
+/// groups, if any, and the work it took.
+struct CoarseStart {
+    /// The finest groups' stable fixed point, None where no level reached
+    /// one.
+    c: Option<Vec<f64>>,
+    /// Newton iterations over all levels.
+    iterations: usize,
+    /// Passes over the groups (bin passes) over all levels.
+    passes: usize,
+}
+
+/// A start for the solve on the sorted weights `sorted`: the fixed point
+/// of their groups of consecutive weights no more than a span `sqrt(tau)`
+/// apart, each group its mean and count, for each span of
+/// [`COARSE_SPANS`] in turn, each level from the last stable fixed point
+/// found (at first `c0`). A level's fixed point counts where its solve
+/// reaches a stable one, to the tolerance or to where rounding hides the
+/// residual: at a badly conditioned fixed point the f32 passes pin the
+/// groups' centroids no closer than a few 1e-6 of the spread, still a
+/// start two passes from the weights' fixed point. From the optimal 1-D
+/// centroids most of a cold solve's iterations are damped ones, far from
+/// the fixed point, and a warm start (the last step's fixed point, the
+/// weights moved since) at 8 bits takes 4-10; on the groups (in the dense
+/// middle hundreds of weights each) they cost a fraction of a pass, and
+/// the solve on the weights then takes two passes. None where even the
+/// coarsest groups would be more than [`COARSE_MAX_SHARE`] of the weights
+/// (a temperature so low that few weights share a group); the levels stop
+/// at the first that would.
 fn coarse_start<T: Real>(
     sorted: &[T],
     c0: &[f64],
     range: Vec<(f64, f64)>,
     settings: Settings,
     geo: &Geometry,
-) -> Result<Option<(Option<Vec<f64>>, ForwardReport)>> {
+) -> Result<Option<CoarseStart>> {
     let most = sorted.len() / COARSE_MAX_SHARE;
-    let Some((mean, count)) = span_groups(sorted, COARSE_SPAN * geo.tau.sqrt(), most) else {
-        return Ok(None);
-    };
-    let mut groups = GroupsMap {
-        mean: &mean,
-        count: &count,
-        geo: *geo,
-        passes: 0,
-    };
-    let solution = newton::solve(&mut groups, c0, range, settings, None, false)?;
-    let report = solution.report;
-    let usable = report.converged && report.stable == Some(true);
-    tracing::trace!(
-        ?report,
-        usable,
-        groups = mean.len(),
-        "coarse start on groups of the weights"
-    );
-    Ok(Some((usable.then_some(solution.c), report)))
+    let mut found: Option<CoarseStart> = None;
+    for span in COARSE_SPANS {
+        let Some((mean, count)) = span_groups(sorted, span * geo.tau.sqrt(), most) else {
+            break;
+        };
+        let start = found.as_mut().and_then(|f| f.c.take());
+        let mut groups = GroupsMap {
+            mean: &mean,
+            count: &count,
+            geo: *geo,
+            passes: 0,
+        };
+        let from = start.as_deref().unwrap_or(c0);
+        let solution = newton::solve(&mut groups, from, range.clone(), settings, None, false)?;
+        let report = solution.report;
+        let usable = (report.converged || report.at_rounding) && report.stable == Some(true);
+        tracing::trace!(
+            ?report,
+            usable,
+            span,
+            groups = mean.len(),
+            "coarse start on groups of the weights"
+        );
+        let level = found.get_or_insert(CoarseStart {
+            c: None,
+            iterations: 0,
+            passes: 0,
+        });
+        level.iterations += report.iterations;
+        level.passes += report.bin_passes;
+        level.c = if usable { Some(solution.c) } else { start };
+    }
+    Ok(found)
 }
 
 /// The means and counts of the runs of consecutive `sorted` weights that
