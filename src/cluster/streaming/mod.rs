@@ -604,6 +604,70 @@ mod tests {
         }
     }
 
+    /// The free energy `-tau sum_i ln sum_j exp(z_ij)` of a pass over
+    /// weights (a logarithm a tile) and over counted rows (a logarithm a
+    /// row) against the sum written out in f64: windowed scalar tiles at
+    /// 8 bits, full ones at a high temperature and pairs; counts against
+    /// the weights they stand for.
+    #[test]
+    fn free_energy_matches_the_direct_sum() {
+        let m = 3001;
+        let all: Vec<f32> = (0..m)
+            .map(|i| 0.01 * (uniform(3 * m, 11)[3 * i..3 * i + 3].iter().sum::<f32>()))
+            .collect();
+        for (k, d, tau) in [(256, 1, 4e-8), (256, 1, 1e-4), (16, 2, 1e-5)] {
+            let w = &all[..m / d * d];
+            let geo = Geometry {
+                k,
+                d,
+                tau,
+                distance: Distance::Squared,
+            };
+            let c = if d == 1 {
+                quantiles(w, k)
+            } else {
+                uniform(k * d, 5).iter().map(|x| 0.02 * x).collect()
+            };
+            let direct: f64 = w
+                .chunks(d)
+                .map(|x| {
+                    let z: Vec<f64> = c
+                        .chunks(d)
+                        .map(|cj| {
+                            let sq: f64 = x
+                                .iter()
+                                .zip(cj)
+                                .map(|(&a, &b)| (f64::from(a) - f64::from(b)).powi(2))
+                                .sum();
+                            -sq / tau
+                        })
+                        .collect();
+                    let top = z.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                    -tau * (top + z.iter().map(|z| (z - top).exp()).sum::<f64>().ln())
+                })
+                .sum();
+            let (_, energy) = counted_reduce_energy(w, &[], &c, &geo);
+            let scale = direct.abs().max(tau * (m / d) as f64);
+            assert!(
+                (energy - direct).abs() <= 1e-5 * scale,
+                "k={k} d={d} tau={tau:e}: {energy:e} against {direct:e}"
+            );
+            // Every row three times: the weights repeated, and once with a
+            // count of 3.
+            let thrice: Vec<f32> = w.chunks(d).flat_map(|x| x.repeat(3)).collect();
+            let count = vec![3.0f32; m / d];
+            let (_, repeated) = counted_reduce_energy(&thrice, &[], &c, &geo);
+            let (_, counted) = counted_reduce_energy(w, &count, &c, &geo);
+            for (name, e) in [("repeated", repeated), ("counted", counted)] {
+                assert!(
+                    (e - 3.0 * direct).abs() <= 3e-5 * scale,
+                    "k={k} d={d} tau={tau:e} {name}: {e:e} against {:e}",
+                    3.0 * direct
+                );
+            }
+        }
+    }
+
     fn sorts_as_total_cmp<T: Real>() {
         let mut w: Vec<T> = uniform(10_001, 7)
             .iter()
