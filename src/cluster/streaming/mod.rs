@@ -559,6 +559,14 @@ mod tests {
         total as f64 / w.len() as f64
     }
 
+    /// `m` Gaussian-like weights: sums of three uniforms, times 0.01.
+    fn gaussian_like(m: usize) -> Vec<f32> {
+        uniform(3 * m, 11)
+            .chunks(3)
+            .map(|x| 0.01 * x.iter().sum::<f32>())
+            .collect()
+    }
+
     /// Centroids at `k` quantiles of `w`, ascending.
     fn quantiles<T: Real>(w: &[T], k: usize) -> Vec<T> {
         let mut sorted = w.to_vec();
@@ -573,9 +581,7 @@ mod tests {
         // Gaussian-like weights (sum of three uniforms), 2 chunks and a
         // partial tile; taus from local (a few centroids per tile) to global.
         let m = 3001;
-        let w: Vec<f32> = (0..m)
-            .map(|i| 0.01 * (uniform(3 * m, 11)[3 * i..3 * i + 3].iter().sum::<f32>()))
-            .collect();
+        let w = gaussian_like(m);
         let g = uniform(m, 12);
         for (k, tau, distance, local) in [
             (64, 1e-7, Distance::Squared, true),
@@ -612,9 +618,7 @@ mod tests {
     #[test]
     fn free_energy_matches_the_direct_sum() {
         let m = 3001;
-        let all: Vec<f32> = (0..m)
-            .map(|i| 0.01 * (uniform(3 * m, 11)[3 * i..3 * i + 3].iter().sum::<f32>()))
-            .collect();
+        let all = gaussian_like(m);
         for (k, d, tau) in [(256, 1, 4e-8), (256, 1, 1e-4), (16, 2, 1e-5)] {
             let w = &all[..m / d * d];
             let geo = Geometry {
