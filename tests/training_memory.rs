@@ -51,11 +51,18 @@ fn live_memory_stays_flat_across_steps() {
     for clustering in [false, true] {
         let live = live_after_steps(clustering, 12);
         // One step's activations are about 4 MB; after the momentum buffers
-        // exist (step 2) nothing may accumulate.
+        // exist (step 2) nothing may accumulate. A buffer that a thread
+        // allocates once and keeps (the GEMM library's packing buffer, about
+        // 1 MiB) can appear in a later step, when a busy machine first
+        // hands that thread a product. So live bytes may rise on two of the
+        // nine steps, by less than a step's activations in all; a leak
+        // rises step after step.
         let growth = live[11] as i64 - live[2] as i64;
+        let rises = live[2..].windows(2).filter(|p| p[1] > p[0]).count();
         assert!(
-            growth < 256 * 1024,
-            "clustering {clustering}: live bytes grew by {growth} over 9 steps: {live:?}"
+            growth < 4 << 20 && rises <= 2,
+            "clustering {clustering}: live bytes grew by {growth} over 9 steps, \
+             rising in {rises} of them: {live:?}"
         );
     }
 }
