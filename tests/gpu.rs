@@ -445,6 +445,7 @@ fn newton_fixed_point_matches_twin() {
             tol: 1e-6,
             spread,
             max_iter: 100,
+            condition: true,
         };
         let p = case.problem();
         let (w, c0) = (up(cd, &case.w), up(cd, &case.c));

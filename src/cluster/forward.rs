@@ -135,6 +135,7 @@ pub fn newton_fixed_point<T: Real>(
         tol,
         spread,
         max_iter,
+        condition: true,
     };
     let start: Vec<f64> = c0.iter().map(|x| x.wide()).collect();
     let range = bounds(w, geo.d);
@@ -270,6 +271,10 @@ fn coarse_start<T: Real>(
             passes: 0,
         };
         let from = start.as_deref().unwrap_or(c0);
+        let settings = Settings {
+            condition: false,
+            ..settings
+        };
         let solution = newton::solve(&mut groups, from, range.clone(), settings, None, false)?;
         let report = solution.report;
         let usable = (report.converged || report.at_rounding) && report.stable == Some(true);
@@ -303,7 +308,15 @@ fn span_groups<T: Real>(sorted: &[T], span: f64, most: usize) -> Option<(Vec<T>,
             return None;
         }
         let top = first.wide() + span;
-        let len = rest.partition_point(|x| x.wide() <= top).max(1);
+        // A galloping search: a run is short against the rest, and a
+        // binary search over all of it missed the cache at every probe.
+        let mut end = 1;
+        while end < rest.len() && rest[end].wide() <= top {
+            end *= 2;
+        }
+        let from = end / 2;
+        let end = end.min(rest.len());
+        let len = (from + rest[from..end].partition_point(|x| x.wide() <= top)).max(1);
         let (group, tail) = rest.split_at(len);
         let sum: f64 = group.iter().map(|x| x.wide()).sum();
         mean.push(T::of(sum / len as f64));
@@ -502,6 +515,13 @@ mod tests {
             assert!((f64::from(m) - avg).abs() <= 1e-7 * avg.abs().max(1e-3));
             rest = tail;
         }
+        // A span over all of them: one run, however long.
+        let (_, count) = span_groups(&w, 1.0, 1).expect("one run");
+        assert_eq!(count, [w.len() as f32]);
+        // Repeated values at a span of zero: a run each.
+        let repeated = [0.5f32, 0.5, 0.5, 1.0, 1.0, 2.0];
+        let (mean, count) = span_groups(&repeated, 0.0, 6).expect("runs");
+        assert_eq!((mean, count), (vec![0.5, 1.0, 2.0], vec![3.0, 2.0, 1.0]));
     }
 
     /// A cold solve of a large layer at 6 bits from the optimal 1-D
@@ -540,6 +560,7 @@ mod tests {
             tol,
             spread,
             max_iter: 100,
+            condition: true,
         };
         let sorted = f32::sorted(&w);
         let direct = newton::solve(

@@ -58,25 +58,31 @@ impl Cholesky {
     /// centroids) costs `n b^2` instead of `n^3 / 3`, with the same result
     /// as the full factorisation to the bit.
     pub fn new(a: &[f64], n: usize) -> Option<Self> {
-        let scale = (0..n).map(|i| a[i * n + i].abs()).fold(0.0, f64::max);
+        Self::shifted(a, n, &[])
+    }
+
+    /// The factor of `a + diag(shift)` as [`Self::new`] finds it, without
+    /// a copy of `a`; an empty `shift` adds nothing.
+    pub fn shifted(a: &[f64], n: usize, shift: &[f64]) -> Option<Self> {
+        let diagonal = |i: usize| a[i * n + i] + shift.get(i).copied().unwrap_or(0.0);
+        let scale = (0..n).map(|i| diagonal(i).abs()).fold(0.0, f64::max);
         let first: Vec<usize> = (0..n)
             .map(|i| (0..i).find(|&j| a[i * n + j] != 0.0).unwrap_or(i))
             .collect();
         let mut l = vec![0.0; n * n];
         for i in 0..n {
-            for j in first[i]..=i {
+            for j in first[i]..i {
                 let from = first[i].max(first[j]);
                 let s =
                     a[i * n + j] - dot(&l[i * n + from..i * n + j], &l[j * n + from..j * n + j]);
-                if i == j {
-                    if s.is_nan() || s <= 1e-14 * scale {
-                        return None;
-                    }
-                    l[i * n + i] = s.sqrt();
-                } else {
-                    l[i * n + j] = s / l[j * n + j];
-                }
+                l[i * n + j] = s / l[j * n + j];
             }
+            let row = &l[i * n + first[i]..i * n + i];
+            let s = diagonal(i) - dot(row, row);
+            if s.is_nan() || s <= 1e-14 * scale {
+                return None;
+            }
+            l[i * n + i] = s.sqrt();
         }
         Some(Self { n, l })
     }
@@ -275,6 +281,22 @@ mod tests {
         );
         let indefinite = [1.0, 2.0, 2.0, 1.0];
         assert!(Cholesky::new(&indefinite, 2).is_none());
+    }
+
+    /// A shift on the diagonal factors as the shifted copy does, to the
+    /// bit, and turns an indefinite matrix definite.
+    #[test]
+    fn shifted_cholesky_is_the_factor_of_the_shifted_matrix() {
+        let indefinite = [1.0, 2.0, 0.0, 2.0, 1.0, 0.5, 0.0, 0.5, 3.0];
+        let shift = [1.5, 1.25, 0.0];
+        let mut copy = indefinite.to_vec();
+        for (i, s) in shift.iter().enumerate() {
+            copy[i * 3 + i] += s;
+        }
+        assert!(Cholesky::new(&indefinite, 3).is_none());
+        let shifted = Cholesky::shifted(&indefinite, 3, &shift).unwrap();
+        assert_eq!(shifted, Cholesky::new(&copy, 3).unwrap());
+        assert!(Cholesky::shifted(&indefinite, 3, &[0.5, 0.5, 0.0]).is_none());
     }
 
     /// A banded matrix with a varying envelope (as the Newton matrix of

@@ -99,6 +99,10 @@ pub struct Settings {
     pub spread: f64,
     /// Most iterations.
     pub max_iter: usize,
+    /// Whether the report estimates cond(I - J), a dense LU and power
+    /// iterations (milliseconds at 256 unknowns): a solve whose result
+    /// only starts another one goes without.
+    pub condition: bool,
 }
 
 /// What a solve did, for the logs and the summaries.
@@ -163,9 +167,18 @@ const STAGNANT_ITERATIONS: usize = 3;
 /// Halvings of a Newton step before a plain step is taken instead.
 const MAX_HALVINGS: usize = 4;
 
-/// First Levenberg-Marquardt shift tried where `D - M` is not positive
-/// definite; it grows 4x until the factorisation succeeds.
+/// Levenberg-Marquardt shifts where `D - M` is not positive definite: the
+/// least of `FIRST_SHIFT * 4^level` at which the matrix factors.
 const FIRST_SHIFT: f64 = 1e-3;
+
+/// The shift of a `level` of [`FIRST_SHIFT`]'s grid (exact: powers of 4
+/// only move the exponent).
+fn shift_at(level: i32) -> f64 {
+    FIRST_SHIFT * 4f64.powi(level)
+}
+
+/// A shift beyond this means the matrix was not finite.
+const MAX_SHIFT: f64 = 1e12;
 
 /// Armijo's sufficient-decrease fraction.
 const ARMIJO: f64 = 1e-4;
@@ -394,6 +407,9 @@ struct Solver<'m, M> {
     bounds: Vec<(f64, f64)>,
     /// Unknowns of centroids that were dead at the start (kept fixed).
     dead: Vec<bool>,
+    /// The level of the last shift (see [`shift_at`]), where the search
+    /// for the next starts.
+    shift_level: i32,
     report: ForwardReport,
 }
 
@@ -432,21 +448,7 @@ impl<M: KmeansMap> Solver<'_, M> {
                 (self.map.matrix(&p.c, &p.f(), &inv_mass)?, false)
             }
         };
-        // The unshifted matrix A: B = D - M (symmetrised) or I - J.
-        let mut a = vec![0.0; n * n];
-        for i in 0..n {
-            for j in 0..n {
-                a[i * n + j] = if self.dead[i] || self.dead[j] {
-                    f64::from(u8::from(i == j))
-                } else if symmetric {
-                    f64::from(u8::from(i == j)) * p.mass[i]
-                        - 0.5 * (raw[i * n + j] + raw[j * n + i])
-                } else {
-                    // J = (J^T)^T.
-                    f64::from(u8::from(i == j)) - raw[j * n + i]
-                };
-            }
-        }
+        let a = newton_matrix(&raw, &p.mass, &self.dead, symmetric);
         if !symmetric {
             let j: Vec<f64> = a
                 .iter()
@@ -457,43 +459,73 @@ impl<M: KmeansMap> Solver<'_, M> {
                 return Ok((None, f64::INFINITY, a));
             }
         }
-        let mut shift = 0.0;
-        loop {
-            let shifted: Vec<f64> = if shift == 0.0 {
-                a.clone()
-            } else {
-                let mut s = a.clone();
-                for i in (0..n).filter(|&i| !self.dead[i]) {
-                    s[i * n + i] += shift * if symmetric { p.mass[i] } else { 1.0 };
-                }
-                s
-            };
-            let factor = if symmetric {
-                Cholesky::new(&shifted, n).map(|chol| Factor::Symmetric {
-                    chol,
-                    mass: p.mass.clone(),
-                    dead: self.dead.clone(),
-                })
-            } else {
-                Lu::new(&shifted, n).map(|lu| Factor::General {
-                    lu,
-                    dead: self.dead.clone(),
-                })
-            };
-            if let Some(factor) = factor {
-                return Ok((Some(factor), shift, a));
-            }
-            shift = if shift == 0.0 {
-                FIRST_SHIFT
-            } else {
-                shift * 4.0
-            };
-            if shift > 1e12 {
+        if let Some(factor) = self.factor_shifted(&a, p, symmetric, 0.0) {
+            return Ok((Some(factor), 0.0, a));
+        }
+        // The least shift of the grid that factors, searched from the last
+        // iteration's: it moves a level or two between iterations, where a
+        // search from the bottom took five to nine factorisations.
+        let mut level = self.shift_level;
+        let mut found = None;
+        while found.is_none() {
+            let shift = shift_at(level);
+            if shift > MAX_SHIFT {
                 // Not reachable for a matrix with finite entries; a NaN would end here.
                 return Err(crate::error::Error::Numerical(
                     "k-means Newton solve: the curvature matrix is not finite".into(),
                 ));
             }
+            match self.factor_shifted(&a, p, symmetric, shift) {
+                Some(factor) => found = Some(factor),
+                None => level += 1,
+            }
+        }
+        if level == self.shift_level {
+            while level > 0 {
+                match self.factor_shifted(&a, p, symmetric, shift_at(level - 1)) {
+                    Some(factor) => {
+                        found = Some(factor);
+                        level -= 1;
+                    }
+                    None => break,
+                }
+            }
+        }
+        self.shift_level = level;
+        Ok((found, shift_at(level), a))
+    }
+
+    /// The factor of the unshifted matrix `a` at `p` plus `shift` times
+    /// the masses (or the identity) on the live unknowns' diagonal, if it
+    /// factors.
+    fn factor_shifted(&self, a: &[f64], p: &Point, symmetric: bool, shift: f64) -> Option<Factor> {
+        let n = p.c.len();
+        let diagonal: Vec<f64> = if shift == 0.0 {
+            Vec::new()
+        } else {
+            (0..n)
+                .map(|i| match (self.dead[i], symmetric) {
+                    (true, _) => 0.0,
+                    (false, true) => shift * p.mass[i],
+                    (false, false) => shift,
+                })
+                .collect()
+        };
+        if symmetric {
+            Cholesky::shifted(a, n, &diagonal).map(|chol| Factor::Symmetric {
+                chol,
+                mass: p.mass.clone(),
+                dead: self.dead.clone(),
+            })
+        } else {
+            let mut shifted = a.to_vec();
+            for (i, x) in diagonal.iter().enumerate() {
+                shifted[i * n + i] += x;
+            }
+            Lu::new(&shifted, n).map(|lu| Factor::General {
+                lu,
+                dead: self.dead.clone(),
+            })
         }
     }
 
@@ -564,7 +596,7 @@ impl<M: KmeansMap> Solver<'_, M> {
         let spread = self.s.spread.max(f64::MIN_POSITIVE);
         self.report.residual = max_norm(&p.r, self.s.d) / spread;
         self.report.distinct = distinct(&p.c, self.s.d, DISTINCT * spread);
-        if let Some((factor, a)) = factor {
+        if let Some((factor, a)) = factor.filter(|_| self.s.condition) {
             let n = p.c.len();
             // I - J from the unshifted matrix: D^-1 B for the symmetric form.
             let i_minus_j: Vec<f64> = match factor {
@@ -578,6 +610,43 @@ impl<M: KmeansMap> Solver<'_, M> {
             self.report.cond = Lu::new(&i_minus_j, n).map(|lu| linalg::condition(&i_minus_j, &lu));
         }
     }
+}
+
+/// Side of the square tiles in which [`newton_matrix`] reads the map's
+/// matrix and its transpose, so that both stay in the first-level cache.
+const TILE: usize = 16;
+
+/// The unshifted matrix of a Newton step from the map's matrix `raw`
+/// (n x n, row-major): `B = D - (M + M^T) / 2` with `D = diag(mass)` where
+/// `symmetric`, else `I - J` (`raw` holds `J^T`). The rows and columns of
+/// `dead` unknowns are the identity's.
+fn newton_matrix(raw: &[f64], mass: &[f64], dead: &[bool], symmetric: bool) -> Vec<f64> {
+    let n = dead.len();
+    let mut a = vec![0.0; n * n];
+    for top in (0..n).step_by(TILE) {
+        for left in (0..n).step_by(TILE) {
+            for i in top..(top + TILE).min(n) {
+                for j in left..(left + TILE).min(n) {
+                    a[i * n + j] = if symmetric {
+                        -0.5 * (raw[i * n + j] + raw[j * n + i])
+                    } else {
+                        -raw[j * n + i]
+                    };
+                }
+            }
+        }
+    }
+    for i in 0..n {
+        a[i * n + i] += if symmetric { mass[i] } else { 1.0 };
+    }
+    for i in (0..n).filter(|&i| dead[i]) {
+        for j in 0..n {
+            a[i * n + j] = 0.0;
+            a[j * n + i] = 0.0;
+        }
+        a[i * n + i] = 1.0;
+    }
+    a
 }
 
 /// A factored matrix and the point it was assembled at.
@@ -620,6 +689,7 @@ pub fn solve<M: KmeansMap>(
         s: settings,
         bounds,
         dead: vec![false; n],
+        shift_level: 0,
         report: ForwardReport::default(),
     };
     let mut c = c0.to_vec();
@@ -654,11 +724,17 @@ pub fn solve<M: KmeansMap>(
     let (mut lowest, mut stagnant) = (f64::INFINITY, 0);
     while solver.report.iterations < settings.max_iter {
         let residual = max_norm(&p.r, d);
-        stagnant = if residual >= lowest && residual <= STALLED * solver.map.epsilon() * spread {
-            stagnant + 1
-        } else {
-            0
-        };
+        // Where the last matrix had to be shifted the point is near a
+        // saddle: there the residual rises while the steps leave it along
+        // the direction of negative curvature, which is no sign of rounding.
+        let saddle = current.as_ref().is_some_and(|cur| cur.shift > 0.0);
+        stagnant =
+            if !saddle && residual >= lowest && residual <= STALLED * solver.map.epsilon() * spread
+            {
+                stagnant + 1
+            } else {
+                0
+            };
         lowest = lowest.min(residual);
         if stagnant >= STAGNANT_ITERATIONS {
             // Converged if the last Newton step was within the tolerance;
@@ -795,7 +871,12 @@ pub fn solve<M: KmeansMap>(
         // a warm start failed in 13 of 20 layers of a ResNet18 step, each
         // failure costing five passes with halvings). Once Newton steps use
         // matrices assembled at their points, each trial point computes its
-        // own (needed if it is accepted) in the pass that evaluates it.
+        // own (needed if it is accepted) in the pass that evaluates it;
+        // but a small full step where no factor of the fixed point is
+        // wanted is likely the last, and its point is evaluated without:
+        // there the chord step estimates the distance to the fixed point
+        // (a matrix pass follows only if that step does not contract).
+        let likely_last = !settle && unshifted && size <= (settings.tol * spread).sqrt();
         let mut next = None;
         let mut alpha = 1.0;
         let halvings = if fresh { MAX_HALVINGS } else { 0 };
@@ -803,7 +884,8 @@ pub fn solve<M: KmeansMap>(
             let mut trial: Vec<f64> = p.c.iter().zip(&delta).map(|(c, x)| c + alpha * x).collect();
             solver.map.round(&mut trial);
             if solver.admissible(&trial, &p.c) {
-                let q = solver.evaluate_for_newton(trial, fresh)?;
+                let curvature = fresh && !(likely_last && halving == 0);
+                let q = solver.evaluate_for_newton(trial, curvature)?;
                 if solver.accepts(&p, &q, &delta, alpha, unshifted) {
                     if halving > 0 {
                         solver.report.backtracks += 1;
@@ -1090,6 +1172,7 @@ mod tests {
             tol: 1e-12,
             spread: 1.0,
             max_iter: 50,
+            condition: true,
         }
     }
 

@@ -236,6 +236,7 @@ impl CustomOp2 for FixedPoint {
                     tol: self.tol,
                     spread: self.spread,
                     max_iter: self.max_iter,
+                    condition: true,
                 };
                 cuda::newton_fixed_point(dev, &p, &w, &c0, settings)?
             }
