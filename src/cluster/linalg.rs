@@ -29,23 +29,68 @@ pub fn matvec_transposed(a: &[f64], x: &[f64]) -> Vec<f64> {
 }
 
 /// The Cholesky factor `L` (lower triangular, `a = L L^T`) of a symmetric
-/// positive definite matrix.
+/// positive definite matrix, stored by its envelope: each row from its
+/// first non-zero entry to the diagonal. The Newton matrix of scalar
+/// centroids is banded (the attention reaches a few neighbouring
+/// centroids), so that a layer's kept factor at 256 centroids holds a few
+/// thousand numbers instead of 65,536.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Cholesky {
     n: usize,
-    /// Row-major, the upper triangle zero.
+    /// Each row's first stored column.
+    first: Vec<usize>,
+    /// Where each row starts in `l`: row `i` holds columns `first[i]..=i`.
+    start: Vec<usize>,
+    /// The rows, one after another.
     l: Vec<f64>,
 }
 
 impl Cholesky {
-    /// Its size and factor (row-major), as [`Self::from_parts`] takes them.
-    pub fn parts(&self) -> (usize, &[f64]) {
-        (self.n, &self.l)
+    /// The factor as a row-major `n x n` matrix (the upper triangle zero),
+    /// as [`Self::from_dense`] takes it.
+    pub fn dense(&self) -> Vec<f64> {
+        let n = self.n;
+        let mut out = vec![0.0; n * n];
+        for i in 0..n {
+            out[i * n + self.first[i]..=i * n + i].copy_from_slice(self.row(i));
+        }
+        out
     }
 
-    /// The factor of size `n` with entries `l` (as [`Self::parts`] gave them).
-    pub fn from_parts(n: usize, l: Vec<f64>) -> Option<Self> {
-        (l.len() == n * n).then_some(Self { n, l })
+    /// The factor of size `n` from its row-major matrix `l` (as
+    /// [`Self::dense`] gave it; the upper triangle is not read).
+    pub fn from_dense(n: usize, l: &[f64]) -> Option<Self> {
+        if l.len() != n * n {
+            return None;
+        }
+        let mut chol = Self::empty(n);
+        for i in 0..n {
+            let row = &l[i * n..i * n + i + 1];
+            let first = row[..i].iter().position(|&x| x != 0.0).unwrap_or(i);
+            chol.first.push(first);
+            chol.start.push(chol.l.len());
+            chol.l.extend_from_slice(&row[first..]);
+        }
+        Some(chol)
+    }
+
+    fn empty(n: usize) -> Self {
+        Self {
+            n,
+            first: Vec::with_capacity(n),
+            start: Vec::with_capacity(n),
+            l: Vec::new(),
+        }
+    }
+
+    /// Row `i`'s stored entries, columns `first[i]..=i`.
+    fn row(&self, i: usize) -> &[f64] {
+        &self.l[self.start[i]..self.start[i] + i - self.first[i] + 1]
+    }
+
+    /// The numbers stored: the envelope's size.
+    pub fn stored(&self) -> usize {
+        self.l.len()
     }
 
     /// The factor of the symmetric `a` (n x n; only its lower triangle is
@@ -54,9 +99,8 @@ impl Cholesky {
     ///
     /// Only the envelope of `a` is worked on (in each row, from the first
     /// non-zero entry on): `L` has no entries before it, so that a banded
-    /// matrix (the attention of scalar weights reaches a few neighbouring
-    /// centroids) costs `n b^2` instead of `n^3 / 3`, with the same result
-    /// as the full factorisation to the bit.
+    /// matrix costs `n b^2` instead of `n^3 / 3`, with the same result as
+    /// the full factorisation to the bit.
     pub fn new(a: &[f64], n: usize) -> Option<Self> {
         Self::shifted(a, n, &[])
     }
@@ -66,37 +110,48 @@ impl Cholesky {
     pub fn shifted(a: &[f64], n: usize, shift: &[f64]) -> Option<Self> {
         let diagonal = |i: usize| a[i * n + i] + shift.get(i).copied().unwrap_or(0.0);
         let scale = (0..n).map(|i| diagonal(i).abs()).fold(0.0, f64::max);
-        let first: Vec<usize> = (0..n)
-            .map(|i| (0..i).find(|&j| a[i * n + j] != 0.0).unwrap_or(i))
-            .collect();
-        let mut l = vec![0.0; n * n];
+        let mut chol = Self::empty(n);
         for i in 0..n {
-            for j in first[i]..i {
-                let from = first[i].max(first[j]);
-                let s =
-                    a[i * n + j] - dot(&l[i * n + from..i * n + j], &l[j * n + from..j * n + j]);
-                l[i * n + j] = s / l[j * n + j];
+            let first = (0..i).find(|&j| a[i * n + j] != 0.0).unwrap_or(i);
+            let base = chol.l.len();
+            chol.first.push(first);
+            chol.start.push(base);
+            for j in first..i {
+                // Row i's and row j's entries in columns from..j.
+                let from = first.max(chol.first[j]);
+                let row_j = chol.start[j] - chol.first[j];
+                let s = a[i * n + j]
+                    - dot(
+                        &chol.l[base + from - first..base + j - first],
+                        &chol.l[row_j + from..row_j + j],
+                    );
+                let pivot = chol.l[row_j + j];
+                chol.l.push(s / pivot);
             }
-            let row = &l[i * n + first[i]..i * n + i];
+            let row = &chol.l[base..];
             let s = diagonal(i) - dot(row, row);
             if s.is_nan() || s <= 1e-14 * scale {
                 return None;
             }
-            l[i * n + i] = s.sqrt();
+            chol.l.push(s.sqrt());
         }
-        Some(Self { n, l })
+        Some(chol)
     }
 
     /// Solves `a x = b`.
     pub fn solve(&self, b: &[f64]) -> Vec<f64> {
-        let (n, l) = (self.n, &self.l);
+        let n = self.n;
         let mut y = b.to_vec();
         for i in 0..n {
-            y[i] = (y[i] - dot(&l[i * n..i * n + i], &y[..i])) / l[i * n + i];
+            let (diagonal, row) = self.row(i).split_last().expect("a row holds its diagonal");
+            y[i] = (y[i] - dot(row, &y[self.first[i]..i])) / diagonal;
         }
         for i in (0..n).rev() {
-            let s: f64 = (i + 1..n).map(|j| l[j * n + i] * y[j]).sum();
-            y[i] = (y[i] - s) / l[i * n + i];
+            let s: f64 = (i + 1..n)
+                .filter(|&j| self.first[j] <= i)
+                .map(|j| self.l[self.start[j] + i - self.first[j]] * y[j])
+                .sum();
+            y[i] = (y[i] - s) / self.l[self.start[i] + i - self.first[i]];
         }
         y
     }
@@ -316,7 +371,7 @@ mod tests {
             }
         }
         let chol = Cholesky::new(&a, n).unwrap();
-        let (_, l) = chol.parts();
+        let l = chol.dense();
         for i in 0..n {
             for j in 0..i.saturating_sub(band(i)) {
                 assert_eq!(l[i * n + j], 0.0, "({i}, {j}) outside the envelope");
@@ -330,6 +385,16 @@ mod tests {
                 );
             }
         }
+        // Only the envelope is stored, and the dense form reads back as is.
+        let envelope: usize = (0..n).map(|i| band(i).min(i) + 1).sum();
+        assert_eq!(chol.stored(), envelope);
+        assert_eq!(Cholesky::from_dense(n, &l), Some(chol.clone()));
+        let x: Vec<f64> = (0..n).map(|i| (i as f64 * 0.7).sin()).collect();
+        let got = chol.solve(&matvec(&a, &x));
+        assert!(
+            got.iter().zip(&x).all(|(g, x)| (g - x).abs() < 1e-12),
+            "{got:?}"
+        );
     }
 
     #[test]

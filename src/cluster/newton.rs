@@ -234,9 +234,9 @@ impl Factor {
         };
         match self {
             Factor::Symmetric { chol, mass, dead } => {
-                let (n, l) = chol.parts();
-                out.extend([0.0, n as f64]);
-                out.extend_from_slice(l);
+                let l = chol.dense();
+                out.extend([0.0, mass.len() as f64]);
+                out.extend_from_slice(&l);
                 out.extend_from_slice(mass);
                 out.extend(flags(dead));
             }
@@ -262,7 +262,7 @@ impl Factor {
         let dead = dead.iter().map(|&x| x != 0.0).collect();
         let factor = match kind as u8 {
             0 => Factor::Symmetric {
-                chol: super::linalg::Cholesky::from_parts(n, matrix.to_vec())?,
+                chol: super::linalg::Cholesky::from_dense(n, matrix)?,
                 mass: middle.to_vec(),
                 dead,
             },
