@@ -141,7 +141,25 @@ fn profile_runs_each_configuration_in_a_child_and_writes_json_table_and_plots() 
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("p.json")).unwrap()).unwrap();
     let records: Vec<profile::Record> = serde_json::from_value(json["records"].clone()).unwrap();
-    assert_eq!(records.len(), 7);
+    // fp32, DKM at each t, and one Newton row each for IDKM and IDKM-JFB
+    // (a Newton solve has no t: it runs to the trainer's tolerance).
+    assert_eq!(records.len(), 5);
+    let mut labels: Vec<String> = records.iter().map(|r| r.config.label()).collect();
+    labels.sort();
+    labels.dedup();
+    assert_eq!(labels.len(), records.len(), "{labels:?}");
+    let trainer = idkm::cluster::KmeansConfig::default();
+    for r in records
+        .iter()
+        .filter(|r| r.config.forward == Forward::Newton)
+    {
+        if matches!(r.config.method, Some(Method::Idkm | Method::IdkmJfb)) {
+            assert_eq!(
+                (r.config.iters, r.config.tol),
+                (trainer.max_iter, trainer.tol)
+            );
+        }
+    }
     // Raw fields, as other tools read them.
     let first = &json["records"][0];
     for key in ["config", "predicted", "status"] {

@@ -34,7 +34,10 @@ pub struct ProfileArgs {
     /// Methods to compare: dkm, idkm, idkm-jfb.
     #[arg(long, value_delimiter = ',', default_value = "dkm,idkm,idkm-jfb")]
     methods: Vec<Method>,
-    /// k-means iterations per forward pass (t); every method runs each.
+    /// k-means iterations per forward pass (t) of DKM and of plain steps
+    /// (`--forward plain`): each runs every t. A Newton solve has no t: IDKM
+    /// and IDKM-JFB then run once per bit width, to --tol, in at most the
+    /// trainer's 100 iterations.
     #[arg(long, value_delimiter = ',', default_value = "1,3,10,30")]
     iters: Vec<usize>,
     /// Samples per batch.
@@ -61,9 +64,11 @@ pub struct ProfileArgs {
     /// always steps).
     #[arg(long, default_value_t = Forward::Newton)]
     forward: Forward,
-    /// k-means tolerance; 0 runs exactly t iterations in every step.
-    #[arg(long, default_value_t = 0.0)]
-    tol: f64,
+    /// k-means tolerance relative to the weights' spread [default: 0 for
+    /// DKM and plain steps, which then run exactly t iterations; the
+    /// trainer's 1e-6 for Newton].
+    #[arg(long)]
+    tol: Option<f64>,
     /// Before the warm-up, run each clustered layer's k-means for up to N
     /// iterations (no graph), so that the measured steps start at its fixed
     /// point, as the steps of a long fine-tune do (with --tol > 0 they then
@@ -159,7 +164,7 @@ pub fn run(a: ProfileArgs) -> Result<()> {
         bits: a.bits.first().copied().unwrap_or(4),
         cluster_dim: a.cluster_dim,
         iters: a.iters.iter().copied().max().unwrap_or(30),
-        tol: a.tol,
+        tol: a.tol.unwrap_or(0.0),
         tau: tau(0),
         forward: a.forward,
         solver: a.solver,
@@ -179,13 +184,21 @@ pub fn run(a: ProfileArgs) -> Result<()> {
         configs.push(base.clone());
     }
     for (n, &bits) in a.bits.iter().enumerate() {
-        for method in &a.methods {
-            for &t in &a.iters {
+        for &method in &a.methods {
+            let newton = a.forward == Forward::Newton && method != Method::Dkm;
+            let (iters, tol) = if newton {
+                let trainer = KmeansConfig::default();
+                (vec![trainer.max_iter], a.tol.unwrap_or(trainer.tol))
+            } else {
+                (a.iters.clone(), a.tol.unwrap_or(0.0))
+            };
+            for t in iters {
                 let c = StepConfig {
-                    method: Some(*method),
+                    method: Some(method),
                     bits,
                     tau: tau(n),
                     iters: t,
+                    tol,
                     ..base.clone()
                 };
                 c.kmeans()?; // validate before anything runs
