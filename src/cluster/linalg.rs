@@ -46,8 +46,33 @@ pub struct Cholesky {
 }
 
 impl Cholesky {
-    /// The factor as a row-major `n x n` matrix (the upper triangle zero),
-    /// as [`Self::from_dense`] takes it.
+    /// Each row's first stored column, and the rows' entries one after
+    /// another, as [`Self::from_envelope`] takes them.
+    pub fn envelope(&self) -> (&[usize], &[f64]) {
+        (&self.first, &self.l)
+    }
+
+    /// The factor of size `n` whose rows start at the columns `first` (each
+    /// at most its row), with the rows' entries at the front of `data`
+    /// (as [`Self::envelope`] gave them), and the rest of `data`; `None`
+    /// when they do not make one.
+    pub fn from_envelope(n: usize, first: Vec<usize>, data: &[f64]) -> Option<(Self, &[f64])> {
+        if first.len() != n || first.iter().enumerate().any(|(i, &j)| j > i) {
+            return None;
+        }
+        let mut start = Vec::with_capacity(n);
+        let mut len = 0;
+        for (i, &j) in first.iter().enumerate() {
+            start.push(len);
+            len += i - j + 1;
+        }
+        let (l, rest) = (data.len() >= len).then(|| data.split_at(len))?;
+        let l = l.to_vec();
+        Some((Self { n, first, start, l }, rest))
+    }
+
+    /// The factor as a row-major `n x n` matrix (the upper triangle zero).
+    #[cfg(test)]
     pub fn dense(&self) -> Vec<f64> {
         let n = self.n;
         let mut out = vec![0.0; n * n];
@@ -57,8 +82,8 @@ impl Cholesky {
         out
     }
 
-    /// The factor of size `n` from its row-major matrix `l` (as
-    /// [`Self::dense`] gave it; the upper triangle is not read).
+    /// The factor of size `n` from its row-major matrix `l` (the upper
+    /// triangle is not read), as checkpoints of earlier versions hold it.
     pub fn from_dense(n: usize, l: &[f64]) -> Option<Self> {
         if l.len() != n * n {
             return None;
@@ -389,6 +414,15 @@ mod tests {
         let envelope: usize = (0..n).map(|i| band(i).min(i) + 1).sum();
         assert_eq!(chol.stored(), envelope);
         assert_eq!(Cholesky::from_dense(n, &l), Some(chol.clone()));
+        let (first, entries) = chol.envelope();
+        let mut data = entries.to_vec();
+        data.push(7.0);
+        let read = Cholesky::from_envelope(n, first.to_vec(), &data);
+        assert_eq!(read, Some((chol.clone(), &[7.0][..])));
+        assert!(Cholesky::from_envelope(n, first.to_vec(), &entries[1..]).is_none());
+        let mut beyond = first.to_vec();
+        beyond[3] = 4;
+        assert!(Cholesky::from_envelope(n, beyond, &data).is_none());
         let x: Vec<f64> = (0..n).map(|i| (i as f64 * 0.7).sin()).collect();
         let got = chol.solve(&matvec(&a, &x));
         assert!(

@@ -223,6 +223,23 @@ pub enum Factor {
     },
 }
 
+/// The encodings of a [`Factor`] (its first number).
+mod kind {
+    /// A Cholesky factor as a dense n x n matrix (as checkpoints of earlier
+    /// versions hold it; read, not written).
+    pub const SYMMETRIC_DENSE: f64 = 0.0;
+    /// LU factors and their permutation.
+    pub const GENERAL: f64 = 1.0;
+    /// A Cholesky factor by its envelope: each row's first column, then
+    /// the rows' entries.
+    pub const SYMMETRIC_ENVELOPE: f64 = 2.0;
+}
+
+/// `x` as a count or an index, if it is a whole number in range.
+fn whole(x: f64) -> Option<usize> {
+    (x >= 0.0 && x.fract() == 0.0 && x < u32::MAX as f64).then_some(x as usize)
+}
+
 impl Factor {
     /// Appends the factor to `out` as numbers (exactly: integers and flags
     /// as f64), for a checkpoint; [`Self::decode`] reads it back.
@@ -234,15 +251,16 @@ impl Factor {
         };
         match self {
             Factor::Symmetric { chol, mass, dead } => {
-                let l = chol.dense();
-                out.extend([0.0, mass.len() as f64]);
-                out.extend_from_slice(&l);
+                let (first, l) = chol.envelope();
+                out.extend([kind::SYMMETRIC_ENVELOPE, mass.len() as f64]);
+                out.extend(first.iter().map(|&j| j as f64));
+                out.extend_from_slice(l);
                 out.extend_from_slice(mass);
                 out.extend(flags(dead));
             }
             Factor::General { lu, dead } => {
                 let (n, factors, perm) = lu.parts();
-                out.extend([1.0, n as f64]);
+                out.extend([kind::GENERAL, n as f64]);
                 out.extend_from_slice(factors);
                 out.extend(perm.iter().map(|&p| p as f64));
                 out.extend(flags(dead));
@@ -250,31 +268,37 @@ impl Factor {
         }
     }
 
-    /// Reads a factor that [`Self::encode`] wrote at the front of `data`,
-    /// and the rest of `data`; `None` when it is not one.
+    /// Reads a factor that [`Self::encode`] (or an earlier version, with a
+    /// dense Cholesky factor) wrote at the front of `data`, and the rest of
+    /// `data`; `None` when it is not one.
     pub fn decode(data: &[f64]) -> Option<(Self, &[f64])> {
-        let (&kind, rest) = data.split_first()?;
+        let (&encoding, rest) = data.split_first()?;
         let (&n, rest) = rest.split_first()?;
-        let n = n as usize;
-        let (matrix, rest) = split(rest, n * n)?;
-        let (middle, rest) = split(rest, n)?;
-        let (dead, rest) = split(rest, n)?;
-        let dead = dead.iter().map(|&x| x != 0.0).collect();
-        let factor = match kind as u8 {
-            0 => Factor::Symmetric {
-                chol: super::linalg::Cholesky::from_dense(n, matrix)?,
-                mass: middle.to_vec(),
-                dead,
-            },
-            1 => Factor::General {
-                lu: super::linalg::Lu::from_parts(
-                    n,
-                    matrix.to_vec(),
-                    middle.iter().map(|&p| p as usize).collect(),
-                )?,
-                dead,
-            },
-            _ => return None,
+        let n = whole(n)?;
+        let flags = |x: &[f64]| x.iter().map(|&x| x != 0.0).collect();
+        let (factor, rest) = if encoding == kind::GENERAL {
+            let (matrix, rest) = split(rest, n.checked_mul(n)?)?;
+            let (perm, rest) = split(rest, n)?;
+            let (dead, rest) = split(rest, n)?;
+            let perm = perm.iter().map(|&p| whole(p)).collect::<Option<_>>()?;
+            let lu = Lu::from_parts(n, matrix.to_vec(), perm)?;
+            let dead = flags(dead);
+            (Factor::General { lu, dead }, rest)
+        } else {
+            let (chol, rest) = if encoding == kind::SYMMETRIC_ENVELOPE {
+                let (first, rest) = split(rest, n)?;
+                let first = first.iter().map(|&j| whole(j)).collect::<Option<_>>()?;
+                Cholesky::from_envelope(n, first, rest)?
+            } else if encoding == kind::SYMMETRIC_DENSE {
+                let (matrix, rest) = split(rest, n.checked_mul(n)?)?;
+                (Cholesky::from_dense(n, matrix)?, rest)
+            } else {
+                return None;
+            };
+            let (mass, rest) = split(rest, n)?;
+            let (dead, rest) = split(rest, n)?;
+            let (mass, dead) = (mass.to_vec(), flags(dead));
+            (Factor::Symmetric { chol, mass, dead }, rest)
         };
         Some((factor, rest))
     }
@@ -1118,6 +1142,59 @@ pub fn refine<M: KmeansMap>(
 mod tests {
     use super::*;
     use crate::cluster::streaming::{self as pass, Geometry};
+
+    /// A factor reads back as written, in the envelope encoding and in
+    /// the dense one of earlier checkpoints; malformed numbers are refused.
+    #[test]
+    fn factors_decode_as_encoded() {
+        let n = 6;
+        let mut a = vec![0.0; n * n];
+        for i in 0..n {
+            a[i * n + i] = 3.0 + i as f64;
+            if i > 0 {
+                a[i * n + i - 1] = -1.0;
+                a[(i - 1) * n + i] = -1.0;
+            }
+        }
+        let chol = Cholesky::new(&a, n).unwrap();
+        let mass: Vec<f64> = (0..n).map(|i| 1.0 + i as f64).collect();
+        let dead = vec![false, false, true, false, false, false];
+        let factor = Factor::Symmetric {
+            chol: chol.clone(),
+            mass: mass.clone(),
+            dead: dead.clone(),
+        };
+        let mut data = Vec::new();
+        factor.encode(&mut data);
+        // Six rows of a tridiagonal factor: 1 + 2 * 5 entries, not 36.
+        assert_eq!(data.len(), 2 + n + 11 + 2 * n);
+        data.push(9.0);
+        let (read, rest) = Factor::decode(&data).unwrap();
+        assert_eq!(rest, &[9.0]);
+        let mut again = Vec::new();
+        read.encode(&mut again);
+        assert_eq!(again, data[..data.len() - 1]);
+        let h = [1.0, -2.0, 0.5, 0.0, 3.0, 1.5];
+        assert_eq!(read.adjoint(&h), factor.adjoint(&h));
+
+        let mut dense = vec![kind::SYMMETRIC_DENSE, n as f64];
+        dense.extend(chol.dense());
+        dense.extend(&mass);
+        dense.extend(dead.iter().map(|&x| f64::from(u8::from(x))));
+        let (read, rest) = Factor::decode(&dense).unwrap();
+        assert!(rest.is_empty());
+        assert_eq!(read.adjoint(&h), factor.adjoint(&h));
+
+        for bad_n in [f64::NAN, -1.0, 2.5, 1e30] {
+            let mut bad = data.clone();
+            bad[1] = bad_n;
+            assert!(Factor::decode(&bad).is_none(), "n = {bad_n}");
+        }
+        let mut bad = data.clone();
+        bad[2 + 3] = 4.0; // row 3 starting beyond its diagonal
+        assert!(Factor::decode(&bad).is_none());
+        assert!(Factor::decode(&data[..data.len() - 2]).is_none());
+    }
 
     /// The map on f64 weights through the streaming passes. With `noise`,
     /// the passes round: each centroid's next value is off by up to
