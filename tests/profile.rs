@@ -213,8 +213,10 @@ fn profile_runs_each_configuration_in_a_child_and_writes_json_table_and_plots() 
     );
     for plot in ["p-memory", "p-time"] {
         let svg = std::fs::read_to_string(dir.path().join(format!("{plot}.svg"))).unwrap();
+        // DKM's line over t; IDKM's Newton row, which has no t, across.
+        let legend = |text: &str| svg.lines().any(|l| l.trim() == text);
         assert!(
-            svg.contains("<svg") && svg.contains("idkm 2-bit"),
+            svg.contains("<svg") && legend("dkm 2-bit") && legend("idkm 2-bit newton"),
             "{plot}.svg"
         );
         let png = std::fs::read(dir.path().join(format!("{plot}.png"))).unwrap();

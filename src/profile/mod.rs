@@ -85,14 +85,21 @@ impl StepConfig {
             } else {
                 ""
             };
-            let solve = match self.forward {
-                Forward::Newton if method != Method::Dkm => "newton".to_string(),
-                _ => format!("t={}", self.iters),
+            let solve = if self.newton() {
+                "newton".to_string()
+            } else {
+                format!("t={}", self.iters)
             };
             format!("{method} {}-bit {solve}{steady}", self.bits)
         } else {
             "fp32".into()
         }
+    }
+
+    /// Whether the clustered layers reach the fixed point by Newton's
+    /// method, which has no t (DKM always steps).
+    pub fn newton(&self) -> bool {
+        self.forward == Forward::Newton && self.method.is_some_and(|m| m != Method::Dkm)
     }
 
     /// The clustering configuration of every clustered layer.

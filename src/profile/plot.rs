@@ -120,7 +120,7 @@ where
     let (lo, hi) = ((lo * 0.7).max(1e-3), hi * 1.6);
     let mut ts: Vec<usize> = records
         .iter()
-        .filter(|r| r.config.method.is_some())
+        .filter(|r| r.config.method.is_some() && !r.config.newton())
         .map(|r| r.config.iters)
         .collect();
     ts.sort_unstable();
@@ -159,11 +159,6 @@ where
         })
         .draw()
         .map_err(|e| err(&e))?;
-    let colour = |method: Method| match method {
-        Method::Dkm => RGBColor(214, 39, 40),
-        Method::Idkm => RGBColor(31, 119, 180),
-        Method::IdkmJfb => RGBColor(44, 160, 44),
-    };
     // Methods side by side where their points coincide (same t).
     let nudge = |method: Method, bits: u32| {
         let step = if bits >= 8 { 0.08 } else { 0.04 };
@@ -190,12 +185,39 @@ where
                 });
         }
     }
-    let mut keys: Vec<(Method, u32)> = Vec::new();
-    // Steady-state rows share t with the cold ones: the table has them.
+    let colour = |method: Method| match method {
+        Method::Dkm => RGBColor(214, 39, 40),
+        Method::Idkm => RGBColor(31, 119, 180),
+        Method::IdkmJfb => RGBColor(44, 160, 44),
+    };
+    let mut drawn: Vec<(f64, f64)> = Vec::new();
+    // A Newton solve has no t: its rows are lines across the plot.
     for r in records
         .iter()
-        .filter(|r| r.config.method.is_some() && r.config.converge_iters.is_none())
+        .filter(|r| r.config.newton() && r.config.converge_iters.is_none())
     {
+        let (Some(method), Some((v, true))) = (r.config.method, value(r)) else {
+            continue;
+        };
+        let c = colour(method);
+        let width = if r.config.bits >= 8 { 1 } else { 3 };
+        drawn.extend([(0.8, v), (t_max * 1.3, v)]);
+        chart
+            .draw_series(LineSeries::new(
+                vec![(0.8, v), (t_max * 1.3, v)],
+                ShapeStyle::from(&c).stroke_width(width),
+            ))
+            .map_err(|e| err(&e))?
+            .label(r.config.label())
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(width))
+            });
+    }
+    let mut keys: Vec<(Method, u32)> = Vec::new();
+    // Steady-state rows share t with the cold ones: the table has them.
+    for r in records.iter().filter(|r| {
+        r.config.method.is_some() && !r.config.newton() && r.config.converge_iters.is_none()
+    }) {
         let Some(method) = r.config.method else {
             continue;
         };
@@ -205,7 +227,6 @@ where
         }
     }
     let mut any_predicted = false;
-    let mut drawn: Vec<(f64, f64)> = Vec::new();
     for (method, bits) in keys {
         let c = colour(method);
         let k = nudge(method, bits);
@@ -214,6 +235,7 @@ where
             .filter(|r| {
                 r.config.method == Some(method)
                     && r.config.bits == bits
+                    && !r.config.newton()
                     && r.config.converge_iters.is_none()
             })
             .filter_map(|r| value(r).map(|(v, ran)| (r.config.iters as f64 * k, v, ran)))
