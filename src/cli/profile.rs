@@ -185,8 +185,13 @@ pub fn run(a: ProfileArgs) -> Result<()> {
     }
     for (n, &bits) in a.bits.iter().enumerate() {
         for &method in &a.methods {
-            let newton = a.forward == Forward::Newton && method != Method::Dkm;
-            let (iters, tol) = if newton {
+            let row = StepConfig {
+                method: Some(method),
+                bits,
+                tau: tau(n),
+                ..base.clone()
+            };
+            let (iters, tol) = if row.newton() {
                 let trainer = KmeansConfig::default();
                 (vec![trainer.max_iter], a.tol.unwrap_or(trainer.tol))
             } else {
@@ -194,12 +199,9 @@ pub fn run(a: ProfileArgs) -> Result<()> {
             };
             for t in iters {
                 let c = StepConfig {
-                    method: Some(method),
-                    bits,
-                    tau: tau(n),
                     iters: t,
                     tol,
-                    ..base.clone()
+                    ..row.clone()
                 };
                 c.kmeans()?; // validate before anything runs
                 configs.push(c);

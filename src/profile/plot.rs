@@ -159,6 +159,11 @@ where
         })
         .draw()
         .map_err(|e| err(&e))?;
+    let colour = |method: Method| match method {
+        Method::Dkm => RGBColor(214, 39, 40),
+        Method::Idkm => RGBColor(31, 119, 180),
+        Method::IdkmJfb => RGBColor(44, 160, 44),
+    };
     // Methods side by side where their points coincide (same t).
     let nudge = |method: Method, bits: u32| {
         let step = if bits >= 8 { 0.08 } else { 0.04 };
@@ -185,11 +190,6 @@ where
                 });
         }
     }
-    let colour = |method: Method| match method {
-        Method::Dkm => RGBColor(214, 39, 40),
-        Method::Idkm => RGBColor(31, 119, 180),
-        Method::IdkmJfb => RGBColor(44, 160, 44),
-    };
     let mut drawn: Vec<(f64, f64)> = Vec::new();
     // A Newton solve has no t: its rows are lines across the plot.
     for r in records
